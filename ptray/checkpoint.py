@@ -1,0 +1,117 @@
+"""Checkpoint layout, trainer state, and export to Hugging Face format.
+
+A checkpoint is one directory that Ray Train assembles from what every rank wrote:
+
+    checkpoint_<time>/
+      ds/                     DeepSpeed: model states and each rank's ZeRO optimizer (and, for stage 3, parameter) shards
+      trainer_state.json      rank 0: step, tokens seen, data position, world size
+      rng_rank<r>.pt          each rank: torch RNG state
+      probe.pt                final checkpoint only: probe inputs and the trained model's logits on them
+
+Ray Train only records a checkpoint after every rank's files are in place, and resume always starts from a recorded
+one, so a crash mid-write never produces a checkpoint that looks complete. Exports are built in a temporary directory,
+checked against the probe logits, and renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from ptray import engine
+from ptray.config import Config
+from ptray.data.tokenizer import load_tokenizer
+from ptray.errors import UserError
+from ptray.model import auto_class, build_model
+
+TRAINER_STATE = "trainer_state.json"
+PROBE = "probe.pt"
+
+
+@dataclass
+class TrainerState:
+    step: int = 0
+    """Optimizer steps completed."""
+    tokens: int = 0
+    """Training tokens consumed over all workers."""
+    epoch: int = 0
+    """Passes over the training shards started so far (0-based index of the current one)."""
+    batches_in_epoch: int = 0
+    """Micro-batches each worker has consumed in the current epoch: the data position."""
+    world_size: int = 1
+
+
+def write_trainer_state(state: TrainerState, checkpoint_dir: str) -> None:
+    with open(os.path.join(checkpoint_dir, TRAINER_STATE), "w") as f:
+        json.dump(dataclasses.asdict(state), f)
+
+
+def read_trainer_state(checkpoint_dir: str) -> TrainerState:
+    with open(os.path.join(checkpoint_dir, TRAINER_STATE)) as f:
+        return TrainerState(**json.load(f))
+
+
+def save_rng(checkpoint_dir: str, rank: int) -> None:
+    torch.save({"torch": torch.get_rng_state()}, os.path.join(checkpoint_dir, f"rng_rank{rank}.pt"))
+
+
+def load_rng(checkpoint_dir: str, rank: int) -> bool:
+    path = os.path.join(checkpoint_dir, f"rng_rank{rank}.pt")
+    if not os.path.exists(path):
+        return False  # a different world size: this rank has no saved stream
+    torch.set_rng_state(torch.load(path, weights_only=False)["torch"])
+    return True
+
+
+def export_hf(cfg: Config, checkpoint_dir: str, *, vocab_size: int, special_ids: dict, tokenizer_dir: str,
+              out_dir: str) -> str:
+    """Consolidate a checkpoint's ZeRO shards into a Hugging Face model directory (safetensors, config, tokenizer).
+
+    The export is reloaded with `from_pretrained` and its logits compared with the trained model's probe logits
+    before it is renamed into place; a mismatch raises and leaves any previous export untouched.
+    """
+    state_dict = engine.consolidated_state_dict(checkpoint_dir, cfg.deepspeed.zero_stage)
+    model = build_model(cfg.model, vocab_size=vocab_size, special_ids=special_ids)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    # Tied weights (embedding = output head) appear once in a checkpoint; anything else missing is a real mismatch.
+    names_by_storage: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict().items():
+        names_by_storage.setdefault(tensor.data_ptr(), []).append(name)
+    shared = {n for names in names_by_storage.values() if len(names) > 1 for n in names}
+    missing = [k for k in missing if k not in shared]
+    assert not missing and not unexpected, f"checkpoint/model mismatch: missing {missing}, unexpected {unexpected}"
+
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        model.save_pretrained(tmp)
+        load_tokenizer(tokenizer_dir).save_pretrained(tmp)
+        _check_probe(cfg, checkpoint_dir, tmp)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _check_probe(cfg: Config, checkpoint_dir: str, export_dir: str) -> None:
+    probe_path = os.path.join(checkpoint_dir, PROBE)
+    if not os.path.exists(probe_path):
+        return
+    probe = torch.load(probe_path, weights_only=False)
+    model = auto_class(cfg.model.family).from_pretrained(export_dir, local_files_only=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"]).logits
+    tolerance = 1e-4 if cfg.deepspeed.precision == "fp32" else 5e-2
+    diff = (logits - probe["logits"]).abs().max().item()
+    if diff > tolerance * max(1.0, probe["logits"].abs().max().item()):
+        raise UserError(f"export check failed: exported logits differ from the trained model's by {diff:.3g}; "
+                        f"the export was not written. Checkpoint: {checkpoint_dir}")

@@ -1,0 +1,77 @@
+"""The `ptray` command: each subcommand maps to one function; nothing else lives here.
+
+    ptray prepare  --config tiny [key=value ...]
+    ptray pretrain --config tiny [key=value ...]
+    ptray config show tiny [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ptray.config import load_config, resolved
+from ptray.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ptray", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in [("prepare", "clean, tokenize and pack a corpus into Parquet token shards"),
+                        ("pretrain", "pretrain with Ray Train + DeepSpeed and export to Hugging Face format")]:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--config", required=True, help="built-in config name (tiny, gpt2-124m, ...) or YAML path")
+        p.add_argument("--address", default="", help="Ray cluster address (default: $RAY_ADDRESS, else local Ray)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pretrain.max_steps=50")
+    show = sub.add_parser("config", help="print a fully resolved config").add_subparsers(dest="action", required=True)
+    p = show.add_parser("show", help="print the resolved YAML of a config")
+    p.add_argument("config", help="built-in config name or YAML path")
+    p.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "config":
+            print(resolved(load_config(args.config, args.overrides)).to_yaml(), end="")
+            return 0
+        overrides = list(args.overrides) + ([f"cluster.address={args.address}"] if args.address else [])
+        cfg = load_config(args.config, overrides)
+        from ptray.session import ray_session  # imports Ray: keep `ptray config` fast
+
+        with ray_session(cfg):
+            if args.command == "prepare":
+                from ptray.data.prepare import prepare
+
+                prepare(resolved(cfg))
+            elif args.command == "pretrain":
+                from ptray.pretrain import pretrain
+
+                pretrain(cfg)
+        return 0
+    except UserError as e:
+        print(f"ptray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # errors raised inside Ray workers arrive wrapped; unwrap user mistakes
+        user_error = _find_user_error(e)
+        if user_error is None:
+            raise
+        print(f"ptray {args.command}: error: {user_error}", file=sys.stderr)
+        return 2
+
+
+def _find_user_error(error: BaseException) -> UserError | None:
+    seen = set()
+    stack = [error]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen or e is None:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        stack += list(getattr(e, "worker_failures", {}).values()) if isinstance(getattr(e, "worker_failures", None), dict) else []
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

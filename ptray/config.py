@@ -1,0 +1,381 @@
+"""Typed configuration: one dataclass per section, loaded from YAML, with dotted `key=value` overrides.
+
+    cfg = load_config("tiny", ["pretrain.max_steps=50", "data.train_files=[a.txt,b/*.jsonl]"])
+
+A config is a built-in name (`ptray/configs/NAME.yaml`) or a path to a YAML file. Every override value is parsed as YAML.
+Unknown keys and invalid values raise `ConfigError` naming the key and the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ptray.errors import ConfigError
+
+BUILTIN_CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    """Run name; re-running with the same name (and dir) resumes from the latest checkpoint."""
+    dir: str = ""
+    """Run directory for config.yaml, metrics.jsonl, checkpoints and export/. Empty: `runs/<name>`."""
+    seed: int = 0
+    """Seeds model init, data shuffling, masking and the validation split."""
+
+
+@dataclass
+class ClusterConfig:
+    address: str = ""
+    """Ray cluster address. Empty: $RAY_ADDRESS if set, else a local in-process Ray on this machine."""
+    num_workers: int = 2
+    """Ray Train workers (one per GPU on a GPU cluster)."""
+    use_gpu: bool = False
+    """One GPU per worker, NCCL between them. False: CPU workers over gloo."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker (also its torch thread count on CPU)."""
+    placement_strategy: str = "PACK"
+    """Placement group strategy for the workers: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD."""
+    max_failures: int = 0
+    """Worker-group restarts Ray Train attempts from the latest checkpoint before giving up (-1: unlimited)."""
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=lambda: ["builtin"])
+    """Corpus files: paths, globs or URIs (s3://, gs://) of .txt, .jsonl or .parquet. `builtin`: the generated corpus."""
+    text_field: str = "text"
+    """Field (.jsonl) or column (.parquet) holding the document text."""
+    prepared_dir: str = ""
+    """Where `prepare` writes token shards, manifest and tokenizer. Empty: `<run.dir>/data`."""
+    normalize_unicode: bool = True
+    """Apply Unicode NFKC normalization."""
+    strip_html: bool = True
+    """Remove HTML tags and unescape entities."""
+    collapse_whitespace: bool = True
+    """Collapse runs of whitespace to one space and trim."""
+    min_chars: int = 20
+    """Drop documents shorter than this after cleaning (0 keeps all non-empty ones)."""
+    dedup: bool = True
+    """Drop exact duplicate documents (after cleaning)."""
+    val_fraction: float = 0.01
+    """Fraction of documents held out for validation, chosen by document hash."""
+    seq_len: int = 128
+    """Tokens a model sees per row; rows are packed to exactly seq_len + 1 tokens."""
+    tokenizer_path: str = ""
+    """Local Hugging Face tokenizer directory. Empty: train a byte-level BPE on the corpus."""
+    vocab_size: int = 4096
+    """Vocabulary size of the trained BPE tokenizer."""
+    tokenizer_train_docs: int = 200_000
+    """At most this many training documents are streamed into BPE training."""
+    rows_per_shard: int = 8192
+    """Packed rows per Parquet shard (approximate; the last shard is smaller)."""
+    builtin_docs: int = 20_000
+    """Documents in the built-in generated corpus."""
+
+
+@dataclass
+class ModelConfig:
+    family: str = "gpt2"
+    """gpt2 or llama (causal LM), or bert (masked LM)."""
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_heads: int = 4
+    num_kv_heads: int = 0
+    """Llama grouped-query attention heads. 0: same as num_heads."""
+    intermediate_size: int = 0
+    """MLP width. 0: 4 x hidden_size (gpt2, bert) or the Llama 8/3 rule rounded to 64."""
+    max_positions: int = 256
+    """Positions the model supports; must be >= data.seq_len."""
+    vocab_size: int = 0
+    """Embedding rows. 0: the tokenizer's vocabulary rounded up to a multiple of 64."""
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    """Share input embedding and output head weights."""
+    rope_theta: float = 10000.0
+    """Llama rotary embedding base."""
+    init_from: str = ""
+    """Local Hugging Face model directory to start from instead of random init."""
+
+
+@dataclass
+class PretrainConfig:
+    objective: str = "clm"
+    """clm (next-token prediction) or mlm (BERT masked LM: 15% masked, 80/10/10)."""
+    max_steps: int = 200
+    """Optimizer steps."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step over all workers; = num_workers x micro_batch_size x grad accumulation."""
+    micro_batch_size: int = 4
+    """Sequences per worker per forward pass."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr."""
+    warmup_steps: int = 20
+    schedule: str = "cosine"
+    """cosine, wsd (warmup-stable-decay) or constant (after warmup)."""
+    decay_fraction: float = 0.2
+    """wsd: fraction of max_steps spent in the final linear decay."""
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Max global gradient norm (0: off)."""
+    mlm_probability: float = 0.15
+    activation_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    eval_every: int = 50
+    """Steps between validation passes (0: only at the end)."""
+    eval_batches: int = 8
+    """Micro-batches per worker in a validation pass."""
+    log_every: int = 10
+    ckpt_every: int = 100
+    """Steps between checkpoints (a final one is always written)."""
+    num_to_keep: int = 2
+    """Checkpoints kept; older ones are deleted."""
+    peak_flops_per_worker: float = 0.0
+    """Peak FLOP/s of one worker's device for MFU. 0: a known GPU's bf16 peak, or a measured matmul peak on CPU."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    """ZeRO stage: 0 (DDP), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)."""
+    precision: str = "fp32"
+    """fp32, bf16 or fp16 (loss-scaled)."""
+    offload_optimizer: bool = False
+    """Keep optimizer states in CPU memory (stages 1-3)."""
+    offload_params: bool = False
+    """Keep parameters in CPU memory (stage 3 only)."""
+    torch_adam: bool = True
+    """Use torch.optim.AdamW instead of DeepSpeed's compiled Adam kernels (true on CPU; false for fused GPU Adam)."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    # ---- derived values ------------------------------------------------------------------------------------------
+
+    @property
+    def run_dir(self) -> str:
+        return self.run.dir or os.path.join("runs", self.run.name)
+
+    @property
+    def prepared_dir(self) -> str:
+        return self.data.prepared_dir or os.path.join(self.run_dir, "data")
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.pretrain.global_batch_size // (self.cluster.num_workers * self.pretrain.micro_batch_size)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+CHOICES = {
+    "cluster.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+    "model.family": ("gpt2", "llama", "bert"),
+    "pretrain.objective": ("clm", "mlm"),
+    "pretrain.schedule": ("cosine", "wsd", "constant"),
+    "deepspeed.zero_stage": (0, 1, 2, 3),
+    "deepspeed.precision": ("fp32", "bf16", "fp16"),
+}
+
+
+def validate(cfg: Config) -> Config:
+    """Check values and cross-field rules; raise ConfigError with the key and the fix."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, allowed))}.")
+    positive = ["cluster.num_workers", "cluster.cpus_per_worker", "data.seq_len", "data.vocab_size",
+                "data.rows_per_shard", "model.num_layers", "model.hidden_size", "model.num_heads",
+                "model.max_positions", "pretrain.max_steps", "pretrain.global_batch_size",
+                "pretrain.micro_batch_size", "pretrain.log_every", "pretrain.ckpt_every", "pretrain.num_to_keep",
+                "pretrain.eval_batches"]
+    for key in positive:
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) <= 0:
+            raise ConfigError(f"{key} must be > 0, got {getattr(getattr(cfg, section), name)!r}.")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}.")
+    if not cfg.data.train_files:
+        raise ConfigError("data.train_files is empty; give corpus paths or globs, e.g. data.train_files=[corpus/*.txt].")
+    p = cfg.pretrain
+    per_step = cfg.cluster.num_workers * p.micro_batch_size
+    if p.global_batch_size % per_step:
+        raise ConfigError(
+            f"pretrain.global_batch_size={p.global_batch_size} is not divisible by cluster.num_workers x "
+            f"pretrain.micro_batch_size = {cfg.cluster.num_workers} x {p.micro_batch_size} = {per_step}; "
+            f"use a multiple of {per_step}, e.g. pretrain.global_batch_size={per_step * max(1, round(p.global_batch_size / per_step))}.")
+    if cfg.model.hidden_size % cfg.model.num_heads:
+        raise ConfigError(f"model.hidden_size={cfg.model.hidden_size} must be divisible by model.num_heads={cfg.model.num_heads}.")
+    if cfg.model.num_kv_heads and cfg.model.num_heads % cfg.model.num_kv_heads:
+        raise ConfigError(f"model.num_heads={cfg.model.num_heads} must be divisible by model.num_kv_heads={cfg.model.num_kv_heads}.")
+    if cfg.data.seq_len > cfg.model.max_positions and not cfg.model.init_from:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} exceeds model.max_positions={cfg.model.max_positions}; "
+            f"lower data.seq_len or raise model.max_positions to at least {cfg.data.seq_len}.")
+    if (cfg.pretrain.objective == "mlm") != (cfg.model.family == "bert"):
+        raise ConfigError(
+            f"pretrain.objective={cfg.pretrain.objective!r} does not fit model.family={cfg.model.family!r}: "
+            "use objective mlm with family bert, and objective clm with gpt2 or llama.")
+    if cfg.model.vocab_size and cfg.model.vocab_size < 8:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is too small; use 0 to size it from the tokenizer.")
+    ds = cfg.deepspeed
+    if ds.offload_params and ds.zero_stage != 3:
+        raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage=3.")
+    if ds.offload_optimizer and ds.zero_stage == 0:
+        raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1.")
+    if ds.precision == "fp16" and not cfg.cluster.use_gpu:
+        raise ConfigError("deepspeed.precision=fp16 needs GPUs (cluster.use_gpu=true); use bf16 or fp32 on CPU.")
+    if p.schedule == "wsd" and not 0 < p.decay_fraction <= 1:
+        raise ConfigError(f"pretrain.decay_fraction must be in (0, 1] for the wsd schedule, got {p.decay_fraction}.")
+    if not 0 < p.mlm_probability < 1:
+        raise ConfigError(f"pretrain.mlm_probability must be in (0, 1), got {p.mlm_probability}.")
+    return cfg
+
+
+# ---- loading and overrides ---------------------------------------------------------------------------------------
+
+
+def builtin_config_names() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load a built-in config by name or a YAML file by path, apply `key=value` overrides, validate."""
+    path = Path(name_or_path)
+    if not path.suffix and (BUILTIN_CONFIG_DIR / f"{name_or_path}.yaml").exists():
+        path = BUILTIN_CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        hint = difflib.get_close_matches(name_or_path, builtin_config_names(), n=1)
+        raise ConfigError(
+            f"config {name_or_path!r} is neither a built-in config nor a YAML file. Built-in configs: "
+            f"{', '.join(builtin_config_names())}" + (f" (did you mean {hint[0]!r}?)" if hint else "") + ".")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (run:, data:, ...), got {type(raw).__name__}.")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. pretrain.max_steps=50.")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            parsed = value
+        _set_dotted(raw, key.strip(), parsed)
+    return validate(from_dict(raw, source=str(path)))
+
+
+def _set_dotted(raw: dict, key: str, value) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {key!r}: {part!r} is not a section.")
+    node[parts[-1]] = value
+
+
+def from_dict(raw: dict, source: str = "config") -> Config:
+    """Build a Config from nested dicts, checking every key and value type."""
+    sections = {}
+    for section_name, section_raw in raw.items():
+        section_field = _field(Config, section_name, prefix="")
+        if section_raw is None:
+            section_raw = {}
+        if not isinstance(section_raw, dict):
+            raise ConfigError(f"{source}: section {section_name!r} must be a mapping, got {section_raw!r}.")
+        cls = section_field.default_factory
+        values = {}
+        for key, value in section_raw.items():
+            f = _field(cls, key, prefix=section_name + ".")
+            values[key] = _coerce(value, typing.get_type_hints(cls)[key], f"{section_name}.{key}")
+        sections[section_name] = cls(**values)
+    return Config(**sections)
+
+
+def _field(cls, name: str, prefix: str) -> dataclasses.Field:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if name not in fields:
+        valid = [prefix + n for n in fields]
+        close = difflib.get_close_matches(prefix + str(name), valid, n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else f" Valid keys: {', '.join(valid)}."
+        raise ConfigError(f"unknown config key {prefix + str(name)!r}.{hint}")
+    return fields[name]
+
+
+def _coerce(value, annotation, key: str):
+    origin = typing.get_origin(annotation)
+    if origin in (list, typing.List):
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # `data.train_files=a.txt` means a one-element list
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}.")
+        return [_coerce(v, item_type, key) for v in value]
+    if origin in (typing.Union, types.UnionType):
+        raise AssertionError("config fields are not Optional; give them a real default")
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}.")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key} must be an integer, got {value!r}.")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}.")
+        return float(value)
+    if annotation is str:
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key} must be a string, got {value!r}.")
+        return str(value)
+    raise AssertionError(f"unsupported config type {annotation} for {key}")
+
+
+def save_config(cfg: Config, run_dir: str) -> str:
+    """Write the resolved config to `<run_dir>/config.yaml` atomically; returns the path."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "config.yaml")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(cfg.to_yaml())
+    os.replace(tmp, path)
+    return path
+
+
+def resolved(cfg: Config) -> Config:
+    """Fill derived paths (run.dir, data.prepared_dir) so the printed/saved config is explicit."""
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=cfg.run_dir),
+                              data=dataclasses.replace(cfg.data, prepared_dir=cfg.prepared_dir))
+    return cfg

@@ -1,0 +1,85 @@
+"""The built-in corpus: generated text with enough structure for a tiny model to learn, so `tiny` needs no download.
+
+Documents are short "village chronicles": people with stable attributes (home, trade, pet) recur across documents, sentences
+follow a small grammar, and simple arithmetic facts are always right. A model can learn the grammar quickly and the facts
+slowly, so the loss keeps falling for a while. A few documents carry HTML tags and some are exact duplicates, so the
+cleaning and de-duplication stages have real work to do.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+NAMES = ["alice", "bruno", "chen", "dara", "emil", "farah", "goran", "hana", "ivan", "jun", "kira", "lena", "mateo",
+         "nadia", "omar", "priya", "quinn", "rosa", "sami", "tomas", "uma", "vera", "wale", "xena", "yusuf", "zoe"]
+TOWNS = ["oakford", "rivermouth", "stonebridge", "millbrook", "ashvale", "highmoor", "eastwick", "fairhaven"]
+TRADES = ["baker", "smith", "weaver", "farmer", "potter", "miller", "fisher", "carpenter", "healer", "scribe"]
+PETS = ["cat", "dog", "goat", "parrot", "horse", "rabbit", "owl", "tortoise"]
+COLORS = ["red", "blue", "green", "yellow", "white", "black", "brown", "grey"]
+THINGS = ["bread", "rope", "cloth", "pots", "flour", "fish", "chairs", "tea", "apples", "honey"]
+WEATHER = ["rain", "sun", "snow", "wind", "fog"]
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+                "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen"]
+
+
+def _people(rng: random.Random) -> dict[str, dict[str, str]]:
+    # Stable facts: the same person always lives in the same town, has the same trade and pet.
+    return {n: {"town": rng.choice(TOWNS), "trade": rng.choice(TRADES), "pet": rng.choice(PETS),
+                "color": rng.choice(COLORS)} for n in NAMES}
+
+
+def generate_documents(num_docs: int, seed: int = 0) -> list[str]:
+    """Return `num_docs` generated documents (deterministic for a seed)."""
+    rng = random.Random(seed)
+    people = _people(random.Random(1234))  # facts are fixed across seeds, so every corpus teaches the same world
+    docs = []
+    for i in range(num_docs):
+        if i > 10 and rng.random() < 0.02:
+            docs.append(docs[rng.randrange(len(docs))])  # exact duplicate for the dedup stage
+            continue
+        sentences = []
+        for _ in range(rng.randint(3, 8)):
+            name = rng.choice(NAMES)
+            p = people[name]
+            other = rng.choice(NAMES)
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            kind = rng.randrange(7)
+            if kind == 0:
+                s = f"{name} lives in {p['town']} and works as a {p['trade']}."
+            elif kind == 1:
+                s = f"{name} has a {p['color']} {p['pet']} that follows {name} everywhere."
+            elif kind == 2:
+                s = f"on a day of {rng.choice(WEATHER)}, {name} the {p['trade']} sold {NUMBER_WORDS[a]} {rng.choice(THINGS)} to {other}."
+            elif kind == 3:
+                s = f"{NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]} is {NUMBER_WORDS[a + b]}, said {name}."
+            elif kind == 4:
+                s = f"{name} walked from {p['town']} to {people[other]['town']} to visit {other}."
+            elif kind == 5:
+                s = f"the {p['pet']} of {name} is {p['color']}, and the {people[other]['pet']} of {other} is {people[other]['color']}."
+            else:
+                s = f"in {p['town']} everyone knows that {name} is the best {p['trade']}."
+            sentences.append(s)
+        doc = " ".join(sentences)
+        if rng.random() < 0.05:
+            doc = f"<p>{doc}</p> <br/>"  # markup for the HTML-stripping stage
+        docs.append(doc)
+    return docs
+
+
+def write_builtin_corpus(out_dir: str, num_docs: int, seed: int = 0, num_files: int = 4) -> list[str]:
+    """Write the built-in corpus as `num_files` .txt shards (one document per line); returns their paths.
+
+    Files are written once and reused: a second call with the same arguments returns the existing files.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, f"builtin-{seed}-{num_docs}-{i:02d}.txt") for i in range(num_files)]
+    if all(os.path.exists(p) for p in paths):
+        return paths
+    docs = generate_documents(num_docs, seed)
+    for i, path in enumerate(paths):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write("\n".join(docs[i::num_files]) + "\n")
+        os.replace(tmp, path)
+    return paths

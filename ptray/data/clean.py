@@ -1,0 +1,61 @@
+"""Document cleaning and hashing: pure functions over batches of text, applied by Ray Data in `prepare`."""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import re
+import unicodedata
+
+import numpy as np
+
+_TAG = re.compile(r"<[^>]{0,200}>")
+_WHITESPACE = re.compile(r"\s+")
+
+
+def clean_text(text: str, *, normalize_unicode: bool, strip_html: bool, collapse_whitespace: bool) -> str:
+    if normalize_unicode:
+        text = unicodedata.normalize("NFKC", text)
+    if strip_html:
+        text = html.unescape(_TAG.sub(" ", text))
+    if collapse_whitespace:
+        text = _WHITESPACE.sub(" ", text).strip()
+    return text
+
+
+def doc_hash(text: str) -> int:
+    """64-bit content hash: equal documents get equal hashes, so duplicates always fall into the same split."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+
+
+def is_validation(hash_value: int, val_fraction: float, seed: int) -> bool:
+    """Hold out a document by its hash (mixed with the seed): stable across runs, machines and file order."""
+    mixed = hashlib.blake2b(hash_value.to_bytes(8, "little", signed=True), digest_size=8,
+                            key=seed.to_bytes(8, "little")).digest()
+    return int.from_bytes(mixed, "little") / 2**64 < val_fraction
+
+
+def clean_batch(batch: dict[str, np.ndarray], *, normalize_unicode: bool, strip_html: bool,
+                collapse_whitespace: bool, min_chars: int, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """Clean a batch of documents, drop short ones, and add `doc_hash` and `split` ('train' or 'val') columns."""
+    texts, hashes, splits = [], [], []
+    for raw in batch["text"]:
+        if raw is None:
+            continue
+        text = clean_text(str(raw), normalize_unicode=normalize_unicode, strip_html=strip_html,
+                          collapse_whitespace=collapse_whitespace)
+        if len(text) < max(min_chars, 1):
+            continue
+        h = doc_hash(text)
+        texts.append(text)
+        hashes.append(h)
+        splits.append("val" if is_validation(h, val_fraction, seed) else "train")
+    return {"text": np.array(texts, dtype=object), "doc_hash": np.array(hashes, dtype=np.int64),
+            "split": np.array(splits, dtype=object)}
+
+
+def drop_duplicates(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Keep the first document of each hash in a batch; after a hash partition, equal hashes share a batch."""
+    _, first = np.unique(batch["doc_hash"], return_index=True)
+    keep = np.sort(first)
+    return {k: v[keep] for k, v in batch.items()}

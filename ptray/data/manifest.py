@@ -1,0 +1,95 @@
+"""`manifest.json`: what `prepare` produced, and the contract `pretrain` checks before it starts.
+
+The manifest is written last, so its presence marks a complete prepared dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+import pyarrow.parquet as pq
+
+from ptray.data.readers import filesystem_for
+from ptray.errors import DataError
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Shard:
+    path: str
+    """Relative to the prepared directory."""
+    num_rows: int
+    num_tokens: int
+
+
+@dataclass
+class Manifest:
+    seq_len: int
+    """Rows hold seq_len + 1 tokens: inputs are row[:-1], next-token targets row[1:]."""
+    vocab_size: int
+    """len(tokenizer): the smallest embedding a model may have."""
+    tokenizer_hash: str
+    eos_id: int
+    pad_id: int | None
+    mask_id: int | None
+    source_files: list[str]
+    train: list[Shard]
+    val: list[Shard]
+    num_docs: dict[str, int] = field(default_factory=dict)
+    num_doc_tokens: int = 0
+    num_dropped_tokens: int = 0
+    tokenizer_dir: str = "tokenizer"
+
+    @property
+    def num_train_rows(self) -> int:
+        return sum(s.num_rows for s in self.train)
+
+    @property
+    def num_train_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.train)
+
+    def shard_paths(self, root: str, split: str) -> list[str]:
+        return [os.path.join(root, s.path) for s in getattr(self, split)]
+
+
+def write_manifest(manifest: Manifest, root: str) -> None:
+    path = os.path.join(root, MANIFEST)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(dataclasses.asdict(manifest), f, indent=2)
+    os.replace(tmp, path)
+
+
+def read_manifest(root: str) -> Manifest:
+    path = os.path.join(root, MANIFEST)
+    if not os.path.exists(path):
+        raise DataError(f"no prepared data at {root!r} ({MANIFEST} missing). Run `ptray prepare --config ...` first, "
+                        "or point data.prepared_dir at a directory that `ptray prepare` wrote.")
+    try:
+        raw = json.load(open(path))
+        raw["train"] = [Shard(**s) for s in raw["train"]]
+        raw["val"] = [Shard(**s) for s in raw["val"]]
+        return Manifest(**raw)
+    except (ValueError, TypeError, KeyError) as e:
+        raise DataError(f"{path} is corrupt ({e}); delete {root!r} and run `ptray prepare` again.") from None
+
+
+def verify_shards(manifest: Manifest, root: str) -> None:
+    """Check every shard exists and its Parquet footer agrees with the manifest (cheap: footers only)."""
+    for split in ("train", "val"):
+        for shard in getattr(manifest, split):
+            path = os.path.join(root, shard.path)
+            fs, inner = filesystem_for(path)
+            try:
+                with fs.open_input_file(inner) as handle:
+                    num_rows = pq.read_metadata(handle).num_rows
+            except Exception as e:
+                raise DataError(f"shard {path} is unreadable or corrupt ({e}). Delete {root!r} and run "
+                                "`ptray prepare` again.") from None
+            if num_rows != shard.num_rows:
+                raise DataError(f"shard {path} has {num_rows} rows but the manifest says {shard.num_rows}; the prepared "
+                                f"data was modified. Delete {root!r} and run `ptray prepare` again.")

@@ -1,0 +1,90 @@
+"""The one place DeepSpeed is called: ZeRO config, initialize, learning rate, save/load, and weight consolidation.
+
+Ray Train has already created the torch.distributed process group (NCCL on GPUs, gloo on CPUs) when these run;
+DeepSpeed adopts it. On CPU, set DS_ACCELERATOR=cpu before the first import (`ptray.session` does it for workers).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ptray.config import Config
+
+CHECKPOINT_TAG = "ds"  # DeepSpeed's files live in <checkpoint>/ds/
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    """The DeepSpeed JSON config for a ptray config."""
+    ds, p = cfg.deepspeed, cfg.pretrain
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.cluster.use_gpu}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.cluster.use_gpu}
+    return {
+        "train_batch_size": p.global_batch_size,
+        "train_micro_batch_size_per_gpu": p.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "gradient_clipping": p.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": p.lr, "betas": [p.beta1, p.beta2], "eps": 1e-8, "weight_decay": p.weight_decay,
+            "torch_adam": ds.torch_adam}},
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
+        # torch's AdamW is fine with offloaded states; DeepSpeed otherwise insists on its compiled CPU Adam.
+        "zero_force_ds_cpu_optimizer": not ds.torch_adam,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def initialize(model: torch.nn.Module, cfg: Config):
+    """Wrap `model` in a DeepSpeed engine with AdamW; biases and norm weights get no weight decay."""
+    import deepspeed
+
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.pretrain.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=deepspeed_config(cfg),
+                                      dist_init_required=False)
+    return engine
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def save(engine, checkpoint_dir: str) -> None:
+    """Every rank writes its ZeRO shards into `<checkpoint_dir>/ds/` (collective: call on all ranks)."""
+    engine.save_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG, save_latest=False)
+
+
+def load(engine, checkpoint_dir: str) -> None:
+    """Restore module, optimizer and ZeRO partitions from `<checkpoint_dir>/ds/` (collective)."""
+    path, _ = engine.load_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                     load_lr_scheduler_states=False)
+    assert path is not None, f"DeepSpeed found no checkpoint in {checkpoint_dir}/{CHECKPOINT_TAG}"
+
+
+def consolidated_state_dict(checkpoint_dir: str, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from a checkpoint's shards, on CPU, in one process (no process group needed)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if zero_stage == 0:
+        states = torch.load(os.path.join(checkpoint_dir, CHECKPOINT_TAG, "mp_rank_00_model_states.pt"),
+                            map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)

@@ -1,0 +1,71 @@
+"""Throughput, MFU and `metrics.jsonl` (one JSON object per logged step; eval rows carry val_loss and val_ppl)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+
+# Dense bf16 peak FLOP/s per GPU (no sparsity), from the vendors' datasheets.
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
+                  "V100": 125e12, "T4": 65e12}
+
+
+def peak_flops_per_worker(use_gpu: bool, configured: float = 0.0) -> tuple[float, str]:
+    """(peak FLOP/s of one worker's device, where the figure comes from)."""
+    if configured > 0:
+        return configured, "configured"
+    if use_gpu and torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, flops in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return flops, f"{name} datasheet bf16"
+        return measured_matmul_flops(torch.device("cuda"), torch.bfloat16), f"{name} measured bf16 matmul"
+    return measured_matmul_flops(torch.device("cpu"), torch.float32), "measured fp32 CPU matmul"
+
+
+def measured_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, seconds: float = 0.3) -> float:
+    """Best achieved FLOP/s of a square matmul on this device with this process's threads: the CPU's practical peak."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm-up
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start))
+    return best
+
+
+class MetricsLog:
+    """Appends rows to `<run_dir>/metrics.jsonl` (rank 0 only). On resume, rows past the resumed step are dropped
+    first, so the file always describes one consistent history."""
+
+    def __init__(self, run_dir: str, resume_step: int):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        if os.path.exists(self.path):
+            rows = [json.loads(line) for line in open(self.path) if line.strip()]
+            kept = [r for r in rows if r.get("step", 0) <= resume_step]
+            if len(kept) != len(rows):
+                with open(self.path + ".tmp", "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in kept)
+                os.replace(self.path + ".tmp", self.path)
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    return [json.loads(line) for line in open(path) if line.strip()] if os.path.exists(path) else []
+
+
+def progress_line(row: dict, max_steps: int) -> str:
+    return (f"step {row['step']:>6}/{max_steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
+            f"{row['tokens_per_s']:,.0f} tok/s | mfu {100 * row['mfu']:.2f}% | data wait {row['data_wait_s']:.3f}s")
