@@ -351,6 +351,11 @@ def _coerce(value, annotation, key: str):
             raise ConfigError(f"{key} must be an integer, got {value!r}.")
         return value
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}.")
         return float(value)

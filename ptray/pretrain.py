@@ -57,8 +57,8 @@ def pretrain(cfg: Config) -> PretrainResult:
     run_dir = os.path.abspath(cfg.run_dir)
     save_config(cfg, run_dir)
 
-    train_ds = ray.data.read_parquet(manifest.shard_paths(prepared_dir, "train"), columns=["input_ids"],
-                                     shuffle=ray.data.FileShuffleConfig(seed=cfg.run.seed))
+    train_ds = ray.data.read_parquet(manifest.shard_paths(prepared_dir, "train"),
+                                     shuffle=ray.data.FileShuffleConfig(seed=cfg.run.seed)).select_columns(["input_ids"])
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "manifest": dataclasses.asdict(manifest),

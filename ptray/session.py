@@ -18,7 +18,10 @@ def ray_session(cfg: Config):
         yield
         return
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS") or None
-    runtime_env = {"env_vars": {"DS_ACCELERATOR": "cpu"}} if not cfg.cluster.use_gpu else {}
+    env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # else Train V2 echoes every worker print twice
+    if not cfg.cluster.use_gpu:
+        env_vars["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator (gloo) instead of probing for CUDA
+    runtime_env = {"env_vars": env_vars}
     if address:
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
     else:
@@ -28,6 +31,7 @@ def ray_session(cfg: Config):
         num_cpus = int(max(os.cpu_count() or 1, needed)) + 2
         ray.init(num_cpus=num_cpus, runtime_env=runtime_env, logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # one line per dataset execution is noise here
     try:
         yield
     finally:

@@ -129,7 +129,7 @@ def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> dict[str,
 
 
 def _iter_texts(docs_dir: str, max_docs: int):
-    ds = ray.data.read_parquet(docs_dir, columns=["text"]).limit(max_docs)
+    ds = ray.data.read_parquet(docs_dir).select_columns(["text"]).limit(max_docs)
     for batch in ds.iter_batches(batch_size=1000, batch_format="numpy"):
         yield from batch["text"]
 
@@ -139,10 +139,10 @@ def _write_packed_split(cfg: Config, staging: str, split: str, tokenizer_dir: st
     if not glob.glob(os.path.join(docs_dir, "*.parquet")):
         return [], 0, 0
     raw_dir = os.path.join(staging, f"{split}.raw")
-    ray.data.read_parquet(docs_dir, columns=["text"]).map_batches(
+    ray.data.read_parquet(docs_dir).select_columns(["text"]).map_batches(
         tokenize_and_pack, batch_format="numpy", batch_size=2048,
         fn_kwargs=dict(tokenizer_dir=tokenizer_dir, seq_len=cfg.data.seq_len),
-    ).write_parquet(raw_dir, min_rows_per_file=cfg.data.rows_per_shard)
+    ).write_parquet(raw_dir, max_rows_per_file=cfg.data.rows_per_shard)
     os.makedirs(os.path.join(staging, split))
     shards, doc_tokens, dropped = [], 0, 0
     for i, path in enumerate(sorted(glob.glob(os.path.join(raw_dir, "*.parquet")))):

@@ -114,14 +114,19 @@ def read_corpus(files: list[str], text_field: str) -> ray.data.Dataset:
         "jsonl": [f for f in files if f.lower().endswith(JSONL_EXTENSIONS)],
         "parquet": [f for f in files if f.lower().endswith(PARQUET_EXTENSIONS)],
     }
-    parts = []
+    parts = []  # (dataset, column holding the text)
     if by_kind["text"]:
-        parts.append(ray.data.read_text(by_kind["text"], drop_empty_lines=True))
+        parts.append((ray.data.read_text(by_kind["text"], drop_empty_lines=True), "text"))
     if by_kind["jsonl"]:
-        ds = ray.data.read_json(by_kind["jsonl"], lines=True)
-        parts.append(ds.select_columns([text_field]).rename_columns({text_field: "text"}) if text_field != "text"
-                     else ds.select_columns(["text"]))
+        parts.append((ray.data.read_json(by_kind["jsonl"], lines=True), text_field))
     if by_kind["parquet"]:
-        ds = ray.data.read_parquet(by_kind["parquet"], columns=[text_field])
-        parts.append(ds.rename_columns({text_field: "text"}) if text_field != "text" else ds)
+        parts.append((ray.data.read_parquet(by_kind["parquet"]), text_field))
+    # One Arrow `text` column per part, so the union has a single schema and block type.
+    parts = [ds.map_batches(_text_column, batch_format="pyarrow", fn_kwargs={"field": field}) for ds, field in parts]
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def _text_column(table, *, field: str):
+    import pyarrow as pa
+
+    return pa.table({"text": table[field].cast(pa.string())})

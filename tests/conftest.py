@@ -1,0 +1,25 @@
+"""Shared fixtures: tiny configs and one real local Ray session per test module."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the export step imports DeepSpeed in the test process
+
+
+def tiny_config(run_dir, *overrides: str):
+    """The built-in `tiny` config, writing into `run_dir`, with a smaller built-in corpus for speed."""
+    from ptray.config import load_config
+
+    return load_config("tiny", [f"run.dir={run_dir}", "data.builtin_docs=4000", *overrides])
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real in-process Ray, started the way `ptray` starts it in local mode, shut down after the module."""
+    from ptray.session import ray_session
+
+    with ray_session(tiny_config("/tmp/unused")):
+        yield

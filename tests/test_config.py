@@ -1,0 +1,75 @@
+"""Config loading, overrides and validation: pure functions, no Ray."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from ptray.config import builtin_config_names, load_config, resolved
+from ptray.errors import ConfigError
+
+
+@pytest.mark.parametrize("name", builtin_config_names())
+def test_every_shipped_config_loads_and_validates(name):
+    cfg = load_config(name)
+    assert cfg.grad_accum_steps >= 1
+    assert cfg.data.seq_len <= cfg.model.max_positions
+
+
+def test_builtin_configs_include_the_promised_ones():
+    assert {"tiny", "gpt2-124m", "llama-1b"} <= set(builtin_config_names())
+
+
+def test_overrides_are_parsed_as_yaml():
+    cfg = load_config("tiny", ["pretrain.max_steps=7", "data.train_files=[a.txt,b/*.jsonl]", "pretrain.lr=1e-4",
+                               "deepspeed.zero_stage=3", "cluster.use_gpu=false"])
+    assert cfg.pretrain.max_steps == 7
+    assert cfg.data.train_files == ["a.txt", "b/*.jsonl"]
+    assert cfg.pretrain.lr == pytest.approx(1e-4)
+    assert cfg.deepspeed.zero_stage == 3
+
+
+def test_unknown_key_names_the_closest_valid_one():
+    with pytest.raises(ConfigError, match=r"'pretrain.max_step'.*'pretrain.max_steps'"):
+        load_config("tiny", ["pretrain.max_step=5"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'pretrian'.*'pretrain'"):
+        load_config("tiny", ["pretrian.max_steps=5"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("deepspeed.zero_stage=4", "deepspeed.zero_stage=4 is not valid"),
+    ("pretrain.max_steps=ten", "pretrain.max_steps must be an integer"),
+    ("pretrain.global_batch_size=30", "not divisible by cluster.num_workers x pretrain.micro_batch_size"),
+    ("data.seq_len=4096", "data.seq_len=4096 exceeds model.max_positions"),
+    ("model.family=bart", "model.family='bart' is not valid"),
+    ("pretrain.objective=mlm", "does not fit model.family"),
+    ("deepspeed.offload_params=true", "offload_params needs deepspeed.zero_stage=3"),
+    ("cluster.use_gpu=maybe", "cluster.use_gpu must be true or false"),
+])
+def test_invalid_values_raise_actionable_errors(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config("tiny", [override])
+
+
+def test_missing_config_suggests_builtin_name():
+    with pytest.raises(ConfigError, match="did you mean 'tiny'"):
+        load_config("tinny")
+
+
+def test_config_show_round_trips(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "ptray.cli", "config", "show", "tiny", "pretrain.max_steps=9"],
+                         capture_output=True, text=True, check=True).stdout
+    saved = tmp_path / "my.yaml"
+    saved.write_text(out)
+    again = load_config(str(saved))
+    assert again.pretrain.max_steps == 9
+    assert again == resolved(load_config("tiny", ["pretrain.max_steps=9"]))
+    assert yaml.safe_load(out)["run"]["dir"] == "runs/tiny"
+
+
+def test_cli_bad_key_exits_nonzero_with_message():
+    proc = subprocess.run([sys.executable, "-m", "ptray.cli", "pretrain", "--config", "tiny", "model.hiden_size=8"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "model.hidden_size" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,114 @@
+"""`prepare` on a real local Ray: mixed formats, cleaning, dedup, packing, manifest, and bad input."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import tiny_config
+from ptray.data.manifest import read_manifest, verify_shards
+from ptray.data.prepare import prepare
+from ptray.data.tokenizer import load_tokenizer
+from ptray.errors import DataError
+
+SEQ_LEN = 32
+
+
+def _docs(n, prefix):
+    return [f"{prefix} document {i}: the quick brown fox number {i} jumps over {i % 7} lazy dogs." for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    txt = _docs(300, "text") + ["tiny", ""] + _docs(20, "text")  # 20 exact duplicates, one short doc, one blank
+    (root / "a.txt").write_text("\n".join(txt) + "\n")
+    (root / "b.jsonl").write_text("\n".join(json.dumps({"body": f"<b>{d}</b>"}) for d in _docs(200, "json")) + "\n")
+    pq.write_table(pa.table({"body": _docs(200, "parquet")}), root / "c.parquet")
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_local, corpus, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    (corpus / "a.jsonl").write_text((corpus / "a.txt").read_text())  # not used: we list files explicitly below
+    cfg = tiny_config(run, f"data.train_files=[{corpus}/a.txt,{corpus}/b.jsonl,{corpus}/*.parquet]",
+                      "data.text_field=body", f"data.seq_len={SEQ_LEN}", "data.vocab_size=400",
+                      "data.val_fraction=0.1", "data.rows_per_shard=100", "data.min_chars=10")
+    # .txt files have no field names: a text line is the document whatever data.text_field says.
+    return cfg, prepare(cfg)
+
+
+def _rows(cfg, manifest, split):
+    root = cfg.prepared_dir
+    tables = [pq.read_table(p, columns=["input_ids"]) for p in manifest.shard_paths(root, split)]
+    return np.concatenate([np.asarray(t["input_ids"].combine_chunks().flatten()).reshape(-1, SEQ_LEN + 1)
+                           for t in tables])
+
+
+def _docs_of(cfg, split):
+    return pq.read_table(f"{cfg.prepared_dir}/docs/split={split}", columns=["text"])["text"].to_pylist()
+
+
+def test_rows_are_exactly_seq_len_plus_one_with_no_padding(prepared):
+    cfg, manifest = prepared
+    rows = _rows(cfg, manifest, "train")
+    assert rows.shape[1] == SEQ_LEN + 1
+    assert len(rows) == manifest.num_train_rows > 0
+    assert not (rows == manifest.pad_id).any()
+    assert len(manifest.train) > 1  # rows_per_shard=100 splits the output into several shards
+    assert all(s.num_tokens == s.num_rows * (SEQ_LEN + 1) for s in manifest.train)
+
+
+def test_token_count_is_conserved(prepared):
+    cfg, manifest = prepared
+    tokenizer = load_tokenizer(f"{cfg.prepared_dir}/tokenizer")
+    docs = _docs_of(cfg, "train") + _docs_of(cfg, "val")
+    expected = sum(len(ids) + 1 for ids in tokenizer(docs, add_special_tokens=False)["input_ids"])  # +1: EOS
+    packed = sum(s.num_tokens for s in manifest.train + manifest.val)
+    assert manifest.num_doc_tokens == expected
+    assert packed + manifest.num_dropped_tokens == expected
+    assert manifest.num_dropped_tokens < 0.05 * expected
+    assert (_rows(cfg, manifest, "train") == manifest.eos_id).sum() > 0  # documents are EOS-separated
+
+
+def test_cleaning_dedup_and_disjoint_validation(prepared):
+    cfg, manifest = prepared
+    train, val = _docs_of(cfg, "train"), _docs_of(cfg, "val")
+    assert len(train) + len(val) == 300 + 200 + 200  # duplicates, the short doc and the blank line are gone
+    assert len(set(train)) == len(train) and not set(train) & set(val)
+    assert 0.04 < len(val) / 700 < 0.2
+    assert not any("<b>" in d for d in train + val)  # HTML stripped from the jsonl docs
+    assert manifest.num_docs == {"train": len(train), "val": len(val)}
+    assert manifest.vocab_size == len(load_tokenizer(f"{cfg.prepared_dir}/tokenizer")) <= 400
+    assert len(manifest.source_files) == 3
+
+
+def test_verify_shards_names_a_corrupt_shard(prepared, tmp_path):
+    cfg, manifest = prepared
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cfg.prepared_dir, copy)
+    verify_shards(read_manifest(str(copy)), str(copy))
+    victim = copy / manifest.train[0].path
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.raises(DataError, match=manifest.train[0].path.split("/")[-1]):
+        verify_shards(read_manifest(str(copy)), str(copy))
+
+
+def test_bad_inputs_fail_with_clear_errors(ray_local, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(DataError, match="no documents left after cleaning"):
+        prepare(tiny_config(tmp_path / "r1", f"data.train_files=[{tmp_path}/empty.txt]"))
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataError, match="broken.parquet"):
+        prepare(tiny_config(tmp_path / "r2", f"data.train_files=[{tmp_path}/broken.parquet]"))
+    (tmp_path / "other.jsonl").write_text('{"content": "hello there world, long enough"}\n')
+    with pytest.raises(DataError, match="no field 'text'.*data.text_field"):
+        prepare(tiny_config(tmp_path / "r3", f"data.train_files=[{tmp_path}/other.jsonl]"))
+    with pytest.raises(DataError, match="matched no"):
+        prepare(tiny_config(tmp_path / "r4", f"data.train_files=[{tmp_path}/nothing/*.txt]"))
+    assert not list(tmp_path.glob("r*/data*"))  # failed prepares leave nothing behind

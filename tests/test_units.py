@@ -1,0 +1,106 @@
+"""Pure functions: cleaning, packing, masking, schedules, file expansion, tokenizer training. No Ray."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ptray.config import PretrainConfig
+from ptray.data.clean import clean_batch, clean_text, drop_duplicates, is_validation
+from ptray.data.pack import pack_token_lists
+from ptray.data.readers import expand_files
+from ptray.data.tokenizer import load_tokenizer, train_bpe
+from ptray.errors import DataError
+from ptray.objectives import IGNORE_INDEX, causal_lm_batch, masked_lm_batch
+from ptray.pretrain import lr_at
+
+
+def test_clean_text_stages_can_be_switched():
+    raw = "<p>Caf\u00e9 \uff21  &amp;\n\n  tea</p>"
+    assert clean_text(raw, normalize_unicode=True, strip_html=True, collapse_whitespace=True) == "Café A & tea"
+    assert clean_text(raw, normalize_unicode=False, strip_html=False, collapse_whitespace=False) == raw
+
+
+def test_clean_batch_drops_short_docs_and_splits_by_hash():
+    batch = {"text": np.array(["short", "a long enough document here", "a long enough document here"], dtype=object)}
+    out = clean_batch(batch, normalize_unicode=True, strip_html=True, collapse_whitespace=True, min_chars=10,
+                      val_fraction=0.5, seed=0)
+    assert list(out["text"]) == ["a long enough document here"] * 2
+    assert out["split"][0] == out["split"][1]  # duplicates always share a split
+    deduped = drop_duplicates(out)
+    assert len(deduped["text"]) == 1
+
+
+def test_validation_split_fraction_is_respected():
+    held_out = sum(is_validation(h, 0.1, seed=3) for h in range(-5000, 5000))
+    assert 800 < held_out < 1200
+
+
+def test_pack_conserves_tokens_and_rows_are_exact():
+    lists = [list(range(n)) for n in (5, 17, 3, 40, 1)]
+    rows, dropped = pack_token_lists(lists, row_len=9)
+    assert rows.shape == (7, 9)
+    assert rows.size + dropped == sum(map(len, lists))
+    assert list(rows.ravel()) == [t for ids in lists for t in ids][: rows.size]
+
+
+def test_causal_batch_shifts_targets():
+    rows = torch.arange(10).view(2, 5)
+    inputs, targets = causal_lm_batch(rows)
+    assert torch.equal(inputs, rows[:, :-1]) and torch.equal(targets, rows[:, 1:])
+
+
+def test_masked_lm_follows_bert_recipe():
+    rows = torch.randint(10, 1000, (64, 257))
+    rows[:, ::7] = 0  # special tokens are never masked
+    inputs, targets = masked_lm_batch(rows, mask_id=3, vocab_size=1000, probability=0.15, special_ids=[0],
+                                      generator=torch.Generator().manual_seed(0))
+    original = rows[:, :-1]
+    chosen = targets != IGNORE_INDEX
+    assert 0.12 < chosen.float().mean() < 0.16
+    assert not chosen[original == 0].any()
+    assert torch.equal(targets[chosen], original[chosen])
+    masked = (inputs == 3) & chosen
+    unchanged = (inputs == original) & chosen
+    assert 0.75 < masked.sum() / chosen.sum() < 0.85
+    assert 0.07 < unchanged.sum() / chosen.sum() < 0.14  # 10% kept + random tokens that happen to match
+    assert torch.equal(inputs[~chosen], original[~chosen])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
+def test_lr_schedules(schedule):
+    p = PretrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1, schedule=schedule, decay_fraction=0.2)
+    lrs = [lr_at(s, p) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10]))
+    if schedule == "cosine":
+        assert lrs[-1] == pytest.approx(0.1, abs=1e-3) and lrs[50] < 1.0
+    if schedule == "wsd":
+        assert lrs[79] == 1.0 and lrs[99] == pytest.approx(0.1 + 0.9 / 20, abs=1e-6)
+    if schedule == "constant":
+        assert lrs[-1] == 1.0
+
+
+def test_expand_files_globs_dirs_and_errors(tmp_path):
+    (tmp_path / "a.txt").write_text("x\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.jsonl").write_text('{"text": "y"}\n')
+    (tmp_path / "sub" / "notes.md").write_text("ignored")
+    assert [os.path.basename(f) for f in expand_files([str(tmp_path)])] == ["a.txt", "b.jsonl"]
+    assert len(expand_files([str(tmp_path / "*.txt")])) == 1
+    with pytest.raises(DataError, match=r"matched no .* files"):
+        expand_files([str(tmp_path / "missing" / "*.txt")])
+
+
+def test_trained_tokenizer_loads_with_auto_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    texts = [f"the {w} sat on the mat number {i}" for i in range(300) for w in ("cat", "dog")]
+    train_bpe(iter(texts), vocab_size=300, out_dir=str(tmp_path / "tok"))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert tok.eos_token == "<|endoftext|>" and tok.mask_token_id is not None
+    ids = tok("the cat sat")["input_ids"]
+    assert tok.decode(ids) == "the cat sat"
+    assert len(tok) <= 300
+    assert load_tokenizer(str(tmp_path / "tok")).eos_token_id == tok.eos_token_id
