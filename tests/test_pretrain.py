@@ -1,0 +1,133 @@
+"""Pretraining on a real local Ray with 2 gloo workers and real DeepSpeed: ZeRO-2, ZeRO-3, MLM, resume, export."""
+
+import glob
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+from conftest import tiny_config
+from ptray.config import load_config
+from ptray.data.prepare import prepare
+from ptray.errors import ConfigError
+from ptray.metrics import read_metrics
+from ptray.pretrain import pretrain
+
+FAST = ["pretrain.log_every=5", "pretrain.eval_every=10", "pretrain.warmup_steps=5", "pretrain.eval_batches=2"]
+
+
+@pytest.fixture(scope="module")
+def prepared_dir(ray_local, tmp_path_factory):
+    cfg = tiny_config(tmp_path_factory.mktemp("prep"))
+    prepare(cfg)
+    return cfg.prepared_dir
+
+
+def _train_losses(run_dir):
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+def _checkpoints(run_dir):
+    return sorted(p for p in glob.glob(os.path.join(run_dir, "train", "checkpoint_*")) if os.path.isdir(p))
+
+
+def _assert_export_reproduces_trained_logits(result, auto_class):
+    model = auto_class.from_pretrained(result.export_dir).eval()
+    AutoTokenizer.from_pretrained(result.export_dir)  # the tokenizer ships with the model
+    probe = torch.load(os.path.join(result.checkpoint_dir, "probe.pt"))
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"]).logits
+    torch.testing.assert_close(logits, probe["logits"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def zero2_run(prepared_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("zero2")
+    cfg = tiny_config(run_dir, f"data.prepared_dir={prepared_dir}", "pretrain.max_steps=30",
+                      "pretrain.ckpt_every=15", "deepspeed.zero_stage=2", *FAST)
+    return cfg, pretrain(cfg)
+
+
+def test_zero2_loss_falls_and_metrics_follow_the_contract(zero2_run):
+    cfg, result = zero2_run
+    losses = _train_losses(result.run_dir)
+    assert len(losses) == 6
+    assert losses[-1] < losses[0] - 1.0, losses
+    rows = read_metrics(result.run_dir)
+    for key in ("step", "loss", "lr", "tokens", "tokens_per_s", "mfu", "data_wait_s"):
+        assert key in rows[0]
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evals] == [10, 20, 30] and evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert evals[-1]["val_ppl"] == pytest.approx(2.718281828 ** evals[-1]["val_loss"], rel=1e-6)
+    assert 0 < [r for r in rows if "mfu" in r][-1]["mfu"] < 1
+    assert yaml_safe(os.path.join(result.run_dir, "config.yaml"))["pretrain"]["max_steps"] == 30
+
+
+def yaml_safe(path):
+    import yaml
+
+    return yaml.safe_load(open(path))
+
+
+def test_zero2_checkpoints_hold_both_ranks_shards(zero2_run):
+    cfg, result = zero2_run
+    checkpoints = _checkpoints(result.run_dir)
+    assert len(checkpoints) == 2  # steps 15 and 30, num_to_keep=2
+    for checkpoint in checkpoints:
+        names = os.listdir(os.path.join(checkpoint, "ds"))
+        assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(names)
+        assert {"rng_rank0.pt", "rng_rank1.pt", "trainer_state.json"} <= set(os.listdir(checkpoint))
+    state = json.load(open(os.path.join(checkpoints[-1], "trainer_state.json")))
+    assert state["step"] == 30 and state["tokens"] == 30 * cfg.pretrain.global_batch_size * cfg.data.seq_len
+
+
+def test_zero2_export_reproduces_trained_logits(zero2_run):
+    _assert_export_reproduces_trained_logits(zero2_run[1], AutoModelForCausalLM)
+
+
+def test_rerun_resumes_from_latest_checkpoint(zero2_run, prepared_dir):
+    cfg, first = zero2_run
+    before = read_metrics(first.run_dir)
+    cfg2 = tiny_config(first.run_dir, f"data.prepared_dir={prepared_dir}", "pretrain.max_steps=40",
+                       "pretrain.ckpt_every=15", "deepspeed.zero_stage=2", *FAST)
+    second = pretrain(cfg2)
+    after = read_metrics(second.run_dir)
+    assert after[: len(before)] == before  # history up to step 30 untouched: nothing was retrained
+    steps = [r["step"] for r in after if "loss" in r]
+    assert steps == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert after[-1]["tokens"] == 40 * cfg.pretrain.global_batch_size * cfg.data.seq_len
+    assert _train_losses(second.run_dir)[-1] < _train_losses(second.run_dir)[0]
+
+
+def test_zero3_llama_trains_shards_parameters_and_exports(prepared_dir, tmp_path):
+    cfg = tiny_config(tmp_path, f"data.prepared_dir={prepared_dir}", "pretrain.max_steps=20",
+                      "pretrain.ckpt_every=20", "deepspeed.zero_stage=3", "model.family=llama",
+                      "model.num_kv_heads=2", "pretrain.schedule=wsd", *FAST)
+    result = pretrain(cfg)
+    losses = _train_losses(result.run_dir)
+    assert losses[-1] < losses[0] - 0.5, losses
+    names = set(os.listdir(os.path.join(result.checkpoint_dir, "ds")))
+    for rank in (0, 1):  # ZeRO-3: every rank holds its own parameter and optimizer partitions
+        assert f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" in names
+        assert f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in names
+    _assert_export_reproduces_trained_logits(result, AutoModelForCausalLM)
+
+
+def test_mlm_on_tiny_bert(ray_local, tmp_path):
+    cfg = load_config("tiny-bert", [f"run.dir={tmp_path}", "data.builtin_docs=4000", "pretrain.max_steps=20",
+                                    "pretrain.ckpt_every=20", *FAST])
+    result = pretrain(cfg)
+    losses = _train_losses(result.run_dir)
+    assert losses[-1] < losses[0] - 0.5, losses
+    _assert_export_reproduces_trained_logits(result, AutoModelForMaskedLM)
+    assert AutoModelForMaskedLM.from_pretrained(result.export_dir).config.model_type == "bert"
+
+
+def test_model_must_fit_the_prepared_data(prepared_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"tokenizer has \d+ tokens but the model's embedding"):
+        pretrain(tiny_config(tmp_path, f"data.prepared_dir={prepared_dir}", "model.vocab_size=64"))
+    with pytest.raises(ConfigError, match="has seq_len 64 but data.seq_len=32"):
+        pretrain(tiny_config(tmp_path, f"data.prepared_dir={prepared_dir}", "data.seq_len=32"))
+    assert not os.path.exists(os.path.join(tmp_path, "train"))  # nothing started
