@@ -88,8 +88,11 @@ class ModelConfig:
     family: str = "gpt2"
     """gpt2 or llama (causal LM), or bert (masked LM)."""
     num_layers: int = 2
+    """Transformer blocks."""
     hidden_size: int = 64
+    """Model width."""
     num_heads: int = 4
+    """Attention heads; must divide hidden_size."""
     num_kv_heads: int = 0
     """Llama grouped-query attention heads. 0: same as num_heads."""
     intermediate_size: int = 0
@@ -99,6 +102,7 @@ class ModelConfig:
     vocab_size: int = 0
     """Embedding rows. 0: the tokenizer's vocabulary rounded up to a multiple of 64."""
     dropout: float = 0.0
+    """Dropout on embeddings, attention and residuals (0 is usual for pretraining)."""
     tie_embeddings: bool = True
     """Share input embedding and output head weights."""
     rope_theta: float = 10000.0
@@ -122,16 +126,21 @@ class PretrainConfig:
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of lr."""
     warmup_steps: int = 20
+    """Linear warmup from lr/warmup_steps to lr."""
     schedule: str = "cosine"
     """cosine, wsd (warmup-stable-decay) or constant (after warmup)."""
     decay_fraction: float = 0.2
     """wsd: fraction of max_steps spent in the final linear decay."""
     weight_decay: float = 0.1
+    """AdamW decoupled weight decay (not applied to biases and norms)."""
     beta1: float = 0.9
+    """AdamW beta1."""
     beta2: float = 0.95
+    """AdamW beta2."""
     grad_clip: float = 1.0
     """Max global gradient norm (0: off)."""
     mlm_probability: float = 0.15
+    """mlm: fraction of tokens chosen as targets."""
     activation_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     eval_every: int = 50
@@ -139,6 +148,7 @@ class PretrainConfig:
     eval_batches: int = 8
     """Micro-batches per worker in a validation pass."""
     log_every: int = 10
+    """Steps between metrics.jsonl rows and progress lines."""
     ckpt_every: int = 100
     """Steps between checkpoints (a final one is always written)."""
     num_to_keep: int = 2

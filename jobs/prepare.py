@@ -1,0 +1,12 @@
+"""Prepare a corpus on a Ray cluster (the same code path as `ptray prepare`):
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env jobs/runtime_env.yaml -- \
+        python jobs/prepare.py --config tiny
+"""
+
+import sys
+
+from ptray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["prepare", *sys.argv[1:]]))
