@@ -1,0 +1,42 @@
+"""The `ptray` command as a user runs it: a subprocess with its own local Ray."""
+
+import os
+import subprocess
+import sys
+
+from transformers import AutoModelForCausalLM
+
+from ptray.config import Config, builtin_config_names
+import dataclasses
+
+README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+
+
+def _ptray(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "ptray.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)
+
+
+def test_pretrain_command_end_to_end(tmp_path):
+    proc = _ptray("pretrain", "--config", "tiny", f"run.dir={tmp_path}", "data.builtin_docs=2000",
+                  "pretrain.max_steps=10", "pretrain.log_every=5", "pretrain.eval_every=10", "pretrain.ckpt_every=10")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "step      5/10 | loss" in output and output.count("step     10/10 | loss") == 1  # one line, not echoed
+    assert f"export {tmp_path}/export" in output
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "export").config.n_layer == 2
+
+
+def test_bad_corpus_glob_exits_2_with_the_pattern(tmp_path):
+    proc = _ptray("prepare", "--config", "tiny", f"run.dir={tmp_path}", f"data.train_files=[{tmp_path}/none/*.txt]")
+    assert proc.returncode == 2
+    assert "matched no" in proc.stderr and "none/*.txt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_readme_documents_every_config_key_and_builtin_config():
+    readme = open(README).read()
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.default_factory):
+            assert f"`{section.name}.{f.name}`" in readme, f"{section.name}.{f.name} missing from README"
+    for name in builtin_config_names():
+        assert f"`{name}`" in readme
