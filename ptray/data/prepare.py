@@ -60,8 +60,10 @@ def prepare(cfg: Config) -> Manifest:
     staging = f"{out_dir}.staging-{uuid.uuid4().hex[:8]}"
     files = corpus_files(cfg)
     print(f"[prepare] {len(files)} corpus files -> {out_dir}", flush=True)
+    stage_s = {}  # wall time per stage, printed at the end
     try:
         num_docs = _write_clean_docs(cfg, files, os.path.join(staging, "docs"))
+        stage_s["clean+dedup"] = time.perf_counter() - started
         if num_docs["train"] == 0:
             raise DataError(
                 f"the corpus ({len(files)} files, e.g. {files[0]}) has no documents left after cleaning "
@@ -74,6 +76,7 @@ def prepare(cfg: Config) -> Manifest:
             texts = _iter_texts(os.path.join(staging, "docs", "split=train"), cfg.data.tokenizer_train_docs)
             train_bpe(texts, vocab_size=cfg.data.vocab_size, out_dir=tokenizer_dir)
         tokenizer = load_tokenizer(tokenizer_dir)
+        stage_s["tokenizer"] = time.perf_counter() - started - sum(stage_s.values())
         shards, doc_tokens, dropped = {}, 0, 0
         for split in ("train", "val"):
             shards[split], split_doc_tokens, split_dropped = _write_packed_split(cfg, staging, split, tokenizer_dir)
@@ -82,6 +85,7 @@ def prepare(cfg: Config) -> Manifest:
         if not shards["train"]:
             raise DataError(f"the corpus is too small to fill one row of data.seq_len + 1 = {cfg.data.seq_len + 1} "
                             "tokens; add text or lower data.seq_len.")
+        stage_s["tokenize+pack"] = time.perf_counter() - started - sum(stage_s.values())
         manifest = Manifest(
             seq_len=cfg.data.seq_len, vocab_size=len(tokenizer), tokenizer_hash=tokenizer_hash(tokenizer_dir),
             eos_id=end_of_document_id(tokenizer), pad_id=tokenizer.pad_token_id, mask_id=tokenizer.mask_token_id,
@@ -96,7 +100,8 @@ def prepare(cfg: Config) -> Manifest:
     elapsed = time.perf_counter() - started
     print(f"[prepare] {num_docs['train']} train / {num_docs['val']} val docs, {manifest.num_train_rows} train rows "
           f"of {cfg.data.seq_len + 1} tokens, vocab {manifest.vocab_size}, {elapsed:.1f}s "
-          f"({doc_tokens / elapsed:,.0f} tokens/s)", flush=True)
+          f"({doc_tokens / elapsed:,.0f} tokens/s; " + ", ".join(f"{k} {v:.1f}s" for k, v in stage_s.items()) + ")",
+          flush=True)
     return manifest
 
 
