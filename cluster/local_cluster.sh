@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start or stop a single-node Ray head on loopback, for trying `ray job submit` on this machine:
 #   bash cluster/local_cluster.sh start     # dashboard/jobs API at http://127.0.0.1:8265
-#   ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env jobs/runtime_env.yaml -- \
+#   RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env jobs/runtime_env.yaml -- \
 #       python jobs/pretrain.py --config tiny
 #   bash cluster/local_cluster.sh stop
 set -euo pipefail

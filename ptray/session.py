@@ -21,7 +21,8 @@ def ray_session(cfg: Config):
     env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # else Train V2 echoes every worker print twice
     if not cfg.cluster.use_gpu:
         env_vars["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator (gloo) instead of probing for CUDA
-    runtime_env = {"env_vars": env_vars}
+    # Inside `ray job submit` the job's runtime_env already sets some of these, and Ray refuses to merge duplicates.
+    runtime_env = {"env_vars": {k: v for k, v in env_vars.items() if k not in os.environ}}
     if address:
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
     else:
