@@ -6,6 +6,7 @@ A checkpoint is one directory that Ray Train assembles from what every rank wrot
       ds/                     DeepSpeed: model states and each rank's ZeRO optimizer (and, for stage 3, parameter) shards
       trainer_state.json      rank 0: step, tokens seen, data position, world size
       rng_rank<r>.pt          each rank: torch RNG state
+      metrics.json            rank 0: the metrics reported with this checkpoint (how sweeps pick a trial's best)
       probe.pt                final checkpoint only: probe inputs and the trained model's logits on them
 
 Ray Train only records a checkpoint after every rank's files are in place, and resume always starts from a recorded
@@ -28,10 +29,11 @@ from ptray import engine
 from ptray.config import Config
 from ptray.data.tokenizer import load_tokenizer
 from ptray.errors import UserError
-from ptray.model import auto_class, build_model
+from ptray.model import build_model
 
 TRAINER_STATE = "trainer_state.json"
 PROBE = "probe.pt"
+METRICS = "metrics.json"
 
 
 @dataclass
@@ -71,13 +73,19 @@ def load_rng(checkpoint_dir: str, rank: int) -> bool:
 
 def export_hf(cfg: Config, checkpoint_dir: str, *, vocab_size: int, special_ids: dict, tokenizer_dir: str,
               out_dir: str) -> str:
-    """Consolidate a checkpoint's ZeRO shards into a Hugging Face model directory (safetensors, config, tokenizer).
+    """Export a pretraining checkpoint: see `export_model`."""
+    model = build_model(cfg.model, vocab_size=vocab_size, special_ids=special_ids)
+    return export_model(cfg, checkpoint_dir, model=model, tokenizer_dir=tokenizer_dir, out_dir=out_dir)
+
+
+def export_model(cfg: Config, checkpoint_dir: str, *, model: torch.nn.Module, tokenizer_dir: str, out_dir: str) -> str:
+    """Consolidate a checkpoint's ZeRO shards into `model` (a fresh instance of the trained architecture) and save
+    it in Hugging Face format (safetensors, config, tokenizer).
 
     The export is reloaded with `from_pretrained` and its logits compared with the trained model's probe logits
     before it is renamed into place; a mismatch raises and leaves any previous export untouched.
     """
     state_dict = engine.consolidated_state_dict(checkpoint_dir, cfg.deepspeed.zero_stage)
-    model = build_model(cfg.model, vocab_size=vocab_size, special_ids=special_ids)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     # Tied weights (embedding = output head) appear once in a checkpoint; anything else missing is a real mismatch.
     names_by_storage: dict[int, list[str]] = {}
@@ -93,7 +101,7 @@ def export_hf(cfg: Config, checkpoint_dir: str, *, vocab_size: int, special_ids:
     try:
         model.save_pretrained(tmp)
         load_tokenizer(tokenizer_dir).save_pretrained(tmp)
-        _check_probe(cfg, checkpoint_dir, tmp)
+        _check_probe(cfg, checkpoint_dir, tmp, type(model))
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -102,14 +110,14 @@ def export_hf(cfg: Config, checkpoint_dir: str, *, vocab_size: int, special_ids:
     return out_dir
 
 
-def _check_probe(cfg: Config, checkpoint_dir: str, export_dir: str) -> None:
+def _check_probe(cfg: Config, checkpoint_dir: str, export_dir: str, model_class) -> None:
     probe_path = os.path.join(checkpoint_dir, PROBE)
     if not os.path.exists(probe_path):
         return
     probe = torch.load(probe_path, weights_only=False)
-    model = auto_class(cfg.model.family).from_pretrained(export_dir, local_files_only=True, dtype=torch.float32).eval()
+    model = model_class.from_pretrained(export_dir, local_files_only=True, dtype=torch.float32).eval()
     with torch.no_grad():
-        logits = model(input_ids=probe["input_ids"]).logits
+        logits = model(**probe["inputs"]).logits
     tolerance = 1e-4 if cfg.deepspeed.precision == "fp32" else 5e-2
     diff = (logits - probe["logits"]).abs().max().item()
     if diff > tolerance * max(1.0, probe["logits"].abs().max().item()):

@@ -2,6 +2,10 @@
 
     ptray prepare  --config tiny [key=value ...]
     ptray pretrain --config tiny [key=value ...]
+    ptray finetune --config tiny [key=value ...]
+    ptray sweep    --config tiny [--resume] [key=value ...]
+    ptray pipeline --config tiny [key=value ...]
+    ptray report   RUN_DIR
     ptray config show tiny [key=value ...]
 """
 
@@ -18,11 +22,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ptray", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in [("prepare", "clean, tokenize and pack a corpus into Parquet token shards"),
-                        ("pretrain", "pretrain with Ray Train + DeepSpeed and export to Hugging Face format")]:
+                        ("pretrain", "pretrain with Ray Train + DeepSpeed and export to Hugging Face format"),
+                        ("finetune", "finetune the pretrained export (classification or SFT)"),
+                        ("sweep", "Ray Tune sweep of finetuning hyperparameters; exports the best model"),
+                        ("pipeline", "prepare -> pretrain -> sweep -> report in one driver")]:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--config", required=True, help="built-in config name (tiny, gpt2-124m, ...) or YAML path")
         p.add_argument("--address", default="", help="Ray cluster address (default: $RAY_ADDRESS, else local Ray)")
+        if name == "sweep":
+            p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pretrain.max_steps=50")
+    p = sub.add_parser("report", help="write report.md with plots for a run directory")
+    p.add_argument("run_dir")
     show = sub.add_parser("config", help="print a fully resolved config").add_subparsers(dest="action", required=True)
     p = show.add_parser("show", help="print the resolved YAML of a config")
     p.add_argument("config", help="built-in config name or YAML path")
@@ -32,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "config":
             print(resolved(load_config(args.config, args.overrides)).to_yaml(), end="")
+            return 0
+        if args.command == "report":
+            from ptray.report import report
+
+            report(args.run_dir)
             return 0
         overrides = list(args.overrides) + ([f"cluster.address={args.address}"] if args.address else [])
         cfg = load_config(args.config, overrides)
@@ -46,6 +62,18 @@ def main(argv: list[str] | None = None) -> int:
                 from ptray.pretrain import pretrain
 
                 pretrain(cfg)
+            elif args.command == "finetune":
+                from ptray.finetune import finetune
+
+                finetune(cfg)
+            elif args.command == "sweep":
+                from ptray.sweep import sweep
+
+                sweep(cfg, resume=args.resume)
+            elif args.command == "pipeline":
+                from ptray.pipeline import pipeline
+
+                pipeline(cfg)
         return 0
     except UserError as e:
         print(f"ptray {args.command}: error: {e}", file=sys.stderr)

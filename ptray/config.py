@@ -8,6 +8,7 @@ Unknown keys and invalid values raise `ConfigError` naming the key and the close
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -172,6 +173,73 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    task: str = "classification"
+    """classification (sequence-classification head) or sft (prompt/response, loss on response tokens only)."""
+    pretrained: str = ""
+    """Local Hugging Face model directory to start from. Empty: this run's pretraining export, `<run.dir>/export`."""
+    init: str = "pretrained"
+    """pretrained (start from the weights) or scratch (same architecture, random weights: the baseline)."""
+    train_files: list[str] = field(default_factory=lambda: ["builtin"])
+    """Labelled .jsonl/.csv/.parquet files (paths, globs, URIs). `builtin`: the generated task for the built-in corpus."""
+    val_files: list[str] = field(default_factory=list)
+    """Labelled validation files. Empty: hold out val_fraction of train_files by content hash."""
+    val_fraction: float = 0.2
+    text_field: str = "text"
+    """classification: the text field."""
+    label_field: str = "label"
+    """classification: the label field (strings or integers; strings are mapped to ids saved with the model)."""
+    prompt_field: str = "prompt"
+    """sft: the prompt field."""
+    response_field: str = "response"
+    """sft: the response field."""
+    max_len: int = 64
+    """Tokens per example (truncated and padded to this length)."""
+    epochs: int = 3
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    """Fraction of the steps spent in linear warmup (then cosine decay)."""
+    global_batch_size: int = 16
+    """Examples per optimizer step over all workers."""
+    micro_batch_size: int = 8
+    """Examples per worker per forward pass."""
+    freeze_layers: int = 0
+    """Freeze the embeddings and the first k transformer blocks (0: train everything)."""
+    train_fraction: float = 1.0
+    """Train on this (seeded) fraction of the labelled training set."""
+    eval_every: int = 10
+    """Steps between evaluations; each is reported to Tune (ASHA decides on these) with a checkpoint."""
+    builtin_examples: int = 2000
+    """Examples in the built-in labelled task."""
+
+
+@dataclass
+class SweepConfig:
+    space: dict = field(default_factory=lambda: {"finetune.lr": {"loguniform": [3e-4, 3e-3]},
+                                                 "finetune.freeze_layers": {"choice": [0, 1]}})
+    """Search space: {dotted key: {loguniform|uniform: [lo, hi]} | {randint: [lo, hi]} | {choice|grid: [values]}}."""
+    num_samples: int = 6
+    """Trials (with grid: samples per grid point)."""
+    searcher: str = "random"
+    """random, grid (every value of every `grid` key) or optuna (TPE)."""
+    scheduler: str = "asha"
+    """asha (stop poor trials early at evaluation rungs) or none."""
+    metric: str = "val_accuracy"
+    """The reported metric to optimize (classification: val_accuracy, val_f1, val_loss; sft: val_loss, val_ppl)."""
+    mode: str = "max"
+    """max or min."""
+    grace_period: int = 1
+    """ASHA: evaluations every trial gets before it can be stopped."""
+    reduction_factor: int = 2
+    """ASHA: keep the best 1/reduction_factor at each rung."""
+    max_concurrent: int = 0
+    """Trials at once. 0: as many as the cluster's free CPUs/GPUs fit."""
+    compare_scratch: bool = False
+    """Also train the best configuration from random initialization, to show what pretraining bought."""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -179,6 +247,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     # ---- derived values ------------------------------------------------------------------------------------------
 
@@ -208,7 +278,13 @@ CHOICES = {
     "pretrain.schedule": ("cosine", "wsd", "constant"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
     "deepspeed.precision": ("fp32", "bf16", "fp16"),
+    "finetune.task": ("classification", "sft"),
+    "finetune.init": ("pretrained", "scratch"),
+    "sweep.searcher": ("random", "grid", "optuna"),
+    "sweep.scheduler": ("asha", "none"),
+    "sweep.mode": ("max", "min"),
 }
+SEARCH_KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
 
 
 def validate(cfg: Config) -> Config:
@@ -261,9 +337,51 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("deepspeed.precision=fp16 needs GPUs (cluster.use_gpu=true); use bf16 or fp32 on CPU.")
     if p.schedule == "wsd" and not 0 < p.decay_fraction <= 1:
         raise ConfigError(f"pretrain.decay_fraction must be in (0, 1] for the wsd schedule, got {p.decay_fraction}.")
+    ft = cfg.finetune
+    for key in ("max_len", "epochs", "global_batch_size", "micro_batch_size", "eval_every", "builtin_examples"):
+        if getattr(ft, key) <= 0:
+            raise ConfigError(f"finetune.{key} must be > 0, got {getattr(ft, key)!r}.")
+    if not 0 < ft.train_fraction <= 1:
+        raise ConfigError(f"finetune.train_fraction must be in (0, 1], got {ft.train_fraction}.")
+    if ft.global_batch_size % (cfg.cluster.num_workers * ft.micro_batch_size):
+        raise ConfigError(
+            f"finetune.global_batch_size={ft.global_batch_size} is not divisible by cluster.num_workers x "
+            f"finetune.micro_batch_size = {cfg.cluster.num_workers * ft.micro_batch_size}.")
+    if ft.freeze_layers < 0:
+        raise ConfigError(f"finetune.freeze_layers must be >= 0, got {ft.freeze_layers}.")
+    validate_space(cfg.sweep.space)
     if not 0 < p.mlm_probability < 1:
         raise ConfigError(f"pretrain.mlm_probability must be in (0, 1), got {p.mlm_probability}.")
     return cfg
+
+
+def validate_space(space: dict) -> None:
+    """A sweep space maps config keys to one search distribution each; ConfigError names the bad entry."""
+    if not space:
+        raise ConfigError("sweep.space is empty; give at least one key, e.g. "
+                          "sweep.space={finetune.lr: {loguniform: [1e-4, 1e-2]}}.")
+    valid = [f"{s.name}.{f.name}" for s in dataclasses.fields(Config) for f in dataclasses.fields(s.default_factory)]
+    for key, spec in space.items():
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+            raise ConfigError(f"sweep.space key {key!r} is not a config key" +
+                              (f"; did you mean {close[0]!r}?" if close else "."))
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SEARCH_KINDS:
+            raise ConfigError(f"sweep.space[{key!r}] must be one of {{kind: values}} with kind in "
+                              f"{', '.join(SEARCH_KINDS)}, got {spec!r}.")
+        kind, values = next(iter(spec.items()))
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep.space[{key!r}].{kind} needs a non-empty list, got {values!r}.")
+        if kind in ("loguniform", "uniform", "randint") and len(values) != 2:
+            raise ConfigError(f"sweep.space[{key!r}].{kind} needs [low, high], got {values!r}.")
+        if kind in ("loguniform", "uniform"):
+            try:
+                low, high = (float(v) for v in values)
+            except (TypeError, ValueError):
+                raise ConfigError(f"sweep.space[{key!r}].{kind} needs numbers, got {values!r}.") from None
+            if not (0 < low < high if kind == "loguniform" else low < high):
+                raise ConfigError(f"sweep.space[{key!r}].{kind} needs 0 < low < high (log) or low < high, "
+                                  f"got {values!r}.")
 
 
 # ---- loading and overrides ---------------------------------------------------------------------------------------
@@ -289,6 +407,12 @@ def load_config(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Conf
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (run:, data:, ...), got {type(raw).__name__}.")
+    return load_config_dict(raw, overrides, source=str(path))
+
+
+def load_config_dict(raw: dict, overrides: typing.Sequence[str] = (), source: str = "config") -> Config:
+    """A Config from nested dicts (e.g. `Config.to_dict()`) plus `key=value` overrides, validated."""
+    raw = copy.deepcopy(raw)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -298,7 +422,7 @@ def load_config(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Conf
         except yaml.YAMLError:
             parsed = value
         _set_dotted(raw, key.strip(), parsed)
-    return validate(from_dict(raw, source=str(path)))
+    return validate(from_dict(raw, source=source))
 
 
 def _set_dotted(raw: dict, key: str, value) -> None:
@@ -323,7 +447,7 @@ def from_dict(raw: dict, source: str = "config") -> Config:
         cls = section_field.default_factory
         values = {}
         for key, value in section_raw.items():
-            f = _field(cls, key, prefix=section_name + ".")
+            _field(cls, key, prefix=section_name + ".")  # raises on unknown keys
             values[key] = _coerce(value, typing.get_type_hints(cls)[key], f"{section_name}.{key}")
         sections[section_name] = cls(**values)
     return Config(**sections)
@@ -348,6 +472,10 @@ def _coerce(value, annotation, key: str):
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}.")
         return [_coerce(v, item_type, key) for v in value]
+    if annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}.")
+        return value
     if origin in (typing.Union, types.UnionType):
         raise AssertionError("config fields are not Optional; give them a real default")
     if annotation is bool:

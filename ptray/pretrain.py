@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -23,16 +21,16 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ptray import checkpoint as ckpt
-from ptray.config import Config, PretrainConfig, from_dict, resolved, save_config
+from ptray.config import Config, from_dict, resolved, save_config
 from ptray.data.manifest import Manifest, Shard, verify_shards
 from ptray.data.prepare import ensure_prepared
 from ptray.data.tokenizer import tokenizer_hash
 from ptray.errors import ConfigError, DataError
-from ptray.metrics import MetricsLog, peak_flops_per_worker, progress_line
+from ptray.loop import fit, setup_worker
 from ptray.model import build_model, flops_per_token, init_from_info, num_params, padded_vocab_size
 from ptray.objectives import IGNORE_INDEX, causal_lm_batch, masked_lm_batch, token_loss
 
@@ -126,23 +124,6 @@ def check_model_fits_data(cfg: Config, manifest: Manifest, prepared_dir: str) ->
 # ---- worker --------------------------------------------------------------------------------------------------------
 
 
-def lr_at(step: int, p: PretrainConfig) -> float:
-    """Linear warmup, then cosine to min_lr, warmup-stable-decay (linear decay over the last decay_fraction),
-    or constant."""
-    if step < p.warmup_steps:
-        return p.lr * (step + 1) / p.warmup_steps
-    min_lr = p.lr * p.min_lr_ratio
-    if p.schedule == "constant":
-        return p.lr
-    if p.schedule == "wsd":
-        decay_start = int(p.max_steps * (1 - p.decay_fraction))
-        if step < decay_start:
-            return p.lr
-        return p.lr + (min_lr - p.lr) * (step - decay_start) / max(1, p.max_steps - decay_start)
-    progress = min(1.0, (step - p.warmup_steps) / max(1, p.max_steps - p.warmup_steps))
-    return min_lr + 0.5 * (p.lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
 def train_batches(shard, micro_batch_size: int, state: ckpt.TrainerState):
     """Micro-batches of packed rows, epoch after epoch, starting at the saved data position; `state` tracks it."""
     while True:
@@ -171,155 +152,72 @@ def read_rows(paths: list[str], row_len: int, max_rows: int) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(chunks)).long() if chunks else torch.empty(0, row_len, dtype=torch.long)
 
 
+class LanguageModelingTask:
+    """Causal or masked LM over the prepared shards: what `loop.fit` needs from pretraining."""
+
+    def __init__(self, cfg: Config, manifest: Manifest, prepared_dir: str, rank: int, world_size: int):
+        self.cfg, self.manifest, self.prepared_dir, self.rank = cfg, manifest, prepared_dir, rank
+        self.special = [i for i in (manifest.eos_id, manifest.pad_id, manifest.mask_id) if i is not None]
+        self.batches = None  # created on first use: the dataset shard exists only inside a Ray Train worker
+        # Validation: every rank takes an equal slice (ZeRO-3 needs every rank in every forward).
+        p = cfg.pretrain
+        self.val_all = read_rows(manifest.shard_paths(prepared_dir, "val"), manifest.seq_len + 1,
+                                 world_size * p.eval_batches * p.micro_batch_size)
+        per_rank = (len(self.val_all) // world_size) // p.micro_batch_size * p.micro_batch_size
+        self.val_rows = self.val_all[rank::world_size][:per_rank]
+
+    def make_batch(self, rows: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cfg.pretrain.objective == "clm":
+            return causal_lm_batch(rows)
+        # Masks depend only on (seed, rank, data position): the same after a resume.
+        return masked_lm_batch(rows, mask_id=self.manifest.mask_id, vocab_size=self.manifest.vocab_size,
+                               probability=self.cfg.pretrain.mlm_probability, special_ids=self.special,
+                               generator=torch.Generator().manual_seed(seed))
+
+    def next_batch(self, state: ckpt.TrainerState) -> dict[str, torch.Tensor]:
+        if self.batches is None:
+            self.batches = train_batches(ray.train.get_dataset_shard("train"), self.cfg.pretrain.micro_batch_size, state)
+        rows = next(self.batches)
+        inputs, targets = self.make_batch(rows, seed=hash((self.cfg.run.seed, self.rank, state.epoch,
+                                                           state.batches_in_epoch)))
+        return {"input_ids": inputs, "targets": targets}
+
+    def loss(self, engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = engine(input_ids=batch["input_ids"].to(engine.device)).logits
+        return token_loss(logits, batch["targets"].to(engine.device))
+
+    def evaluate(self, engine) -> dict[str, float]:
+        if len(self.val_rows) == 0:
+            return {}
+        totals = torch.zeros(2, dtype=torch.float64, device=engine.device)
+        micro = self.cfg.pretrain.micro_batch_size
+        for i in range(0, len(self.val_rows), micro):
+            inputs, targets = self.make_batch(self.val_rows[i: i + micro], seed=self.cfg.run.seed * 7919 + i)
+            logits = engine(input_ids=inputs.to(engine.device)).logits
+            num_targets = (targets != IGNORE_INDEX).sum().to(engine.device)
+            totals += torch.stack([token_loss(logits, targets.to(engine.device)).double() * num_targets,
+                                   num_targets.double()])
+        dist.all_reduce(totals)
+        val_loss = (totals[0] / totals[1]).item()
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+    def probe_inputs(self) -> dict[str, torch.Tensor]:
+        rows = self.val_all if len(self.val_all) >= 2 else read_rows(
+            self.manifest.shard_paths(self.prepared_dir, "train"), self.manifest.seq_len + 1, 2)
+        inputs, _ = self.make_batch(rows[:2], seed=12345)
+        return {"input_ids": inputs}
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = from_dict(loop_config["config"])
-    raw_manifest = dict(loop_config["manifest"])
-    manifest = Manifest(**{**raw_manifest, "train": [Shard(**s) for s in raw_manifest["train"]],
-                           "val": [Shard(**s) for s in raw_manifest["val"]]})
-    prepared_dir, run_dir, vocab_size = loop_config["prepared_dir"], loop_config["run_dir"], loop_config["vocab_size"]
-    p = cfg.pretrain
-    ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    if not cfg.cluster.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
-    from ptray import engine as ds  # imports DeepSpeed; after DS_ACCELERATOR is set
-    device = ray.train.torch.get_device()
-
-    # Same seed on every rank: identical initial weights before ZeRO partitions them.
-    torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg.model, vocab_size=vocab_size, special_ids=special_ids(manifest))
-    model_flops_per_token = flops_per_token(model.config, num_params(model), cfg.data.seq_len)
-    if p.activation_checkpointing:
+    raw = dict(loop_config["manifest"])
+    manifest = Manifest(**{**raw, "train": [Shard(**s) for s in raw["train"]], "val": [Shard(**s) for s in raw["val"]]})
+    rank, world_size, _ = setup_worker(cfg)
+    torch.manual_seed(cfg.run.seed)  # same seed on every rank: identical initial weights before ZeRO partitions them
+    model = build_model(cfg.model, vocab_size=loop_config["vocab_size"], special_ids=special_ids(manifest))
+    if cfg.pretrain.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    engine = ds.initialize(model, cfg)
-    torch.manual_seed(cfg.run.seed + 1 + rank)  # per-rank stream for dropout
-
-    state = ckpt.TrainerState(world_size=world_size)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as checkpoint_dir:
-            ds.load(engine, checkpoint_dir)
-            state = ckpt.read_trainer_state(checkpoint_dir)
-            ckpt.load_rng(checkpoint_dir, rank)
-        if rank == 0:
-            print(f"[pretrain] resumed from {checkpoint.path} at step {state.step}", flush=True)
-    if state.world_size != world_size:  # the data position counts per-worker batches, so rescale it
-        state.batches_in_epoch = state.batches_in_epoch * state.world_size // world_size
-        state.world_size = world_size
-
-    peak_flops, peak_source = peak_flops_per_worker(cfg.cluster.use_gpu, p.peak_flops_per_worker)
-    log = MetricsLog(run_dir, state.step) if rank == 0 else None
-    if rank == 0:
-        print(f"[pretrain] {num_params(model):,} parameters, ZeRO-{cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision}, "
-              f"{world_size} workers x {p.micro_batch_size} x {cfg.grad_accum_steps} accumulation; MFU against "
-              f"{peak_flops / 1e9:,.1f} GFLOP/s per worker ({peak_source})", flush=True)
-
-    row_len = manifest.seq_len + 1
-    special = [i for i in (manifest.eos_id, manifest.pad_id, manifest.mask_id) if i is not None]
-
-    def make_batch(rows: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if p.objective == "clm":
-            return causal_lm_batch(rows)
-        # Masks depend only on (seed, rank, position): the same after a resume.
-        generator = torch.Generator().manual_seed(seed)
-        return masked_lm_batch(rows, mask_id=manifest.mask_id, vocab_size=manifest.vocab_size,
-                               probability=p.mlm_probability, special_ids=special, generator=generator)
-
-    # Validation: every rank takes an equal slice (ZeRO-3 needs every rank in every forward).
-    val_paths = manifest.shard_paths(prepared_dir, "val")
-    val_all = read_rows(val_paths, row_len, world_size * p.eval_batches * p.micro_batch_size)
-    per_rank = (len(val_all) // world_size) // p.micro_batch_size * p.micro_batch_size
-    val_rows = val_all[rank::world_size][:per_rank]
-
-    def evaluate() -> float | None:
-        if per_rank == 0:
-            return None
-        engine.eval()
-        totals = torch.zeros(2, dtype=torch.float64, device=device)
-        with torch.no_grad():
-            for i in range(0, per_rank, p.micro_batch_size):
-                inputs, targets = make_batch(val_rows[i: i + p.micro_batch_size], seed=cfg.run.seed * 7919 + i)
-                logits = engine(input_ids=inputs.to(device)).logits
-                num_targets = (targets != IGNORE_INDEX).sum()
-                totals += torch.stack([token_loss(logits, targets.to(device)).double() * num_targets,
-                                       num_targets.double().to(device)])
-        engine.train()
-        dist.all_reduce(totals)
-        return (totals[0] / totals[1]).item()
-
-    def save_checkpoint(metrics: dict, probe: dict | None = None) -> None:
-        with tempfile.TemporaryDirectory() as checkpoint_dir:
-            ds.save(engine, checkpoint_dir)
-            ckpt.save_rng(checkpoint_dir, rank)
-            if rank == 0:
-                ckpt.write_trainer_state(state, checkpoint_dir)
-                if probe is not None:
-                    torch.save(probe, os.path.join(checkpoint_dir, ckpt.PROBE))
-            # A barrier: every rank reports; Ray Train records the checkpoint once all ranks' files are in.
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir))
-
-    batches = train_batches(ray.train.get_dataset_shard("train"), p.micro_batch_size, state)
-    tokens_per_step = p.global_batch_size * manifest.seq_len
-    window_loss = torch.zeros((), device=device)
-    window_steps, window_data_wait, window_start = 0, 0.0, time.perf_counter()
-    metrics: dict = {}
-    engine.train()
-    while state.step < p.max_steps:
-        lr = lr_at(state.step, p)
-        ds.set_lr(engine, lr)
-        for micro_step in range(cfg.grad_accum_steps):
-            wait_start = time.perf_counter()
-            rows = next(batches)
-            window_data_wait += time.perf_counter() - wait_start
-            inputs, targets = make_batch(rows, seed=hash((cfg.run.seed, rank, state.epoch, state.batches_in_epoch)))
-            logits = engine(input_ids=inputs.to(device)).logits
-            loss = token_loss(logits, targets.to(device))
-            engine.backward(loss)
-            engine.step()  # DeepSpeed applies the update only after the last micro-batch of the accumulation
-            window_loss += loss.detach() / cfg.grad_accum_steps
-        state.step += 1
-        state.tokens += tokens_per_step
-        window_steps += 1
-
-        if state.step % p.log_every == 0 or state.step == p.max_steps:
-            dist.all_reduce(window_loss)  # a sync point: the mean loss over ranks and the steps of this window
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_steps * tokens_per_step / elapsed
-            metrics = {"step": state.step, "loss": window_loss.item() / (world_size * window_steps), "lr": lr,
-                       "tokens": state.tokens, "tokens_per_s": tokens_per_s,
-                       "mfu": model_flops_per_token * tokens_per_s / (peak_flops * world_size),
-                       "data_wait_s": window_data_wait / window_steps, "grad_norm": ds.grad_norm(engine),
-                       "epoch": state.epoch}
-            if log:
-                log.write(metrics)
-                print(progress_line(metrics, p.max_steps), flush=True)
-            window_loss.zero_()
-            window_steps, window_data_wait, window_start = 0, 0.0, time.perf_counter()
-
-        if (p.eval_every and state.step % p.eval_every == 0) or state.step == p.max_steps:
-            val_loss = evaluate()
-            if val_loss is not None:
-                metrics = {**metrics, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
-                if log:
-                    log.write({"step": state.step, "tokens": state.tokens, "val_loss": val_loss,
-                               "val_ppl": metrics["val_ppl"]})
-                    print(f"step {state.step:>6}/{p.max_steps} | val_loss {val_loss:.4f} | "
-                          f"val_ppl {metrics['val_ppl']:.2f}", flush=True)
-            window_start = time.perf_counter()  # don't count eval time as training throughput
-
-        if state.step == p.max_steps:
-            save_checkpoint(metrics, probe=probe_logits(engine, val_all if len(val_all) else rows, make_batch, device))
-        elif state.step % p.ckpt_every == 0:
-            save_checkpoint(metrics)
-            window_start = time.perf_counter()
-
-
-def probe_logits(engine, rows: torch.Tensor, make_batch, device) -> dict:
-    """The trained model's logits on two fixed rows, stored with the final checkpoint to verify the export."""
-    inputs, _ = make_batch(rows[:2], seed=12345)
-    engine.eval()
-    with torch.no_grad():
-        logits = engine(input_ids=inputs.to(device)).logits.float().cpu()
-    engine.train()
-    return {"input_ids": inputs.cpu(), "logits": logits}
+    task = LanguageModelingTask(cfg, manifest, loop_config["prepared_dir"], rank, world_size)
+    fit(cfg, task, model, run_dir=loop_config["run_dir"],
+        tokens_per_step=cfg.pretrain.global_batch_size * manifest.seq_len,
+        flops_per_token=flops_per_token(model.config, num_params(model), cfg.data.seq_len), label="pretrain")

@@ -38,7 +38,7 @@ def _assert_export_reproduces_trained_logits(result, auto_class, atol=1e-4):
     AutoTokenizer.from_pretrained(result.export_dir)  # the tokenizer ships with the model
     probe = torch.load(os.path.join(result.checkpoint_dir, "probe.pt"))
     with torch.no_grad():
-        logits = model(input_ids=probe["input_ids"]).logits
+        logits = model(**probe["inputs"]).logits
     torch.testing.assert_close(logits, probe["logits"], atol=atol, rtol=atol)
 
 

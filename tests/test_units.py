@@ -13,7 +13,7 @@ from ptray.data.readers import expand_files
 from ptray.data.tokenizer import load_tokenizer, train_bpe
 from ptray.errors import DataError
 from ptray.objectives import IGNORE_INDEX, causal_lm_batch, masked_lm_batch
-from ptray.pretrain import lr_at
+from ptray.loop import lr_at
 
 
 def test_clean_text_stages_can_be_switched():

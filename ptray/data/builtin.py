@@ -83,3 +83,38 @@ def write_builtin_corpus(out_dir: str, num_docs: int, seed: int = 0, num_files: 
             f.write("\n".join(docs[i::num_files]) + "\n")
         os.replace(tmp, path)
     return paths
+
+
+SENTENCE_KINDS = ["residence", "pet", "trade", "arithmetic", "travel", "colors", "reputation"]
+
+
+def generate_labelled(num_examples: int, task: str, seed: int = 0) -> list[dict]:
+    """The built-in labelled task over the same world as the corpus.
+
+    classification: a sentence of the corpus's grammar -> its kind (one of SENTENCE_KINDS, as a string label).
+    sft: a question about a person -> the answer sentence (the facts are the corpus's facts).
+    """
+    rng = random.Random(seed + 1)
+    people = _people(random.Random(1234))
+    examples = []
+    for _ in range(num_examples):
+        name, other = rng.choice(NAMES), rng.choice(NAMES)
+        p = people[name]
+        if task == "sft":
+            if rng.random() < 0.5:
+                examples.append({"prompt": f"where does {name} live?", "response": f"{name} lives in {p['town']}."})
+            else:
+                examples.append({"prompt": f"what pet does {name} have?",
+                                 "response": f"{name} has a {p['color']} {p['pet']}."})
+            continue
+        kind = rng.randrange(len(SENTENCE_KINDS))
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        text = [f"{name} lives in {p['town']}.",
+                f"{name} has a {p['color']} {p['pet']}.",
+                f"{name} the {p['trade']} sold {NUMBER_WORDS[a]} {rng.choice(THINGS)} to {other}.",
+                f"{NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]} is {NUMBER_WORDS[a + b]}, said {name}.",
+                f"{name} walked from {p['town']} to {people[other]['town']}.",
+                f"the {p['pet']} of {name} is {p['color']}.",
+                f"everyone knows that {name} is the best {p['trade']}."][kind]
+        examples.append({"text": text, "label": SENTENCE_KINDS[kind]})
+    return examples

@@ -1,0 +1,380 @@
+"""`ptray finetune`: classification or SFT on a pretrained export, as a Ray Train run with DeepSpeed.
+
+    ptray finetune --config tiny                                   # the built-in task on runs/tiny/export
+    ptray finetune --config tiny finetune.task=sft finetune.lr=3e-3
+    ptray finetune --config tiny finetune.pretrained=/models/gpt2-local finetune.train_files=[data/train.jsonl]
+
+The labelled set is read and tokenized once on the driver and put in the Ray object store; every worker (and every
+sweep trial) reads it from there. Training runs through the same loop as pretraining (`loop.fit`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+
+import numpy as np
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+import ray
+import ray.train
+import torch
+import torch.nn.functional as F
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from ptray import checkpoint as ckpt
+from ptray.config import Config, from_dict, resolved, save_config
+from ptray.data.builtin import generate_labelled
+from ptray.data.clean import doc_hash, is_validation
+from ptray.data.readers import expand_files, filesystem_for
+from ptray.data.tokenizer import load_tokenizer
+from ptray.errors import ConfigError, DataError
+from ptray.loop import fit, setup_worker
+from ptray.model import flops_per_token
+from ptray.objectives import IGNORE_INDEX
+
+METRICS = {"classification": ("val_loss", "val_accuracy", "val_f1"), "sft": ("val_loss", "val_ppl")}
+
+
+# ---- labelled data (driver) ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LabelledData:
+    """Tokenized examples, padded to max_len: what every worker and trial reads from the object store."""
+    train: dict[str, torch.Tensor]
+    val: dict[str, torch.Tensor]
+    id2label: dict[int, str]
+
+
+def pretrained_dir(cfg: Config) -> str:
+    return cfg.finetune.pretrained or os.path.join(cfg.run_dir, "export")
+
+
+def read_labelled_rows(patterns: list[str], cfg: Config) -> list[dict]:
+    """Rows of .jsonl/.csv/.parquet labelled files (`builtin`: the generated task)."""
+    if patterns == ["builtin"]:
+        return generate_labelled(cfg.finetune.builtin_examples, cfg.finetune.task, seed=cfg.run.seed)
+    rows = []
+    for f in expand_files(patterns):
+        fs, path = filesystem_for(f)
+        try:
+            with fs.open_input_file(path) as handle:
+                if f.endswith(".parquet"):
+                    table = pq.read_table(handle)
+                elif f.endswith(".csv"):
+                    table = pacsv.read_csv(handle)
+                else:
+                    table = pajson.read_json(handle)
+        except Exception as e:
+            raise DataError(f"cannot read labelled file {f}: {e}. Use .jsonl, .csv or .parquet.") from None
+        rows += table.to_pylist()
+    return rows
+
+
+def load_labelled(cfg: Config, tokenizer) -> LabelledData:
+    """Read, check, split, subsample and tokenize the labelled data (small: it fits the driver)."""
+    ft = cfg.finetune
+    rows = read_labelled_rows(ft.train_files, cfg)
+    if not rows:
+        raise DataError(f"finetune.train_files={ft.train_files} hold no examples.")
+    if ft.val_files:
+        val_rows = read_labelled_rows(ft.val_files, cfg)
+        train_rows = rows
+    else:
+        key = (lambda r: str(r.get(ft.text_field))) if ft.task == "classification" else (
+            lambda r: f"{r.get(ft.prompt_field)}\x00{r.get(ft.response_field)}")
+        held = [is_validation(doc_hash(key(r)), ft.val_fraction, cfg.run.seed) for r in rows]
+        train_rows = [r for r, h in zip(rows, held) if not h]
+        val_rows = [r for r, h in zip(rows, held) if h]
+    fields = (ft.text_field, ft.label_field) if ft.task == "classification" else (ft.prompt_field, ft.response_field)
+    for name in fields:
+        if name not in rows[0]:
+            which = "finetune.text_field / finetune.label_field" if ft.task == "classification" else \
+                "finetune.prompt_field / finetune.response_field"
+            raise DataError(f"the labelled data has no field {name!r} (fields: {', '.join(rows[0])}); set {which}.")
+    if ft.train_fraction < 1:  # a seeded subset, for "how much labelled data does pretraining save"
+        rng = np.random.default_rng(cfg.run.seed)
+        keep = np.sort(rng.permutation(len(train_rows))[: max(1, int(len(train_rows) * ft.train_fraction))])
+        train_rows = [train_rows[i] for i in keep]
+    if not val_rows or not train_rows:
+        raise DataError(f"the labelled data splits into {len(train_rows)} train / {len(val_rows)} validation "
+                        "examples; both need some. Add data, set finetune.val_files, or change finetune.val_fraction.")
+    if ft.task == "classification":
+        labels = sorted({str(r[ft.label_field]) for r in train_rows if r.get(ft.label_field) is not None})
+        if len(labels) < 2:
+            raise DataError(f"finetune.label_field={ft.label_field!r} has {len(labels)} distinct value(s) in the "
+                            "training data; classification needs at least 2 classes.")
+        label2id = {label: i for i, label in enumerate(labels)}
+        unknown = {str(r.get(ft.label_field)) for r in val_rows} - set(label2id)
+        if unknown:
+            raise DataError(f"validation labels {sorted(unknown)[:5]} never occur in the training data.")
+        encode = lambda rs: _encode_classification(rs, tokenizer, ft, label2id)  # noqa: E731
+        return LabelledData(train=encode(train_rows), val=encode(val_rows), id2label=dict(enumerate(labels)))
+    return LabelledData(train=_encode_sft(train_rows, tokenizer, ft), val=_encode_sft(val_rows, tokenizer, ft),
+                        id2label={})
+
+
+def _encode_classification(rows, tokenizer, ft, label2id) -> dict[str, torch.Tensor]:
+    texts = [str(r[ft.text_field]) for r in rows]
+    enc = tokenizer(texts, max_length=ft.max_len, truncation=True, padding="max_length", return_tensors="pt")
+    missing = [i for i, r in enumerate(rows) if r.get(ft.label_field) is None]
+    if missing:
+        raise DataError(f"{len(missing)} examples have no {ft.label_field!r} label (first: row {missing[0]}).")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "labels": torch.tensor([label2id[str(r[ft.label_field])] for r in rows])}
+
+
+def _encode_sft(rows, tokenizer, ft) -> dict[str, torch.Tensor]:
+    """prompt + response + EOS, right-padded; labels are the response (and EOS) tokens only."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    input_ids = torch.full((len(rows), ft.max_len), pad, dtype=torch.long)
+    labels = torch.full((len(rows), ft.max_len), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(rows), ft.max_len), dtype=torch.long)
+    prompts = tokenizer([str(r[ft.prompt_field]) + " " for r in rows], add_special_tokens=False)["input_ids"]
+    responses = tokenizer([str(r[ft.response_field]) for r in rows], add_special_tokens=False)["input_ids"]
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        ids = (prompt + response + [eos])[: ft.max_len]
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention[i, : len(ids)] = 1
+        start = min(len(prompt), ft.max_len)
+        labels[i, start: len(ids)] = input_ids[i, start: len(ids)]
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def check_pretrained(cfg: Config, tokenizer_dir: str) -> AutoConfig:
+    """The pretrained model must exist, be of a supported family, and match its tokenizer."""
+    path = pretrained_dir(cfg)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"no pretrained model at {path!r} (config.json missing). Run `ptray pretrain` first, or set "
+                          "finetune.pretrained to a local Hugging Face model directory.")
+    hf = AutoConfig.from_pretrained(path, local_files_only=True)
+    if hf.model_type not in ("gpt2", "llama", "bert"):
+        raise ConfigError(f"finetune.pretrained={path!r} is a {hf.model_type!r} model; ptray finetunes gpt2, llama "
+                          "and bert models.")
+    if cfg.finetune.task == "sft" and hf.model_type == "bert":
+        raise ConfigError(f"finetune.task=sft needs a causal LM, but {path!r} is a bert (masked LM) model; use "
+                          "finetune.task=classification or a gpt2/llama export.")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if len(tokenizer) > hf.vocab_size:
+        raise ConfigError(f"the tokenizer in {tokenizer_dir!r} has {len(tokenizer)} tokens but the model in {path!r} "
+                          f"embeds only {hf.vocab_size}: they do not belong together. Use the tokenizer saved with "
+                          "the model (its own directory).")
+    return hf
+
+
+# ---- driver --------------------------------------------------------------------------------------------------------
+
+
+def prepare_finetune(cfg: Config) -> tuple[ray.ObjectRef, LabelledData]:
+    """Check the pretrained model, load and tokenize the labelled data once, and put it in the object store."""
+    path = pretrained_dir(cfg)
+    check_pretrained(cfg, path)
+    data = load_labelled(cfg, load_tokenizer(path))
+    return ray.put(data), data
+
+
+def build_trainer(cfg: Config, data_ref: ray.ObjectRef, *, storage_path: str, name: str, num_examples: int,
+                  callbacks=(), metric: str | None = None, mode: str = "max") -> TorchTrainer:
+    """The TorchTrainer of one finetune run (also each sweep trial's)."""
+    per_step = cfg.finetune.global_batch_size
+    steps_per_epoch = max(1, num_examples // per_step)
+    run_dir = os.path.join(storage_path, name)
+    os.makedirs(run_dir, exist_ok=True)
+    keep = CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=mode) \
+        if metric else CheckpointConfig(num_to_keep=1)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "data": data_ref, "run_dir": run_dir,
+                           "pretrained": pretrained_dir(cfg), "max_steps": cfg.finetune.epochs * steps_per_epoch},
+        scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
+                                     placement_strategy=cfg.cluster.placement_strategy),
+        run_config=RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks),
+                             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+                             checkpoint_config=keep),
+        torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
+    )
+
+
+def finetune(cfg: Config) -> dict:
+    """One finetune run (Ray must be up): train, export the best checkpoint to `<run.dir>/finetune-<task>/export`.
+
+    Re-running the same command resumes the run from its latest checkpoint."""
+    cfg = resolved(cfg)
+    data_ref, data = prepare_finetune(cfg)
+    out = os.path.abspath(os.path.join(cfg.run_dir, f"finetune-{cfg.finetune.task}"))
+    save_config(cfg, out)
+    metric = METRICS[cfg.finetune.task][1] if cfg.finetune.task == "classification" else "val_loss"
+    mode = "max" if metric == "val_accuracy" else "min"
+    trainer = build_trainer(cfg, data_ref, storage_path=out, name="train",
+                            num_examples=len(data.train["labels"]), metric=metric, mode=mode)
+    result = trainer.fit()
+    best = best_checkpoint(os.path.join(out, "train"), metric, mode)
+    export_finetuned(cfg, best["path"], data, os.path.join(out, "export"))
+    print(f"[finetune] best {metric} {best['metrics'][metric]:.4f} at step {best['metrics']['step']}; "
+          f"export {os.path.join(out, 'export')}", flush=True)
+    return {"metrics": result.metrics, "best": best}
+
+
+def best_checkpoint(train_dir: str, metric: str, mode: str) -> dict:
+    """The recorded checkpoint of a Train run with the best `metric` (each checkpoint carries its metrics.json)."""
+    found = []
+    for path in glob.glob(os.path.join(train_dir, "checkpoint_*")):
+        metrics_file = os.path.join(path, ckpt.METRICS)
+        if os.path.isfile(metrics_file):
+            metrics = json.load(open(metrics_file))
+            if metric in metrics and math.isfinite(metrics[metric]):
+                found.append({"path": path, "metrics": metrics})
+    if not found:
+        raise ConfigError(f"no checkpoint in {train_dir} reports a finite {metric!r}; for this task the reported "
+                          f"metrics are {', '.join(METRICS_FOR_ERRORS)}.")
+    return (max if mode == "max" else min)(found, key=lambda c: c["metrics"][metric])
+
+
+METRICS_FOR_ERRORS = sorted({m for ms in METRICS.values() for m in ms})
+
+
+def finetune_model(cfg: Config, pretrained: str, num_labels: int, id2label: dict[int, str]):
+    """The model to finetune: the pretrained weights (or the same architecture, randomly initialized)."""
+    hf = AutoConfig.from_pretrained(pretrained, local_files_only=True)
+    if cfg.finetune.task == "classification":
+        hf.num_labels, hf.id2label = num_labels, {int(k): v for k, v in id2label.items()}
+        hf.label2id = {v: int(k) for k, v in id2label.items()}
+        if hf.pad_token_id is None:
+            hf.pad_token_id = hf.eos_token_id  # sequence classification reads the last non-pad token
+        auto = AutoModelForSequenceClassification
+    else:
+        auto = AutoModelForCausalLM
+    if cfg.finetune.init == "scratch":
+        return auto.from_config(hf, dtype=torch.float32)
+    return auto.from_pretrained(pretrained, config=hf, local_files_only=True, dtype=torch.float32)
+
+
+def export_finetuned(cfg: Config, checkpoint_dir: str, data: LabelledData, out_dir: str) -> str:
+    torch.manual_seed(cfg.run.seed)
+    model = finetune_model(dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, init="scratch")),
+                           pretrained_dir(cfg), len(data.id2label), data.id2label)
+    return ckpt.export_model(cfg, checkpoint_dir, model=model, tokenizer_dir=pretrained_dir(cfg), out_dir=out_dir)
+
+
+# ---- worker --------------------------------------------------------------------------------------------------------
+
+
+def freeze(model, num_layers: int) -> int:
+    """Freeze the embeddings and the first `num_layers` transformer blocks; returns the number of frozen tensors."""
+    if num_layers <= 0:
+        return 0
+    base = model.base_model
+    blocks = next(m for m in base.modules() if isinstance(m, torch.nn.ModuleList)
+                  and len(m) == model.config.num_hidden_layers)
+    if num_layers > len(blocks):
+        raise ConfigError(f"finetune.freeze_layers={num_layers} but the model has {len(blocks)} blocks.")
+    frozen = [p for b in blocks[:num_layers] for p in b.parameters()]
+    frozen += list(model.get_input_embeddings().parameters())
+    frozen += [p for n, p in base.named_parameters() if "emb" in n or n.split(".")[0] in ("wte", "wpe")]
+    for p in frozen:
+        p.requires_grad = False
+    return len({id(p) for p in frozen})
+
+
+class FinetuneTask:
+    """Classification or SFT over the labelled tensors: what `loop.fit` needs from finetuning."""
+
+    def __init__(self, cfg: Config, data: LabelledData, rank: int, world_size: int):
+        self.cfg, self.task = cfg, cfg.finetune.task
+        ft = cfg.finetune
+        # Each rank gets an equal share, so every rank runs the same number of steps.
+        per_rank = len(data.train["labels"]) // world_size // ft.micro_batch_size * ft.micro_batch_size
+        self.train = {k: v[rank::world_size][:per_rank] for k, v in data.train.items()}
+        self.val = data.val  # small: every rank evaluates all of it, so every rank gets the same metrics
+        self.num_classes = len(data.id2label)
+
+    def next_batch(self, state: ckpt.TrainerState) -> dict[str, torch.Tensor]:
+        micro = self.cfg.finetune.micro_batch_size
+        num_batches = len(self.train["labels"]) // micro
+        if state.batches_in_epoch >= num_batches:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+        # The order of an epoch depends only on (seed, epoch): resuming mid-epoch continues the same order.
+        order = torch.randperm(len(self.train["labels"]), generator=torch.Generator().manual_seed(
+            self.cfg.run.seed * 1000 + state.epoch))
+        index = order[state.batches_in_epoch * micro: (state.batches_in_epoch + 1) * micro]
+        state.batches_in_epoch += 1
+        return {k: v[index] for k, v in self.train.items()}
+
+    def loss(self, engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return self._loss(logits, batch["labels"])
+
+    def _loss(self, logits, labels):
+        if self.task == "classification":
+            return F.cross_entropy(logits.float(), labels)
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+
+    def evaluate(self, engine) -> dict[str, float]:
+        micro = self.cfg.finetune.micro_batch_size
+        total_loss, total_weight, predictions = 0.0, 0, []
+        for i in range(0, len(self.val["labels"]), micro):
+            batch = {k: v[i: i + micro].to(engine.device) for k, v in self.val.items()}
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            weight = len(batch["labels"]) if self.task == "classification" else \
+                int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total_loss += self._loss(logits, batch["labels"]).item() * weight
+            total_weight += weight
+            if self.task == "classification":
+                predictions.append(logits.argmax(-1).cpu())
+        val_loss = total_loss / total_weight
+        if self.task == "sft":
+            return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        accuracy, f1 = classification_metrics(torch.cat(predictions), self.val["labels"], self.num_classes)
+        return {"val_loss": val_loss, "val_accuracy": accuracy, "val_f1": f1}
+
+    def probe_inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.val["input_ids"][:2], "attention_mask": self.val["attention_mask"][:2]}
+
+
+def classification_metrics(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[float, float]:
+    """(accuracy, macro-F1 over the classes present in labels or predictions)."""
+    accuracy = (predictions == labels).float().mean().item()
+    f1s = []
+    for c in range(num_classes):
+        tp = ((predictions == c) & (labels == c)).sum().item()
+        fp = ((predictions == c) & (labels != c)).sum().item()
+        fn = ((predictions != c) & (labels == c)).sum().item()
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return accuracy, sum(f1s) / len(f1s)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = from_dict(loop_config["config"])
+    ft = cfg.finetune
+    data: LabelledData = ray.get(loop_config["data"]) if isinstance(loop_config["data"], ray.ObjectRef) \
+        else loop_config["data"]
+    rank, world_size, _ = setup_worker(cfg)
+    torch.manual_seed(cfg.run.seed)  # same head initialization on every rank
+    model = finetune_model(cfg, loop_config["pretrained"], len(data.id2label), data.id2label)
+    freeze(model, ft.freeze_layers)
+    max_steps = loop_config["max_steps"]
+    # Finetuning fills the optimization section the shared loop and engine read.
+    train_cfg = dataclasses.replace(cfg, pretrain=dataclasses.replace(
+        cfg.pretrain, max_steps=max_steps, lr=ft.lr, weight_decay=ft.weight_decay, schedule="cosine",
+        warmup_steps=max(1, int(ft.warmup_ratio * max_steps)), min_lr_ratio=0.0,
+        global_batch_size=ft.global_batch_size, micro_batch_size=ft.micro_batch_size, eval_every=ft.eval_every,
+        ckpt_every=ft.eval_every, log_every=max(1, min(cfg.pretrain.log_every, ft.eval_every)),
+        activation_checkpointing=False))
+    task = FinetuneTask(train_cfg, data, rank, world_size)
+    num_params = sum(p.numel() for p in model.parameters())
+    fit(train_cfg, task, model, run_dir=loop_config["run_dir"], tokens_per_step=ft.global_batch_size * ft.max_len,
+        flops_per_token=flops_per_token(model.config, num_params, ft.max_len), label="finetune")
+

@@ -1,0 +1,179 @@
+"""The training loop shared by pretraining and finetuning: one loop, read top to bottom.
+
+A stage (pretrain.py, finetune.py) builds its model and a `Task` that knows its data, loss and evaluation; `fit` does
+the rest: learning-rate schedule, forward/backward/step with gradient accumulation, logging, evaluation, checkpoints
+reported to Ray Train, and resume from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Protocol
+
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint
+
+from ptray import checkpoint as ckpt
+from ptray.config import Config, PretrainConfig
+from ptray.metrics import MetricsLog, peak_flops_per_worker, progress_line
+
+
+class Task(Protocol):
+    """What a stage plugs into `fit`."""
+
+    def next_batch(self, state: ckpt.TrainerState) -> dict[str, torch.Tensor]:
+        """The next micro-batch for this rank; advances `state`'s data position."""
+
+    def loss(self, engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward pass and mean loss of a micro-batch."""
+
+    def evaluate(self, engine) -> dict[str, float]:
+        """Validation metrics, identical on every rank (a collective: every rank calls it). {} when there is none."""
+
+    def probe_inputs(self) -> dict[str, torch.Tensor]:
+        """Fixed model inputs, the same on every rank; their logits are stored to verify the export."""
+
+
+def lr_at(step: int, p: PretrainConfig) -> float:
+    """Linear warmup, then cosine to min_lr, warmup-stable-decay (linear decay over the last decay_fraction),
+    or constant."""
+    if step < p.warmup_steps:
+        return p.lr * (step + 1) / p.warmup_steps
+    min_lr = p.lr * p.min_lr_ratio
+    if p.schedule == "constant":
+        return p.lr
+    if p.schedule == "wsd":
+        decay_start = int(p.max_steps * (1 - p.decay_fraction))
+        if step < decay_start:
+            return p.lr
+        return p.lr + (min_lr - p.lr) * (step - decay_start) / max(1, p.max_steps - decay_start)
+    progress = min(1.0, (step - p.warmup_steps) / max(1, p.max_steps - p.warmup_steps))
+    return min_lr + 0.5 * (p.lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def setup_worker(cfg: Config):
+    """Per-worker set-up before any model is built: CPU threads and DeepSpeed's accelerator. Returns (rank, world, device)."""
+    if not cfg.cluster.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+
+def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, tokens_per_step: int,
+        flops_per_token: float, label: str) -> None:
+    """Wrap `model` in DeepSpeed, resume if Ray Train has a checkpoint, and train `cfg.pretrain.max_steps` steps.
+
+    `cfg.pretrain` holds the optimization settings of the stage (finetuning fills it from its own section).
+    `tokens_per_step` counts sequence positions per optimizer step over all workers (padding included).
+    """
+    from ptray import engine as ds  # imports DeepSpeed; after setup_worker set DS_ACCELERATOR
+
+    p = cfg.pretrain
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    num_params = sum(t.numel() for t in model.parameters())
+    engine = ds.initialize(model, cfg)
+    torch.manual_seed(cfg.run.seed + 1 + rank)  # per-rank stream for dropout
+
+    state = ckpt.TrainerState(world_size=world_size)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as checkpoint_dir:
+            ds.load(engine, checkpoint_dir)
+            state = ckpt.read_trainer_state(checkpoint_dir)
+            ckpt.load_rng(checkpoint_dir, rank)
+        if rank == 0:
+            print(f"[{label}] resumed from {checkpoint.path} at step {state.step}", flush=True)
+    if state.world_size != world_size:  # the data position counts per-worker batches, so rescale it
+        state.batches_in_epoch = state.batches_in_epoch * state.world_size // world_size
+        state.world_size = world_size
+
+    peak_flops, peak_source = peak_flops_per_worker(cfg.cluster.use_gpu, p.peak_flops_per_worker)
+    log = MetricsLog(run_dir, state.step) if rank == 0 else None
+    if rank == 0:
+        print(f"[{label}] {num_params:,} parameters, ZeRO-{cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision}, "
+              f"{world_size} workers x {p.micro_batch_size} x {cfg.grad_accum_steps} accumulation, {p.max_steps} "
+              f"steps; MFU against {peak_flops / 1e9:,.1f} GFLOP/s per worker ({peak_source})", flush=True)
+
+    def save_checkpoint(metrics: dict, probe: dict | None = None) -> None:
+        with tempfile.TemporaryDirectory() as checkpoint_dir:
+            ds.save(engine, checkpoint_dir)
+            ckpt.save_rng(checkpoint_dir, rank)
+            if rank == 0:
+                ckpt.write_trainer_state(state, checkpoint_dir)
+                with open(os.path.join(checkpoint_dir, ckpt.METRICS), "w") as f:
+                    json.dump(metrics, f)
+                if probe is not None:
+                    torch.save(probe, os.path.join(checkpoint_dir, ckpt.PROBE))
+            # A barrier: every rank reports; Ray Train records the checkpoint once all ranks' files are in.
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir))
+
+    window_loss = torch.zeros((), device=engine.device)
+    window_steps, window_data_wait, window_start = 0, 0.0, time.perf_counter()
+    metrics: dict = {}
+    engine.train()
+    while state.step < p.max_steps:
+        lr = lr_at(state.step, p)
+        ds.set_lr(engine, lr)
+        for _ in range(cfg.grad_accum_steps):
+            wait_start = time.perf_counter()
+            batch = task.next_batch(state)
+            window_data_wait += time.perf_counter() - wait_start
+            loss = task.loss(engine, batch)
+            engine.backward(loss)
+            engine.step()  # DeepSpeed applies the update only after the last micro-batch of the accumulation
+            window_loss += loss.detach() / cfg.grad_accum_steps
+        state.step += 1
+        state.tokens += tokens_per_step
+        window_steps += 1
+
+        if state.step % p.log_every == 0 or state.step == p.max_steps:
+            dist.all_reduce(window_loss)  # a sync point: the mean loss over ranks and the steps of this window
+            elapsed = time.perf_counter() - window_start
+            tokens_per_s = window_steps * tokens_per_step / elapsed
+            metrics = {"step": state.step, "loss": window_loss.item() / (world_size * window_steps), "lr": lr,
+                       "tokens": state.tokens, "tokens_per_s": tokens_per_s,
+                       "mfu": flops_per_token * tokens_per_s / (peak_flops * world_size),
+                       "data_wait_s": window_data_wait / window_steps, "grad_norm": ds.grad_norm(engine),
+                       "epoch": state.epoch}
+            if log:
+                log.write(metrics)
+                print(progress_line(metrics, p.max_steps), flush=True)
+            window_loss.zero_()
+            window_steps, window_data_wait, window_start = 0, 0.0, time.perf_counter()
+
+        if (p.eval_every and state.step % p.eval_every == 0) or state.step == p.max_steps:
+            engine.eval()
+            with torch.no_grad():
+                val_metrics = task.evaluate(engine)
+            engine.train()
+            if val_metrics:
+                metrics = {**metrics, **val_metrics, "step": state.step, "tokens": state.tokens}
+                if log:
+                    log.write({"step": state.step, "tokens": state.tokens, **val_metrics})
+                    print(f"step {state.step:>6}/{p.max_steps} | " +
+                          " | ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()), flush=True)
+            window_start = time.perf_counter()  # don't count eval time as training throughput
+
+        if state.step == p.max_steps:
+            save_checkpoint(metrics, probe=probe_logits(engine, task.probe_inputs()))
+        elif state.step % p.ckpt_every == 0:
+            save_checkpoint(metrics)
+            window_start = time.perf_counter()
+
+
+def probe_logits(engine, inputs: dict[str, torch.Tensor]) -> dict:
+    """The trained model's logits on fixed inputs, stored with the final checkpoint to verify the export."""
+    device = engine.device
+    engine.eval()
+    with torch.no_grad():
+        logits = engine(**{k: v.to(device) for k, v in inputs.items()}).logits.float().cpu()
+    engine.train()
+    return {"inputs": {k: v.cpu() for k, v in inputs.items()}, "logits": logits}

@@ -1,0 +1,127 @@
+"""Finetuning and sweeps on a real local Ray: classification and SFT on a tiny pretrained export, a 6-trial ASHA
+sweep of 2-worker trials, the best-model export, the report, and bad input."""
+
+import csv
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from conftest import tiny_config
+from ptray.config import load_config
+from ptray.errors import ConfigError, DataError
+from ptray.finetune import finetune, freeze, load_labelled, prepare_finetune
+from ptray.metrics import read_metrics
+from ptray.pretrain import pretrain
+from ptray.report import report
+from ptray.sweep import sweep
+
+FINETUNE_FAST = ["finetune.builtin_examples=400", "finetune.epochs=1", "finetune.eval_every=4"]
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(ray_local, tmp_path_factory):
+    """A short pretraining run whose export the finetuning tests start from."""
+    run_dir = tmp_path_factory.mktemp("pretrained")
+    pretrain(tiny_config(run_dir, "pretrain.max_steps=40", "pretrain.ckpt_every=40", "pretrain.eval_every=40"))
+    return run_dir
+
+
+def _evals(path, metric):
+    return [r[metric] for r in read_metrics(path) if metric in r]
+
+
+def test_classification_finetune_improves_and_exports(pretrained_run):
+    cfg = tiny_config(pretrained_run, *FINETUNE_FAST)
+    out = finetune(cfg)
+    accuracy = _evals(os.path.join(pretrained_run, "finetune-classification", "train"), "val_accuracy")
+    assert accuracy[-1] > accuracy[0] and max(accuracy) > 0.5, accuracy  # 7 classes: chance is ~0.14
+    model = AutoModelForSequenceClassification.from_pretrained(os.path.join(pretrained_run, "finetune-classification", "export"))
+    assert set(model.config.id2label.values()) == {"residence", "pet", "trade", "arithmetic", "travel", "colors",
+                                                   "reputation"}
+    assert out["best"]["metrics"]["val_accuracy"] == max(accuracy)
+
+
+def test_sft_finetune_lowers_response_loss(pretrained_run, tmp_path):
+    cfg = tiny_config(pretrained_run, "finetune.task=sft", "finetune.max_len=24", *FINETUNE_FAST)
+    finetune(cfg)
+    losses = _evals(os.path.join(pretrained_run, "finetune-sft", "train"), "val_loss")
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
+def test_freeze_layers_and_train_fraction(pretrained_run):
+    cfg = tiny_config(pretrained_run, "finetune.train_fraction=0.25", "finetune.freeze_layers=1")
+    from ptray.finetune import finetune_model
+    from ptray.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(os.path.join(pretrained_run, "export"))
+    full = load_labelled(tiny_config(pretrained_run), tokenizer)
+    part = load_labelled(cfg, tokenizer)
+    assert len(part.train["labels"]) == int(len(full.train["labels"]) * 0.25)
+    assert torch.equal(part.val["labels"], full.val["labels"])  # the validation set does not shrink
+    assert torch.equal(load_labelled(cfg, tokenizer).train["input_ids"], part.train["input_ids"])  # seeded
+    model = finetune_model(cfg, os.path.join(pretrained_run, "export"), 7, full.id2label)
+    freeze(model, 1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith(("transformer.wte", "transformer.wpe", "transformer.h.0.")) for n in trainable)
+    assert any(n.startswith("transformer.h.1.") for n in trainable) and "score.weight" in trainable
+
+
+def test_bad_labelled_input(pretrained_run, tmp_path):
+    one_class = tmp_path / "one.jsonl"
+    one_class.write_text("\n".join(json.dumps({"text": f"example {i}", "label": "a"}) for i in range(20)))
+    with pytest.raises(DataError, match="at least 2 classes"):
+        prepare_finetune(tiny_config(pretrained_run, f"finetune.train_files=[{one_class}]"))
+    no_label = tmp_path / "nolabel.jsonl"
+    no_label.write_text("\n".join(json.dumps({"text": f"example {i}", "y": i % 2}) for i in range(20)))
+    with pytest.raises(DataError, match="no field 'label'"):
+        prepare_finetune(tiny_config(pretrained_run, f"finetune.train_files=[{no_label}]"))
+    with pytest.raises(ConfigError, match="no pretrained model"):
+        prepare_finetune(tiny_config(pretrained_run, f"finetune.pretrained={tmp_path}/missing"))
+    with pytest.raises(ConfigError, match="not reported by finetune.task"):
+        sweep(tiny_config(pretrained_run, "sweep.metric=val_bleu"))
+
+
+@pytest.fixture(scope="module")
+def swept(pretrained_run):
+    cfg = tiny_config(pretrained_run, *FINETUNE_FAST, "sweep.num_samples=6", "sweep.compare_scratch=true",
+                      "sweep.space={finetune.lr: {loguniform: [1e-4, 3e-3]}, finetune.freeze_layers: {choice: [0, 2]}}")
+    return cfg, sweep(cfg)
+
+
+def test_sweep_of_six_two_worker_trials_with_asha(swept, pretrained_run):
+    cfg, result = swept
+    rows = list(csv.DictReader(open(result.leaderboard)))
+    assert len(rows) == 6
+    trial_dirs = set(os.listdir(os.path.join(pretrained_run, "sweep", "trials")))
+    assert {r["trial_id"] for r in rows} == trial_dirs  # the leaderboard matches the trials that ran
+    assert any(r["status"] == "stopped early" for r in rows), [r["status"] for r in rows]
+    for r in rows:  # each row's metrics agree with that trial's own history
+        history = _evals(os.path.join(pretrained_run, "sweep", "trials", r["trial_id"]), "val_accuracy")
+        assert float(r["best_metric"]) == pytest.approx(max(history)) and int(r["evaluations"]) == len(history)
+    assert float(rows[0]["best_metric"]) == pytest.approx(result.best["value"])
+
+
+def test_best_model_reproduces_reported_metric(swept, pretrained_run):
+    cfg, result = swept
+    best = json.load(open(os.path.join(pretrained_run, "best.json")))
+    model = AutoModelForSequenceClassification.from_pretrained(result.best_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(result.best_dir)
+    val = load_labelled(cfg, tokenizer).val
+    with torch.no_grad():
+        logits = model(input_ids=val["input_ids"], attention_mask=val["attention_mask"]).logits
+    accuracy = (logits.argmax(-1) == val["labels"]).float().mean().item()
+    assert accuracy == pytest.approx(best["value"], abs=1e-6)
+    assert "scratch" in best and "pretraining_gain" in best
+
+
+def test_report_renders_plots(swept, pretrained_run):
+    path = report(str(pretrained_run))
+    text = open(path).read()
+    for name in ("pretrain_loss.png", "pretrain_lr_throughput.png", "sweep_trials.png", "pretrained_vs_scratch.png"):
+        png = os.path.join(pretrained_run, "report", name)
+        assert os.path.getsize(png) > 5000 and open(png, "rb").read(4) == b"\x89PNG"
+        assert f"report/{name}" in text
+    assert "| rank | trial_id |" in text
