@@ -185,6 +185,7 @@ class FinetuneConfig:
     val_files: list[str] = field(default_factory=list)
     """Labelled validation files. Empty: hold out val_fraction of train_files by content hash."""
     val_fraction: float = 0.2
+    """Held-out share of train_files (by content hash) when val_files is empty."""
     text_field: str = "text"
     """classification: the text field."""
     label_field: str = "label"
@@ -196,8 +197,11 @@ class FinetuneConfig:
     max_len: int = 64
     """Tokens per example (truncated and padded to this length)."""
     epochs: int = 3
+    """Passes over the labelled training set."""
     lr: float = 1e-3
+    """Peak learning rate (linear warmup, cosine decay to 0)."""
     weight_decay: float = 0.01
+    """AdamW weight decay."""
     warmup_ratio: float = 0.1
     """Fraction of the steps spent in linear warmup (then cosine decay)."""
     global_batch_size: int = 16
@@ -218,7 +222,7 @@ class FinetuneConfig:
 class SweepConfig:
     space: dict = field(default_factory=lambda: {"finetune.lr": {"loguniform": [3e-4, 3e-3]},
                                                  "finetune.freeze_layers": {"choice": [0, 1]}})
-    """Search space: {dotted key: {loguniform|uniform: [lo, hi]} | {randint: [lo, hi]} | {choice|grid: [values]}}."""
+    """Search space: dotted key -> {loguniform: [lo, hi]}, {uniform: [lo, hi]}, {randint: [lo, hi]}, {choice: [...]} or {grid: [...]}."""
     num_samples: int = 6
     """Trials (with grid: samples per grid point)."""
     searcher: str = "random"

@@ -19,12 +19,13 @@ import time
 
 import ray
 from ray import tune
+from ray.tune import ExperimentAnalysis
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from ptray.config import Config, load_config_dict, resolved, save_config
-from ptray.errors import ConfigError
+from ptray.errors import ConfigError, UserError
 from ptray.finetune import (METRICS, best_checkpoint, build_trainer, export_finetuned, prepare_finetune)
 from ptray.metrics import read_metrics
 
@@ -83,6 +84,10 @@ def make_trial(base: dict, data_ref, trials_dir: str, metric: str, mode: str, nu
     return trial
 
 
+class SweepInterrupted(UserError):
+    """Tune stopped before every trial ended; its state is saved for `--resume`."""
+
+
 @dataclasses.dataclass
 class SweepResult:
     leaderboard: str
@@ -119,6 +124,13 @@ def sweep(cfg: Config, resume: bool = False) -> SweepResult:
                                         scheduler=scheduler(cfg, num_examples)),
             run_config=tune.RunConfig(name="tune", storage_path=sweep_dir))
     results = tuner.fit()
+    # After Ctrl-C / SIGTERM Tune returns normally, having saved the unfinished trials as PENDING for a resume.
+    unfinished = [t.trial_id for t in ExperimentAnalysis(results.experiment_path).trials
+                  if t.status not in ("TERMINATED", "ERROR")]
+    if unfinished:
+        raise SweepInterrupted(f"the sweep was interrupted with {len(unfinished)} trial(s) unfinished "
+                               f"({', '.join(unfinished)}); continue it with `ptray sweep --resume` and the same "
+                               "config.")
     rows = leaderboard_rows(results, s.metric, s.mode, trials_dir)
     write_leaderboard(rows, os.path.join(sweep_dir, "leaderboard.csv"))
     candidates = [r for r in rows if r["status"] in ("finished", "stopped early") and not r["diverged"]

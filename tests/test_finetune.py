@@ -125,3 +125,45 @@ def test_report_renders_plots(swept, pretrained_run):
         assert os.path.getsize(png) > 5000 and open(png, "rb").read(4) == b"\x89PNG"
         assert f"report/{name}" in text
     assert "| rank | trial_id |" in text
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(pretrained_run, tmp_path):
+    """Ctrl-C a running `ptray sweep` after its first trial finished, then `--resume` it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    args = [f"run.dir={run_dir}", f"finetune.pretrained={pretrained_run}/export", *FINETUNE_FAST,
+            "sweep.num_samples=3", "sweep.scheduler=none", "sweep.max_concurrent=1", "sweep.compare_scratch=false"]
+    trials = run_dir / "sweep" / "trials"
+
+    def finished_trials():
+        done = []
+        for trial in (trials.glob("*") if trials.exists() else []):
+            if len(_evals(str(trial), "val_accuracy")) == 5:  # 400 * 0.8 examples / 16 = 20 steps, every 4
+                done.append(trial.name)
+        return done
+
+    proc = subprocess.Popen([sys.executable, "-m", "ptray.cli", "sweep", "--config", "tiny", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 400
+    # One trial at a time: once a second trial has started, Tune has recorded the first as finished.
+    while not (finished_trials() and len(list(trials.glob("*"))) >= 2) and time.time() < deadline \
+            and proc.poll() is None:
+        time.sleep(1)
+    first = finished_trials()
+    assert first, "no trial finished before the deadline"
+    before = {t: (trials / t / "metrics.jsonl").read_text() for t in first}
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: Tune saves its state and stops
+    proc.wait(timeout=120)
+    assert not (run_dir / "best.json").exists()  # it really was interrupted
+
+    result = sweep(load_config("tiny", args + ["data.builtin_docs=4000"]), resume=True)
+    rows = list(csv.DictReader(open(result.leaderboard)))
+    assert len(rows) == 3 and len(list(trials.glob("*"))) == 3
+    for t in first:  # finished trials were not run again
+        assert (trials / t / "metrics.jsonl").read_text() == before[t]
+    assert all(r["status"] == "finished" for r in rows)
