@@ -54,7 +54,8 @@ class LabelledData:
 
 
 def pretrained_dir(cfg: Config) -> str:
-    return cfg.finetune.pretrained or os.path.join(cfg.run_dir, "export")
+    """Absolute: Ray workers do not run in the driver's working directory."""
+    return os.path.abspath(cfg.finetune.pretrained or os.path.join(cfg.run_dir, "export"))
 
 
 def read_labelled_rows(patterns: list[str], cfg: Config) -> list[dict]:

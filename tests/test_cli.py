@@ -17,14 +17,20 @@ def _ptray(*args, cwd=None):
                           timeout=600)
 
 
-def test_pretrain_command_end_to_end(tmp_path):
-    proc = _ptray("pretrain", "--config", "tiny", f"run.dir={tmp_path}", "data.builtin_docs=2000",
-                  "pretrain.max_steps=10", "pretrain.log_every=5", "pretrain.eval_every=10", "pretrain.ckpt_every=10")
+def test_pretrain_then_finetune_commands_with_relative_run_dir(tmp_path):
+    # As in the README: the default run.dir (runs/tiny) is relative to where the user runs ptray; Ray's workers
+    # run elsewhere, so every path must reach them absolute.
+    proc = _ptray("pretrain", "--config", "tiny", "data.builtin_docs=2000", "pretrain.max_steps=10",
+                  "pretrain.log_every=5", "pretrain.eval_every=10", "pretrain.ckpt_every=10", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
     assert "step      5/10 | loss" in output and output.count("step     10/10 | loss") == 1  # one line, not echoed
-    assert f"export {tmp_path}/export" in output
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "export").config.n_layer == 2
+    assert f"export {tmp_path}/runs/tiny/export" in output
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "runs/tiny/export").config.n_layer == 2
+    proc = _ptray("finetune", "--config", "tiny", "data.builtin_docs=2000", "finetune.builtin_examples=200",
+                  "finetune.epochs=1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "runs/tiny/finetune-classification/export/model.safetensors").exists()
 
 
 def test_bad_corpus_glob_exits_2_with_the_pattern(tmp_path):
