@@ -521,6 +521,20 @@ def save_config(cfg: Config, run_dir: str) -> str:
     return path
 
 
+def with_absolute_paths(cfg: Config) -> Config:
+    """Local paths made absolute: Ray workers and Tune trials run in other working directories than the driver."""
+    def absolute(path: str) -> str:
+        return path if not path or "://" in path else os.path.abspath(path)
+
+    cfg = resolved(cfg)
+    return dataclasses.replace(
+        cfg, run=dataclasses.replace(cfg.run, dir=absolute(cfg.run.dir)),
+        data=dataclasses.replace(cfg.data, prepared_dir=absolute(cfg.data.prepared_dir),
+                                 tokenizer_path=absolute(cfg.data.tokenizer_path)),
+        model=dataclasses.replace(cfg.model, init_from=absolute(cfg.model.init_from)),
+        finetune=dataclasses.replace(cfg.finetune, pretrained=absolute(cfg.finetune.pretrained)))
+
+
 def resolved(cfg: Config) -> Config:
     """Fill derived paths (run.dir, data.prepared_dir) so the printed/saved config is explicit."""
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=cfg.run_dir),

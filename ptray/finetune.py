@@ -29,7 +29,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from ptray import checkpoint as ckpt
-from ptray.config import Config, from_dict, resolved, save_config
+from ptray.config import Config, from_dict, save_config, with_absolute_paths
 from ptray.data.builtin import generate_labelled
 from ptray.data.clean import doc_hash, is_validation
 from ptray.data.readers import expand_files, filesystem_for
@@ -209,7 +209,7 @@ def finetune(cfg: Config) -> dict:
     """One finetune run (Ray must be up): train, export the best checkpoint to `<run.dir>/finetune-<task>/export`.
 
     Re-running the same command resumes the run from its latest checkpoint."""
-    cfg = resolved(cfg)
+    cfg = with_absolute_paths(cfg)
     data_ref, data = prepare_finetune(cfg)
     out = os.path.abspath(os.path.join(cfg.run_dir, f"finetune-{cfg.finetune.task}"))
     save_config(cfg, out)

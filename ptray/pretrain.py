@@ -25,7 +25,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ptray import checkpoint as ckpt
-from ptray.config import Config, from_dict, resolved, save_config
+from ptray.config import Config, from_dict, save_config, with_absolute_paths
 from ptray.data.manifest import Manifest, Shard, verify_shards
 from ptray.data.prepare import ensure_prepared
 from ptray.data.tokenizer import tokenizer_hash
@@ -47,7 +47,7 @@ class PretrainResult:
 
 def pretrain(cfg: Config) -> PretrainResult:
     """Prepare the data if needed, train with Ray Train + DeepSpeed, export the final checkpoint (Ray must be up)."""
-    cfg = resolved(cfg)
+    cfg = with_absolute_paths(cfg)
     manifest = ensure_prepared(cfg)
     prepared_dir = os.path.abspath(cfg.prepared_dir)
     verify_shards(manifest, prepared_dir)

@@ -24,7 +24,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from ptray.config import Config, load_config_dict, resolved, save_config
+from ptray.config import Config, load_config_dict, save_config, with_absolute_paths
 from ptray.errors import ConfigError, UserError
 from ptray.finetune import (METRICS, best_checkpoint, build_trainer, export_finetuned, prepare_finetune)
 from ptray.metrics import read_metrics
@@ -97,7 +97,7 @@ class SweepResult:
 
 def sweep(cfg: Config, resume: bool = False) -> SweepResult:
     """Run (or resume) the sweep, write the leaderboard, and export the best trial's best checkpoint."""
-    cfg = resolved(cfg)
+    cfg = with_absolute_paths(cfg)
     s = cfg.sweep
     if s.metric not in METRICS[cfg.finetune.task]:
         raise ConfigError(f"sweep.metric={s.metric!r} is not reported by finetune.task={cfg.finetune.task!r}; "

@@ -31,6 +31,11 @@ def test_pretrain_then_finetune_commands_with_relative_run_dir(tmp_path):
                   "finetune.epochs=1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "runs/tiny/finetune-classification/export/model.safetensors").exists()
+    proc = _ptray("sweep", "--config", "tiny", "data.builtin_docs=2000", "finetune.builtin_examples=200",
+                  "finetune.epochs=1", "sweep.num_samples=2", "sweep.scheduler=none", "sweep.compare_scratch=false",
+                  cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "runs/tiny/best/model.safetensors").exists()
 
 
 def test_bad_corpus_glob_exits_2_with_the_pattern(tmp_path):
