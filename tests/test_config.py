@@ -73,3 +73,33 @@ def test_cli_bad_key_exits_nonzero_with_message():
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "model.hidden_size" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("space, message", [
+    ("{}", "sweep.space is empty"),
+    ("{finetune.lrr: {loguniform: [1e-4, 1e-2]}}", "did you mean 'finetune.lr'"),
+    ("{finetune.lr: {normal: [0, 1]}}", "must be one of"),
+    ("{finetune.lr: {loguniform: [0, 1]}}", "0 < low < high"),
+    ("{finetune.lr: {choice: []}}", "non-empty list"),
+])
+def test_sweep_space_errors(space, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", [f"sweep.space={space}"])
+
+
+def test_search_space_and_searchers_map_to_tune():
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    from ptray.sweep import search_space, searcher
+
+    cfg = load_config("tiny", ["sweep.space={finetune.lr: {loguniform: [1e-4, 1e-2]}, finetune.epochs: {grid: [1, 2]},"
+                               " finetune.freeze_layers: {randint: [0, 2]}}"])
+    space = search_space(cfg)
+    assert space["finetune.epochs"] == {"grid_search": [1, 2]}
+    assert 1e-4 <= space["finetune.lr"].sample() <= 1e-2
+    assert {space["finetune.freeze_layers"].sample() for _ in range(200)} == {0, 1, 2}  # inclusive bounds
+    assert isinstance(searcher(cfg, 2), BasicVariantGenerator)
+    optuna_cfg = load_config("tiny", ["sweep.searcher=optuna"])
+    limited = searcher(optuna_cfg, 3)
+    assert isinstance(limited, ConcurrencyLimiter) and limited.max_concurrent == 3
+    assert type(limited.searcher).__name__ == "OptunaSearch"
