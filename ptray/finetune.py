@@ -116,8 +116,9 @@ def load_labelled(cfg: Config, tokenizer) -> LabelledData:
         unknown = {str(r.get(ft.label_field)) for r in val_rows} - set(label2id)
         if unknown:
             raise DataError(f"validation labels {sorted(unknown)[:5]} never occur in the training data.")
-        encode = lambda rs: _encode_classification(rs, tokenizer, ft, label2id)  # noqa: E731
-        return LabelledData(train=encode(train_rows), val=encode(val_rows), id2label=dict(enumerate(labels)))
+        return LabelledData(train=_encode_classification(train_rows, tokenizer, ft, label2id),
+                            val=_encode_classification(val_rows, tokenizer, ft, label2id),
+                            id2label=dict(enumerate(labels)))
     return LabelledData(train=_encode_sft(train_rows, tokenizer, ft), val=_encode_sft(val_rows, tokenizer, ft),
                         id2label={})
 
@@ -235,12 +236,9 @@ def best_checkpoint(train_dir: str, metric: str, mode: str) -> dict:
             if metric in metrics and math.isfinite(metrics[metric]):
                 found.append({"path": path, "metrics": metrics})
     if not found:
-        raise ConfigError(f"no checkpoint in {train_dir} reports a finite {metric!r}; for this task the reported "
-                          f"metrics are {', '.join(METRICS_FOR_ERRORS)}.")
+        raise ConfigError(f"no checkpoint in {train_dir} reports a finite {metric!r}; the metrics ptray reports are "
+                          f"{', '.join(f'{task}: {names}' for task, names in METRICS.items())}.")
     return (max if mode == "max" else min)(found, key=lambda c: c["metrics"][metric])
-
-
-METRICS_FOR_ERRORS = sorted({m for ms in METRICS.values() for m in ms})
 
 
 def finetune_model(cfg: Config, pretrained: str, num_labels: int, id2label: dict[int, str]):
