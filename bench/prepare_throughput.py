@@ -24,8 +24,9 @@ def main(overrides: list[str]) -> None:
         start = time.perf_counter()
         manifest = prepare(cfg)
         prepare_s = time.perf_counter() - start
-    docs = pq.read_table(f"{cfg.prepared_dir}/docs", columns=["text"])["text"].to_pylist()
-    tokenizer = load_tokenizer(f"{cfg.prepared_dir}/tokenizer").backend_tokenizer
+    version_dir = f"{cfg.prepared_dir}/{manifest.tokenizer_dir.split('/')[0]}"
+    docs = pq.read_table(f"{version_dir}/docs", columns=["text"])["text"].to_pylist()
+    tokenizer = load_tokenizer(f"{cfg.prepared_dir}/{manifest.tokenizer_dir}").backend_tokenizer
     start = time.perf_counter()
     tokens = 0
     for i in range(0, len(docs), 10_000):  # Rust encode_batch, all cores

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from ptray import storage
 from ptray.errors import ConfigError
 
 BUILTIN_CONFIG_DIR = Path(__file__).parent / "configs"
@@ -29,7 +30,11 @@ class RunConfig:
     name: str = "tiny"
     """Run name; re-running with the same name (and dir) resumes from the latest checkpoint."""
     dir: str = ""
-    """Run directory for config.yaml, metrics.jsonl, checkpoints and export/. Empty: `runs/<name>`."""
+    """Run directory for config.yaml, metrics.jsonl, checkpoints and export/. Empty: `runs/<name>`. On a multi-node
+    cluster it must be on storage every node mounts (rank 0 may run on any node)."""
+    storage_path: str = ""
+    """Where pretraining checkpoints go: a shared directory or an object-store URI (s3://bucket/prefix). Empty:
+    `<run.dir>`. Credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...), never the URI."""
     seed: int = 0
     """Seeds model init, data shuffling, masking and the validation split."""
 
@@ -311,6 +316,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}.")
     if not cfg.data.train_files:
         raise ConfigError("data.train_files is empty; give corpus paths or globs, e.g. data.train_files=[corpus/*.txt].")
+    for key, path in [("run.storage_path", cfg.run.storage_path), ("data.prepared_dir", cfg.data.prepared_dir),
+                      *[("data.train_files", f) for f in cfg.data.train_files]]:
+        storage.check_uri(path, key)
+    if storage.is_uri(cfg.run.dir):
+        raise ConfigError(f"run.dir={cfg.run.dir!r} must be a local or mounted directory (it holds logs and the "
+                          "export); put checkpoints in object storage with run.storage_path=s3://... instead.")
     p = cfg.pretrain
     per_step = cfg.cluster.num_workers * p.micro_batch_size
     if p.global_batch_size % per_step:
@@ -523,12 +534,10 @@ def save_config(cfg: Config, run_dir: str) -> str:
 
 def with_absolute_paths(cfg: Config) -> Config:
     """Local paths made absolute: Ray workers and Tune trials run in other working directories than the driver."""
-    def absolute(path: str) -> str:
-        return path if not path or "://" in path else os.path.abspath(path)
-
+    absolute = storage.absolute
     cfg = resolved(cfg)
     return dataclasses.replace(
-        cfg, run=dataclasses.replace(cfg.run, dir=absolute(cfg.run.dir)),
+        cfg, run=dataclasses.replace(cfg.run, dir=absolute(cfg.run.dir), storage_path=absolute(cfg.run.storage_path)),
         data=dataclasses.replace(cfg.data, prepared_dir=absolute(cfg.data.prepared_dir),
                                  tokenizer_path=absolute(cfg.data.tokenizer_path)),
         model=dataclasses.replace(cfg.model, init_from=absolute(cfg.model.init_from)),

@@ -32,7 +32,8 @@ from ptray import checkpoint as ckpt
 from ptray.config import Config, from_dict, save_config, with_absolute_paths
 from ptray.data.builtin import generate_labelled
 from ptray.data.clean import doc_hash, is_validation
-from ptray.data.readers import expand_files, filesystem_for
+from ptray.data.readers import expand_files
+from ptray.storage import filesystem_for
 from ptray.data.tokenizer import load_tokenizer
 from ptray.errors import ConfigError, DataError
 from ptray.loop import fit, setup_worker

@@ -25,6 +25,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ptray import checkpoint as ckpt
+from ptray import storage
 from ptray.config import Config, from_dict, save_config, with_absolute_paths
 from ptray.data.manifest import Manifest, Shard, verify_shards
 from ptray.data.prepare import ensure_prepared
@@ -48,11 +49,13 @@ class PretrainResult:
 def pretrain(cfg: Config) -> PretrainResult:
     """Prepare the data if needed, train with Ray Train + DeepSpeed, export the final checkpoint (Ray must be up)."""
     cfg = with_absolute_paths(cfg)
+    storage_path = cfg.run.storage_path or cfg.run_dir  # checkpoints: shared directory or object store
+    storage.check_writable(storage_path, "run.storage_path")
     manifest = ensure_prepared(cfg)
-    prepared_dir = os.path.abspath(cfg.prepared_dir)
+    prepared_dir = cfg.prepared_dir
     verify_shards(manifest, prepared_dir)
     vocab_size = check_model_fits_data(cfg, manifest, prepared_dir)
-    run_dir = os.path.abspath(cfg.run_dir)
+    run_dir = cfg.run_dir
     save_config(cfg, run_dir)
 
     train_ds = ray.data.read_parquet(manifest.shard_paths(prepared_dir, "train"),
@@ -64,7 +67,7 @@ def pretrain(cfg: Config) -> PretrainResult:
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
                                      placement_strategy=cfg.cluster.placement_strategy),
-        run_config=RunConfig(name="train", storage_path=run_dir,
+        run_config=RunConfig(name="train", storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.pretrain.num_to_keep)),
         datasets={"train": train_ds},
@@ -75,7 +78,7 @@ def pretrain(cfg: Config) -> PretrainResult:
     export_dir = os.path.join(run_dir, "export")
     with result.checkpoint.as_directory() as checkpoint_dir:
         ckpt.export_hf(cfg, checkpoint_dir, vocab_size=vocab_size, special_ids=special_ids(manifest),
-                       tokenizer_dir=os.path.join(prepared_dir, manifest.tokenizer_dir), out_dir=export_dir)
+                       tokenizer_dir=storage.join(prepared_dir, manifest.tokenizer_dir), out_dir=export_dir)
     print(f"[pretrain] done: metrics {os.path.join(run_dir, 'metrics.jsonl')}, checkpoint {result.checkpoint.path}, "
           f"export {export_dir}", flush=True)
     return PretrainResult(run_dir=run_dir, export_dir=export_dir, checkpoint_dir=result.checkpoint.path,
@@ -91,7 +94,7 @@ def check_model_fits_data(cfg: Config, manifest: Manifest, prepared_dir: str) ->
     if manifest.seq_len != cfg.data.seq_len:
         raise ConfigError(f"the prepared data in {prepared_dir} has seq_len {manifest.seq_len} but data.seq_len="
                           f"{cfg.data.seq_len}; run `ptray prepare` again or set data.seq_len={manifest.seq_len}.")
-    tokenizer_dir = os.path.join(prepared_dir, manifest.tokenizer_dir)
+    tokenizer_dir = storage.join(prepared_dir, manifest.tokenizer_dir)
     if tokenizer_hash(tokenizer_dir) != manifest.tokenizer_hash:
         raise DataError(f"the tokenizer in {tokenizer_dir} changed since the data was prepared (hash mismatch); "
                         "run `ptray prepare` again.")

@@ -48,8 +48,13 @@ def _rows(cfg, manifest, split):
                            for t in tables])
 
 
+def _version_dir(cfg, manifest):
+    return f"{cfg.prepared_dir}/{manifest.tokenizer_dir.split('/')[0]}"
+
+
 def _docs_of(cfg, split):
-    return pq.read_table(f"{cfg.prepared_dir}/docs/split={split}", columns=["text"])["text"].to_pylist()
+    manifest = read_manifest(cfg.prepared_dir)
+    return pq.read_table(f"{_version_dir(cfg, manifest)}/docs/split={split}", columns=["text"])["text"].to_pylist()
 
 
 def test_rows_are_exactly_seq_len_plus_one_with_no_padding(prepared):
@@ -64,7 +69,7 @@ def test_rows_are_exactly_seq_len_plus_one_with_no_padding(prepared):
 
 def test_token_count_is_conserved(prepared):
     cfg, manifest = prepared
-    tokenizer = load_tokenizer(f"{cfg.prepared_dir}/tokenizer")
+    tokenizer = load_tokenizer(f"{cfg.prepared_dir}/{manifest.tokenizer_dir}")
     docs = _docs_of(cfg, "train") + _docs_of(cfg, "val")
     expected = sum(len(ids) + 1 for ids in tokenizer(docs, add_special_tokens=False)["input_ids"])  # +1: EOS
     packed = sum(s.num_tokens for s in manifest.train + manifest.val)
@@ -82,7 +87,7 @@ def test_cleaning_dedup_and_disjoint_validation(prepared):
     assert 0.04 < len(val) / 700 < 0.2
     assert not any("<b>" in d for d in train + val)  # HTML stripped from the jsonl docs
     assert manifest.num_docs == {"train": len(train), "val": len(val)}
-    assert manifest.vocab_size == len(load_tokenizer(f"{cfg.prepared_dir}/tokenizer")) <= 400
+    assert manifest.vocab_size == len(load_tokenizer(f"{cfg.prepared_dir}/{manifest.tokenizer_dir}")) <= 400
     assert len(manifest.source_files) == 3
 
 
@@ -111,4 +116,16 @@ def test_bad_inputs_fail_with_clear_errors(ray_local, tmp_path):
         prepare(tiny_config(tmp_path / "r3", f"data.train_files=[{tmp_path}/other.jsonl]"))
     with pytest.raises(DataError, match="matched no"):
         prepare(tiny_config(tmp_path / "r4", f"data.train_files=[{tmp_path}/nothing/*.txt]"))
-    assert not list(tmp_path.glob("r*/data*"))  # failed prepares leave nothing behind
+    assert not list(tmp_path.glob("r*/data/*"))  # failed prepares leave nothing behind
+
+
+def test_failed_prepare_keeps_the_committed_data(prepared, tmp_path):
+    cfg, manifest = prepared
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(DataError):
+        prepare(tiny_config(cfg.run_dir, f"data.train_files=[{tmp_path}/empty.txt]"))
+    assert read_manifest(cfg.prepared_dir) == manifest
+    verify_shards(manifest, cfg.prepared_dir)
+    import os
+
+    assert sorted(os.listdir(cfg.prepared_dir)) == ["manifest.json", manifest.tokenizer_dir.split("/")[0]]

@@ -1,18 +1,18 @@
 """`manifest.json`: what `prepare` produced, and the contract `pretrain` checks before it starts.
 
-The manifest is written last, so its presence marks a complete prepared dataset.
+The manifest is written last, so its presence marks a complete prepared dataset. Shard and tokenizer paths in it are
+relative to the prepared directory, which may be local or an object-store URI.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
-from ptray.data.readers import filesystem_for
+from ptray import storage
 from ptray.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -43,6 +43,7 @@ class Manifest:
     num_doc_tokens: int = 0
     num_dropped_tokens: int = 0
     tokenizer_dir: str = "tokenizer"
+    """Relative to the prepared directory."""
 
     @property
     def num_train_rows(self) -> int:
@@ -53,24 +54,20 @@ class Manifest:
         return sum(s.num_tokens for s in self.train)
 
     def shard_paths(self, root: str, split: str) -> list[str]:
-        return [os.path.join(root, s.path) for s in getattr(self, split)]
+        return [storage.join(root, s.path) for s in getattr(self, split)]
 
 
 def write_manifest(manifest: Manifest, root: str) -> None:
-    path = os.path.join(root, MANIFEST)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(dataclasses.asdict(manifest), f, indent=2)
-    os.replace(tmp, path)
+    storage.write_text(storage.join(root, MANIFEST), json.dumps(dataclasses.asdict(manifest), indent=2))
 
 
 def read_manifest(root: str) -> Manifest:
-    path = os.path.join(root, MANIFEST)
-    if not os.path.exists(path):
+    path = storage.join(root, MANIFEST)
+    if not storage.exists(path):
         raise DataError(f"no prepared data at {root!r} ({MANIFEST} missing). Run `ptray prepare --config ...` first, "
                         "or point data.prepared_dir at a directory that `ptray prepare` wrote.")
     try:
-        raw = json.load(open(path))
+        raw = json.loads(storage.read_text(path))
         raw["train"] = [Shard(**s) for s in raw["train"]]
         raw["val"] = [Shard(**s) for s in raw["val"]]
         return Manifest(**raw)
@@ -82,8 +79,8 @@ def verify_shards(manifest: Manifest, root: str) -> None:
     """Check every shard exists and its Parquet footer agrees with the manifest (cheap: footers only)."""
     for split in ("train", "val"):
         for shard in getattr(manifest, split):
-            path = os.path.join(root, shard.path)
-            fs, inner = filesystem_for(path)
+            path = storage.join(root, shard.path)
+            fs, inner = storage.filesystem_for(path)
             try:
                 with fs.open_input_file(inner) as handle:
                     num_rows = pq.read_metadata(handle).num_rows

@@ -4,24 +4,26 @@
     ptray prepare --config tiny data.train_files=[my/corpus/*.jsonl] data.seq_len=256
 
 Every stage is a Ray Data operator, so the corpus streams through the cluster and is never held in memory on one node.
-Output layout (`data.prepared_dir`, default `<run.dir>/data`):
+Output layout (`data.prepared_dir`, default `<run.dir>/data`; a local directory or an object-store URI such as s3://):
 
-    docs/split=train/*.parquet   cleaned, de-duplicated documents (text, doc_hash)
-    docs/split=val/*.parquet
-    tokenizer/                   Hugging Face tokenizer directory
-    train/train-00000.parquet    packed rows: input_ids (fixed-size list of seq_len + 1 int32)
-    val/val-00000.parquet
-    manifest.json                written last: its presence marks a complete prepared dataset
+    v<date>-<time>-<id>/              one version per prepare run
+      docs/split=train/*.parquet      cleaned, de-duplicated documents (text, doc_hash)
+      docs/split=val/*.parquet
+      tokenizer/                      Hugging Face tokenizer directory
+      train/*.parquet                 packed rows: input_ids (fixed-size list of seq_len + 1 int32)
+      val/*.parquet
+    manifest.json                     written last: names the version, its shards (in order) and row counts
 
-Everything is written to a staging directory and renamed into place at the end, so a failed prepare leaves the
-previous prepared data untouched.
+Writing the manifest is the commit: it is one file (one object on object stores), so readers see the previous prepared
+data or the new one, never a mix, and nothing needs renaming (object stores cannot rename). Older versions are
+deleted after the commit; a failed prepare deletes its own version and leaves the previous data untouched.
 """
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
+import re
+import tempfile
 import time
 import uuid
 
@@ -30,6 +32,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
+from ptray import storage
 from ptray.config import Config
 from ptray.data.builtin import write_builtin_corpus
 from ptray.data.clean import clean_batch, drop_duplicates
@@ -56,30 +59,36 @@ def corpus_files(cfg: Config) -> list[str]:
 def prepare(cfg: Config) -> Manifest:
     """Run the whole preparation pipeline (Ray must be initialized) and return the committed manifest."""
     started = time.perf_counter()
-    out_dir = os.path.abspath(cfg.prepared_dir)
-    staging = f"{out_dir}.staging-{uuid.uuid4().hex[:8]}"
+    out_dir = storage.absolute(cfg.prepared_dir)
+    storage.check_writable(out_dir, "data.prepared_dir")
+    version = time.strftime("v%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    root = storage.join(out_dir, version)
     files = corpus_files(cfg)
-    print(f"[prepare] {len(files)} corpus files -> {out_dir}", flush=True)
+    print(f"[prepare] {len(files)} corpus files -> {root}", flush=True)
     stage_s = {}  # wall time per stage, printed at the end
     try:
-        num_docs = _write_clean_docs(cfg, files, os.path.join(staging, "docs"))
+        num_docs = _write_clean_docs(cfg, files, storage.join(root, "docs"))
         stage_s["clean+dedup"] = time.perf_counter() - started
         if num_docs["train"] == 0:
             raise DataError(
                 f"the corpus ({len(files)} files, e.g. {files[0]}) has no documents left after cleaning "
                 f"(data.min_chars={cfg.data.min_chars}). Check that the files are not empty and that "
                 f"data.text_field={cfg.data.text_field!r} names the text, or lower data.min_chars.")
-        tokenizer_dir = os.path.join(staging, "tokenizer")
-        if cfg.data.tokenizer_path:
-            copy_tokenizer(cfg.data.tokenizer_path, tokenizer_dir)
-        else:
-            texts = _iter_texts(os.path.join(staging, "docs", "split=train"), cfg.data.tokenizer_train_docs)
-            train_bpe(texts, vocab_size=cfg.data.vocab_size, out_dir=tokenizer_dir)
-        tokenizer = load_tokenizer(tokenizer_dir)
+        with tempfile.TemporaryDirectory() as local_tokenizer:
+            if cfg.data.tokenizer_path:
+                copy_tokenizer(cfg.data.tokenizer_path, local_tokenizer)
+            else:
+                texts = _iter_texts(storage.join(root, "docs", "split=train"), cfg.data.tokenizer_train_docs)
+                train_bpe(texts, vocab_size=cfg.data.vocab_size, out_dir=local_tokenizer)
+            tokenizer = load_tokenizer(local_tokenizer)
+            vocab_hash = tokenizer_hash(local_tokenizer)
+            tokenizer_dir = storage.join(root, "tokenizer")
+            storage.copy_dir(local_tokenizer, tokenizer_dir)  # where packing tasks on every node load it from
         stage_s["tokenizer"] = time.perf_counter() - started - sum(stage_s.values())
         shards, doc_tokens, dropped = {}, 0, 0
         for split in ("train", "val"):
-            shards[split], split_doc_tokens, split_dropped = _write_packed_split(cfg, staging, split, tokenizer_dir)
+            shards[split], split_doc_tokens, split_dropped = _write_packed_split(cfg, out_dir, version, split,
+                                                                                 tokenizer_dir)
             doc_tokens += split_doc_tokens
             dropped += split_dropped
         if not shards["train"]:
@@ -87,16 +96,16 @@ def prepare(cfg: Config) -> Manifest:
                             "tokens; add text or lower data.seq_len.")
         stage_s["tokenize+pack"] = time.perf_counter() - started - sum(stage_s.values())
         manifest = Manifest(
-            seq_len=cfg.data.seq_len, vocab_size=len(tokenizer), tokenizer_hash=tokenizer_hash(tokenizer_dir),
+            seq_len=cfg.data.seq_len, vocab_size=len(tokenizer), tokenizer_hash=vocab_hash,
             eos_id=end_of_document_id(tokenizer), pad_id=tokenizer.pad_token_id, mask_id=tokenizer.mask_token_id,
             source_files=files, train=shards["train"], val=shards["val"], num_docs=num_docs,
-            num_doc_tokens=doc_tokens, num_dropped_tokens=dropped)
-        write_manifest(manifest, staging)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)  # the commit: readers see the old prepared data or the new one, never a mix
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            num_doc_tokens=doc_tokens, num_dropped_tokens=dropped, tokenizer_dir=f"{version}/tokenizer")
+        write_manifest(manifest, out_dir)  # the commit
+    except BaseException:
+        storage.delete_dir(root)
+        raise
+    for old in _versions(out_dir) - {version}:
+        storage.delete_dir(storage.join(out_dir, old))
     elapsed = time.perf_counter() - started
     print(f"[prepare] {num_docs['train']} train / {num_docs['val']} val docs, {manifest.num_train_rows} train rows "
           f"of {cfg.data.seq_len + 1} tokens, vocab {manifest.vocab_size}, {elapsed:.1f}s "
@@ -105,9 +114,14 @@ def prepare(cfg: Config) -> Manifest:
     return manifest
 
 
+def _versions(out_dir: str) -> set[str]:
+    """The version directories `prepare` has written under `out_dir` (committed or abandoned)."""
+    return {n for n in storage.list_dirs(out_dir) if re.fullmatch(r"v\d{8}-\d{6}-[0-9a-f]{6}", n)}
+
+
 def ensure_prepared(cfg: Config) -> Manifest:
     """The prepared data for `cfg`, preparing it first if there is none."""
-    if os.path.exists(os.path.join(cfg.prepared_dir, "manifest.json")):
+    if storage.exists(storage.join(cfg.prepared_dir, "manifest.json")):
         return read_manifest(cfg.prepared_dir)
     print(f"[prepare] no prepared data at {cfg.prepared_dir}; preparing it now", flush=True)
     return prepare(cfg)
@@ -126,11 +140,17 @@ def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> dict[str,
         docs = docs.repartition(num_blocks, keys=["doc_hash"]).map_batches(
             drop_duplicates, batch_format="numpy", batch_size=None)
     docs.write_parquet(docs_dir, partition_cols=["split"])
-    counts = {}
-    for split in ("train", "val"):
-        paths = glob.glob(os.path.join(docs_dir, f"split={split}", "*.parquet"))
-        counts[split] = sum(pq.read_metadata(p).num_rows for p in paths)
-    return counts
+    return {split: _num_rows(storage.list_files(storage.join(docs_dir, f"split={split}"), ".parquet"))
+            for split in ("train", "val")}
+
+
+def _num_rows(paths: list[str]) -> int:
+    total = 0
+    for path in paths:
+        fs, inner = storage.filesystem_for(path)
+        with fs.open_input_file(inner) as f:
+            total += pq.read_metadata(f).num_rows
+    return total
 
 
 def _iter_texts(docs_dir: str, max_docs: int):
@@ -139,25 +159,24 @@ def _iter_texts(docs_dir: str, max_docs: int):
         yield from batch["text"]
 
 
-def _write_packed_split(cfg: Config, staging: str, split: str, tokenizer_dir: str) -> tuple[list[Shard], int, int]:
-    docs_dir = os.path.join(staging, "docs", f"split={split}")
-    if not glob.glob(os.path.join(docs_dir, "*.parquet")):
+def _write_packed_split(cfg: Config, out_dir: str, version: str, split: str,
+                        tokenizer_dir: str) -> tuple[list[Shard], int, int]:
+    docs_dir = storage.join(out_dir, version, "docs", f"split={split}")
+    if not storage.list_files(docs_dir, ".parquet"):
         return [], 0, 0
-    raw_dir = os.path.join(staging, f"{split}.raw")
+    packed_dir = storage.join(out_dir, version, split)
     ray.data.read_parquet(docs_dir).select_columns(["text"]).map_batches(
         tokenize_and_pack, batch_format="numpy", batch_size=2048,
         fn_kwargs=dict(tokenizer_dir=tokenizer_dir, seq_len=cfg.data.seq_len),
-    ).write_parquet(raw_dir, max_rows_per_file=cfg.data.rows_per_shard)
-    os.makedirs(os.path.join(staging, split))
+    ).write_parquet(packed_dir, max_rows_per_file=cfg.data.rows_per_shard)
     shards, doc_tokens, dropped = [], 0, 0
-    for i, path in enumerate(sorted(glob.glob(os.path.join(raw_dir, "*.parquet")))):
-        stats = pq.read_table(path, columns=["num_doc_tokens", "num_dropped_tokens"])
+    for path in storage.list_files(packed_dir, ".parquet"):  # sorted: the manifest fixes the shard order
+        fs, inner = storage.filesystem_for(path)
+        stats = pq.read_table(inner, columns=["num_doc_tokens", "num_dropped_tokens"], filesystem=fs)
         doc_tokens += pc.sum(stats["num_doc_tokens"]).as_py() or 0
         dropped += pc.sum(stats["num_dropped_tokens"]).as_py() or 0
-        if stats.num_rows == 0:
-            continue
-        name = os.path.join(split, f"{split}-{i:05d}.parquet")
-        os.replace(path, os.path.join(staging, name))
-        shards.append(Shard(path=name, num_rows=stats.num_rows, num_tokens=stats.num_rows * (cfg.data.seq_len + 1)))
-    shutil.rmtree(raw_dir)
+        if stats.num_rows:
+            relative = f"{version}/{split}/{path.rsplit('/', 1)[1]}"
+            shards.append(Shard(path=relative, num_rows=stats.num_rows,
+                                num_tokens=stats.num_rows * (cfg.data.seq_len + 1)))
     return shards, doc_tokens, dropped

@@ -16,26 +16,13 @@ import pyarrow.parquet as pq
 import ray.data
 
 from ptray.errors import DataError
+from ptray.storage import filesystem_for, is_uri
 
 TEXT_EXTENSIONS = (".txt", ".text")
 JSONL_EXTENSIONS = (".jsonl", ".json")
 PARQUET_EXTENSIONS = (".parquet",)
 SUPPORTED = TEXT_EXTENSIONS + JSONL_EXTENSIONS + PARQUET_EXTENSIONS
 GLOB_CHARS = "*?["
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a URI."""
-    if is_uri(path):
-        try:
-            return pafs.FileSystem.from_uri(path)
-        except Exception as e:  # pyarrow raises several types for bad schemes and credentials
-            raise DataError(f"cannot open {path!r}: {e}. Check the URI scheme and the storage credentials.") from None
-    return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
 def expand_files(patterns: list[str]) -> list[str]:

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable
 
+from ptray import storage
 from ptray.errors import ConfigError
 
 EOS = "<|endoftext|>"
@@ -53,9 +54,12 @@ def _save_atomically(tokenizer, out_dir: str) -> None:
 
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(path: str):
-    """Load a local Hugging Face tokenizer directory; ConfigError if it is missing or lacks an end-of-document token."""
+    """Load a Hugging Face tokenizer directory (local, or a URI: downloaded once); ConfigError if it is missing or lacks
+    an end-of-document token."""
     from transformers import AutoTokenizer
 
+    if storage.is_uri(path) and storage.exists(path):
+        path = storage.local_dir(path)
     if not os.path.isdir(path):
         raise ConfigError(f"tokenizer directory {path!r} does not exist. Set data.tokenizer_path to a local Hugging Face "
                           "tokenizer directory, or leave it empty to train a BPE tokenizer on the corpus.")
