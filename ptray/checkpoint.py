@@ -5,7 +5,7 @@ A checkpoint is one directory that Ray Train assembles from what every rank wrot
     checkpoint_<time>/
       ds/                     DeepSpeed: model states and each rank's ZeRO optimizer (and, for stage 3, parameter) shards
       trainer_state.json      rank 0: step, tokens seen, data position, world size
-      rng_rank<r>.pt          each rank: torch RNG state
+      rng_rank<r>.pt          each rank: torch RNG state and the Ray node that wrote the rank's shards
       metrics.json            rank 0: the metrics reported with this checkpoint (how sweeps pick a trial's best)
       probe.pt                final checkpoint only: probe inputs and the trained model's logits on them
 
@@ -59,8 +59,8 @@ def read_trainer_state(checkpoint_dir: str) -> TrainerState:
         return TrainerState(**json.load(f))
 
 
-def save_rng(checkpoint_dir: str, rank: int) -> None:
-    torch.save({"torch": torch.get_rng_state()}, os.path.join(checkpoint_dir, f"rng_rank{rank}.pt"))
+def save_rng(checkpoint_dir: str, rank: int, node_id: str) -> None:
+    torch.save({"torch": torch.get_rng_state(), "node_id": node_id}, os.path.join(checkpoint_dir, f"rng_rank{rank}.pt"))
 
 
 def load_rng(checkpoint_dir: str, rank: int) -> bool:

@@ -30,8 +30,8 @@ class RunConfig:
     name: str = "tiny"
     """Run name; re-running with the same name (and dir) resumes from the latest checkpoint."""
     dir: str = ""
-    """Run directory for config.yaml, metrics.jsonl, checkpoints and export/. Empty: `runs/<name>`. On a multi-node
-    cluster it must be on storage every node mounts (rank 0 may run on any node)."""
+    """Run directory for config.yaml, metrics.jsonl, export/ and (unless run.storage_path is set) checkpoints. Empty:
+    `runs/<name>`. On a multi-node cluster it must be on storage every node mounts (rank 0 may run on any node)."""
     storage_path: str = ""
     """Where pretraining checkpoints go: a shared directory or an object-store URI (s3://bucket/prefix). Empty:
     `<run.dir>`. Credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...), never the URI."""
@@ -53,6 +53,8 @@ class ClusterConfig:
     """Placement group strategy for the workers: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD."""
     max_failures: int = 0
     """Worker-group restarts Ray Train attempts from the latest checkpoint before giving up (-1: unlimited)."""
+    wait_for_nodes_s: float = 0.0
+    """How long to wait for an autoscaling cluster to grow until the workers fit; 0: fail at once if they cannot."""
 
 
 @dataclass

@@ -24,7 +24,7 @@ import ray
 import ray.train
 import torch
 import torch.nn.functional as F
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -33,12 +33,13 @@ from ptray.config import Config, from_dict, save_config, with_absolute_paths
 from ptray.data.builtin import generate_labelled
 from ptray.data.clean import doc_hash, is_validation
 from ptray.data.readers import expand_files
-from ptray.storage import filesystem_for
 from ptray.data.tokenizer import load_tokenizer
 from ptray.errors import ConfigError, DataError
 from ptray.loop import fit, setup_worker
 from ptray.model import flops_per_token
 from ptray.objectives import IGNORE_INDEX
+from ptray.session import worker_scaling
+from ptray.storage import filesystem_for
 
 METRICS = {"classification": ("val_loss", "val_accuracy", "val_f1"), "sft": ("val_loss", "val_ppl")}
 
@@ -197,9 +198,7 @@ def build_trainer(cfg: Config, data_ref: ray.ObjectRef, *, storage_path: str, na
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "data": data_ref, "run_dir": run_dir,
                            "pretrained": pretrained_dir(cfg), "max_steps": cfg.finetune.epochs * steps_per_epoch},
-        scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
-                                     placement_strategy=cfg.cluster.placement_strategy),
+        scaling_config=worker_scaling(cfg),
         run_config=RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
                              checkpoint_config=keep),

@@ -14,6 +14,7 @@ import tempfile
 import time
 from typing import Protocol
 
+import ray
 import ray.train
 import torch
 import torch.distributed as dist
@@ -105,7 +106,7 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, tokens
     def save_checkpoint(metrics: dict, probe: dict | None = None) -> None:
         with tempfile.TemporaryDirectory() as checkpoint_dir:
             ds.save(engine, checkpoint_dir)
-            ckpt.save_rng(checkpoint_dir, rank)
+            ckpt.save_rng(checkpoint_dir, rank, node_id=ray.get_runtime_context().get_node_id())
             if rank == 0:
                 ckpt.write_trainer_state(state, checkpoint_dir)
                 with open(os.path.join(checkpoint_dir, ckpt.METRICS), "w") as f:

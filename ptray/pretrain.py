@@ -21,7 +21,7 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ptray import checkpoint as ckpt
@@ -34,6 +34,7 @@ from ptray.errors import ConfigError, DataError
 from ptray.loop import fit, setup_worker
 from ptray.model import build_model, flops_per_token, init_from_info, num_params, padded_vocab_size
 from ptray.objectives import IGNORE_INDEX, causal_lm_batch, masked_lm_batch, token_loss
+from ptray.session import worker_scaling
 
 # ---- driver --------------------------------------------------------------------------------------------------------
 
@@ -49,6 +50,8 @@ class PretrainResult:
 def pretrain(cfg: Config) -> PretrainResult:
     """Prepare the data if needed, train with Ray Train + DeepSpeed, export the final checkpoint (Ray must be up)."""
     cfg = with_absolute_paths(cfg)
+    # Ray Data reads the shards beside the workers, so one CPU must stay free for it.
+    scaling = worker_scaling(cfg, spare_cpus=1)  # before any work: fail fast if the workers can never be placed
     storage_path = cfg.run.storage_path or cfg.run_dir  # checkpoints: shared directory or object store
     storage.check_writable(storage_path, "run.storage_path")
     manifest = ensure_prepared(cfg)
@@ -64,9 +67,7 @@ def pretrain(cfg: Config) -> PretrainResult:
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "manifest": dataclasses.asdict(manifest),
                            "prepared_dir": prepared_dir, "run_dir": run_dir, "vocab_size": vocab_size},
-        scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
-                                     placement_strategy=cfg.cluster.placement_strategy),
+        scaling_config=scaling,
         run_config=RunConfig(name="train", storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.pretrain.num_to_keep)),

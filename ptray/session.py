@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import socket
+import time
+import urllib.parse
 
 import ray
+from ray.train import ScalingConfig
 
 from ptray.config import Config
+from ptray.errors import ConfigError, UserError
 
 
 @contextlib.contextmanager
@@ -21,19 +27,90 @@ def ray_session(cfg: Config):
     env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # else Train V2 echoes every worker print twice
     if not cfg.cluster.use_gpu:
         env_vars["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator (gloo) instead of probing for CUDA
-    # Inside `ray job submit` the job's runtime_env already sets some of these, and Ray refuses to merge duplicates.
-    runtime_env = {"env_vars": {k: v for k, v in env_vars.items() if k not in os.environ}}
+    # Inside `ray job submit` the job's runtime_env may set some of these already, and Ray refuses to merge duplicates.
+    job_env_vars = _job_runtime_env().get("env_vars") or {}
+    runtime_env = {"env_vars": {k: v for k, v in env_vars.items() if k not in job_env_vars}}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+        check_reachable(address)
+        try:
+            ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+        except ConnectionError as e:
+            raise UserError(f"cannot connect to the Ray cluster at {address!r}: {e}") from None
     else:
         # Local test mode: Ray Train reserves whole CPUs for its workers and Ray Data may only use what is left, so
         # advertise a couple of logical CPUs beyond the workers' share (threads are what actually share the cores).
         needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
         num_cpus = int(max(os.cpu_count() or 1, needed)) + 2
-        ray.init(num_cpus=num_cpus, runtime_env=runtime_env, logging_level=logging.WARNING)
+        # address="local": always a fresh in-process Ray, even if a `ray start` cluster runs on this machine.
+        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # one line per dataset execution is noise here
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _job_runtime_env() -> dict:
+    """The runtime_env of the `ray job submit` this driver runs in ({} outside a job)."""
+    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    return job_config.get("runtime_env") or {}
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail within seconds, naming the address, when no Ray cluster answers there (ray.init would retry for minutes)."""
+    fix = ("Start one (`ray start --head`, or `bash cluster/local_cluster.sh start`) or fix --address / RAY_ADDRESS "
+           "(host:port of the head's GCS, default port 6379, or ray://host:10001 for Ray Client).")
+    if address in ("auto", "local"):
+        return  # ray.init resolves these itself and fails fast
+    if address.startswith(("http://", "https://")):
+        raise UserError(f"--address {address!r} is a dashboard / job-submission URL. ptray connects to the cluster "
+                        "itself: use host:6379 (or ray://host:10001), or submit the job with "
+                        f"`ray job submit --address {address} ...`.")
+    parsed = urllib.parse.urlsplit(address if "://" in address else f"ray://{address}")
+    host, port = parsed.hostname, parsed.port or (10001 if address.startswith("ray://") else 6379)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise UserError(f"cannot reach the Ray cluster at {address!r} ({host}:{port}: {e.strerror or e}). {fix}") from None
+
+
+def worker_scaling(cfg: Config, *, spare_cpus: float = 0.0) -> ScalingConfig:
+    """The workers' ScalingConfig, after checking the cluster can ever place them.
+
+    Ray would otherwise wait silently for resources that do not exist (GPUs on a CPU cluster). An autoscaling cluster
+    gets `cluster.wait_for_nodes_s` to grow. `spare_cpus`: CPUs Ray Data needs beside the workers to feed them.
+    """
+    c = cfg.cluster
+    bundle = {"CPU": c.cpus_per_worker, **({"GPU": 1.0} if c.use_gpu else {})}
+    deadline = time.monotonic() + c.wait_for_nodes_s
+    while True:
+        nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+        per_node = [int(min(node.get(k, 0.0) // v for k, v in bundle.items())) for node in nodes]
+        if c.placement_strategy == "STRICT_SPREAD":
+            placeable = sum(1 for n in per_node if n > 0)
+        elif c.placement_strategy == "STRICT_PACK":
+            placeable = max(per_node, default=0)
+        else:
+            placeable = sum(per_node)
+        total_cpus = sum(node.get("CPU", 0.0) for node in nodes)
+        cpus_left = total_cpus - c.num_workers * c.cpus_per_worker
+        if placeable >= c.num_workers and cpus_left >= spare_cpus:
+            return ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
+                                 resources_per_worker={"CPU": c.cpus_per_worker},
+                                 placement_strategy=c.placement_strategy)
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(5)
+    have = ", ".join(f"node {i}: {node.get('CPU', 0):g} CPU, {node.get('GPU', 0):g} GPU" for i, node in enumerate(nodes))
+    need = " + ".join(f"{v:g} {k}" for k, v in bundle.items())
+    if placeable < c.num_workers:
+        raise ConfigError(
+            f"the cluster cannot place {c.num_workers} workers of {need} each with placement "
+            f"{c.placement_strategy} (it fits {placeable}; {have}). Lower cluster.num_workers or "
+            f"cluster.cpus_per_worker{', set cluster.use_gpu=false' if c.use_gpu else ''}, use another "
+            "cluster.placement_strategy, add nodes, or give an autoscaling cluster time with cluster.wait_for_nodes_s.")
+    raise ConfigError(
+        f"{c.num_workers} workers x {c.cpus_per_worker:g} CPU take {total_cpus - cpus_left:g} of the cluster's "
+        f"{total_cpus:g} CPUs, leaving {cpus_left:g} for the data pipeline, which needs {spare_cpus:g}; lower "
+        "cluster.num_workers or cluster.cpus_per_worker, or add CPUs.")

@@ -28,6 +28,7 @@ from ptray.config import Config, load_config_dict, save_config, with_absolute_pa
 from ptray.errors import ConfigError, UserError
 from ptray.finetune import (METRICS, best_checkpoint, build_trainer, export_finetuned, prepare_finetune)
 from ptray.metrics import read_metrics
+from ptray.session import worker_scaling
 
 
 def search_space(cfg: Config) -> dict:
@@ -102,6 +103,7 @@ def sweep(cfg: Config, resume: bool = False) -> SweepResult:
     if s.metric not in METRICS[cfg.finetune.task]:
         raise ConfigError(f"sweep.metric={s.metric!r} is not reported by finetune.task={cfg.finetune.task!r}; "
                           f"choose one of {', '.join(METRICS[cfg.finetune.task])}.")
+    worker_scaling(cfg)  # fail fast if one trial's workers can never be placed
     run_dir = os.path.abspath(cfg.run_dir)
     sweep_dir = os.path.join(run_dir, "sweep")
     trials_dir = os.path.join(sweep_dir, "trials")

@@ -1,0 +1,139 @@
+"""Cluster operation against a real two-node Ray cluster on 127.0.0.1 (`ray start`), as users run it:
+`ray job submit` of the pipeline, training workers spread over both nodes, and fast, clear errors.
+
+The cluster is started once for the module and stopped at the end (loopback only; token auth as Ray 2.60 sets it up).
+"""
+
+import glob
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import tiny_config
+from ptray.metrics import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JOB_FAST = ["data.builtin_docs=2000", "pretrain.max_steps=10", "pretrain.log_every=5", "pretrain.eval_every=10",
+            "pretrain.ckpt_every=10", "finetune.builtin_examples=200", "finetune.epochs=1", "sweep.num_samples=2",
+            "sweep.scheduler=none", "sweep.compare_scratch=false"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(*args, timeout=600, **kwargs):
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A head and a second node, 2 CPUs each, on 127.0.0.1; the client side uses the cluster's token."""
+    port, dashboard_port = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"  # for this process's own ray.init against the cluster
+    try:
+        head = _run("ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--num-cpus", "2",
+                    "--disable-usage-stats", env=env)
+        assert head.returncode == 0, head.stderr[-2000:]
+        node = _run("ray", "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
+                    "--num-cpus", "2", "--temp-dir", str(tmp_path_factory.mktemp("node2")), "--disable-usage-stats",
+                    env=env)
+        assert node.returncode == 0, node.stderr[-2000:]
+        deadline = time.time() + 120
+        while True:  # the job API answers "No available agent" until the head's dashboard agent is up
+            ready = _run("ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}", "--", "true", env=env)
+            if ready.returncode == 0:
+                break
+            assert time.time() < deadline, ready.stderr[-2000:]
+            time.sleep(2)
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard_port}", "env": env}
+    finally:
+        _run("ray", "stop", "--force", env=env)
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
+
+
+def _submit(cluster, *entrypoint):
+    return _run("ray", "job", "submit", "--address", cluster["dashboard"], "--working-dir", ".",
+                "--runtime-env", "jobs/runtime_env.yaml", "--", "python", *entrypoint,
+                cwd=REPO, env=cluster["env"], timeout=900)
+
+
+@pytest.fixture(scope="module")
+def pipeline_job(cluster, tmp_path_factory):
+    """The tiny pipeline (shortened) submitted with `ray job submit`; (run dir, job output)."""
+    run_dir = tmp_path_factory.mktemp("job") / "run"
+    job = _submit(cluster, "jobs/pipeline.py", "--config", "tiny", f"run.dir={run_dir}", *JOB_FAST)
+    return run_dir, job
+
+
+def test_job_submit_runs_the_pipeline(pipeline_job):
+    run_dir, job = pipeline_job
+    output = job.stdout + job.stderr
+    assert job.returncode == 0, output[-4000:]
+    assert "succeeded" in output
+    assert "step      5/10 | loss" in output  # progress reaches the job log as it happens
+    for path in ["export/model.safetensors", "best/model.safetensors", "best.json", "sweep/leaderboard.csv",
+                 "report.md", "metrics.jsonl", "config.yaml"]:
+        assert (run_dir / path).exists(), path
+
+
+def test_failed_job_exits_non_zero_with_the_error_in_its_log(cluster, tmp_path):
+    job = _submit(cluster, "jobs/pretrain.py", "--config", "tiny", f"run.dir={tmp_path}", "pretrain.max_stepz=5")
+    assert job.returncode != 0
+    assert "Did you mean 'pretrain.max_steps'" in job.stdout + job.stderr
+
+
+def test_workers_spread_over_two_nodes_and_the_merged_checkpoint_restores(cluster, pipeline_job, tmp_path):
+    from ptray.pretrain import pretrain
+    from ptray.session import ray_session
+
+    prepared = pipeline_job[0] / "data"  # the job's prepared data: no need to prepare again
+
+    def config(max_steps):
+        return tiny_config(tmp_path, f"cluster.address={cluster['address']}", "cluster.placement_strategy=STRICT_SPREAD",
+                           f"data.prepared_dir={prepared}", f"pretrain.max_steps={max_steps}", "pretrain.ckpt_every=4",
+                           "pretrain.log_every=4", "pretrain.eval_every=8", "pretrain.eval_batches=2")
+
+    with ray_session(config(4)):
+        first = pretrain(config(4))
+        # Each rank wrote its own ZeRO shard and RNG file into the one shared checkpoint, from its own node.
+        shards = glob.glob(os.path.join(first.checkpoint_dir, "ds", "**", "*optim_states.pt"), recursive=True)
+        assert len(shards) == 2, shards
+        nodes = {torch.load(os.path.join(first.checkpoint_dir, f"rng_rank{r}.pt"))["node_id"] for r in (0, 1)}
+        assert len(nodes) == 2
+        second = pretrain(config(8))  # the same run, longer: resumes from the merged step-4 checkpoint
+    steps = [r["step"] for r in read_metrics(str(tmp_path)) if "loss" in r]
+    assert steps == [4, 8]
+    assert second.checkpoint_dir != first.checkpoint_dir
+    AutoModelForCausalLM.from_pretrained(second.export_dir)
+
+
+def test_unreachable_address_fails_fast_naming_it(tmp_path):
+    closed = _free_port()
+    proc = _run(sys.executable, "-m", "ptray.cli", "pretrain", "--config", "tiny", "--address", f"127.0.0.1:{closed}",
+                f"run.dir={tmp_path}", timeout=60)
+    assert proc.returncode == 2
+    assert f"cannot reach the Ray cluster at '127.0.0.1:{closed}'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_gpus_on_a_cpu_cluster_fail_fast_with_the_shortfall(cluster, tmp_path):
+    proc = _run(sys.executable, "-m", "ptray.cli", "pretrain", "--config", "tiny", "--address", cluster["address"],
+                "cluster.use_gpu=true", f"run.dir={tmp_path}", env=cluster["env"], timeout=120)
+    assert proc.returncode == 2
+    assert "cannot place 2 workers of 1 CPU + 1 GPU each" in proc.stderr and "0 GPU" in proc.stderr
+    assert not (tmp_path / "data").exists()  # failed before any work
