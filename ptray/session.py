@@ -35,7 +35,9 @@ def ray_session(cfg: Config):
         try:
             ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
         except ConnectionError as e:
-            raise UserError(f"cannot connect to the Ray cluster at {address!r}: {e}") from None
+            raise UserError(f"cannot connect to the Ray cluster at {address!r}: {e}. If the cluster uses token "
+                            "authentication (Ray 2.60 turns it on for `ray start`), set RAY_AUTH_MODE=token; the token "
+                            "is read from ~/.ray/auth_token or RAY_AUTH_TOKEN.") from None
     else:
         # Local test mode: Ray Train reserves whole CPUs for its workers and Ray Data may only use what is left, so
         # advertise a couple of logical CPUs beyond the workers' share (threads are what actually share the cores).

@@ -2,6 +2,7 @@
 `ray job submit` of the pipeline, training workers spread over both nodes, and fast, clear errors.
 
 The cluster is started once for the module and stopped at the end (loopback only; token auth as Ray 2.60 sets it up).
+Every client runs in a subprocess with RAY_AUTH_MODE=token: Ray reads the auth mode once per process.
 """
 
 import glob
@@ -15,7 +16,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_config
 from ptray.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,9 +38,7 @@ def _run(*args, timeout=600, **kwargs):
 def cluster(tmp_path_factory):
     """A head and a second node, 2 CPUs each, on 127.0.0.1; the client side uses the cluster's token."""
     port, dashboard_port = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "token"  # for this process's own ray.init against the cluster
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}  # clients of the cluster, all in subprocesses
     try:
         head = _run("ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--num-cpus", "2",
@@ -60,10 +58,6 @@ def cluster(tmp_path_factory):
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard_port}", "env": env}
     finally:
         _run("ray", "stop", "--force", env=env)
-        if saved is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = saved
 
 
 def _submit(cluster, *entrypoint):
@@ -98,28 +92,28 @@ def test_failed_job_exits_non_zero_with_the_error_in_its_log(cluster, tmp_path):
 
 
 def test_workers_spread_over_two_nodes_and_the_merged_checkpoint_restores(cluster, pipeline_job, tmp_path):
-    from ptray.pretrain import pretrain
-    from ptray.session import ray_session
-
     prepared = pipeline_job[0] / "data"  # the job's prepared data: no need to prepare again
 
-    def config(max_steps):
-        return tiny_config(tmp_path, f"cluster.address={cluster['address']}", "cluster.placement_strategy=STRICT_SPREAD",
-                           f"data.prepared_dir={prepared}", f"pretrain.max_steps={max_steps}", "pretrain.ckpt_every=4",
-                           "pretrain.log_every=4", "pretrain.eval_every=8", "pretrain.eval_batches=2")
+    def pretrain(max_steps):  # `ptray pretrain --address`, as a user connects to a running cluster
+        proc = _run(sys.executable, "-m", "ptray.cli", "pretrain", "--config", "tiny", "--address", cluster["address"],
+                    f"run.dir={tmp_path}", "cluster.placement_strategy=STRICT_SPREAD", f"data.prepared_dir={prepared}",
+                    f"pretrain.max_steps={max_steps}", "pretrain.ckpt_every=4", "pretrain.log_every=4",
+                    "pretrain.eval_every=8", "pretrain.eval_batches=2", env=cluster["env"])
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        return proc.stdout + proc.stderr
 
-    with ray_session(config(4)):
-        first = pretrain(config(4))
-        # Each rank wrote its own ZeRO shard and RNG file into the one shared checkpoint, from its own node.
-        shards = glob.glob(os.path.join(first.checkpoint_dir, "ds", "**", "*optim_states.pt"), recursive=True)
-        assert len(shards) == 2, shards
-        nodes = {torch.load(os.path.join(first.checkpoint_dir, f"rng_rank{r}.pt"))["node_id"] for r in (0, 1)}
-        assert len(nodes) == 2
-        second = pretrain(config(8))  # the same run, longer: resumes from the merged step-4 checkpoint
+    pretrain(4)
+    checkpoint = glob.glob(str(tmp_path / "train" / "checkpoint_*"))[0]
+    # Each rank wrote its own ZeRO shard and RNG file into the one shared checkpoint, from its own node.
+    shards = glob.glob(os.path.join(checkpoint, "ds", "**", "*optim_states.pt"), recursive=True)
+    assert len(shards) == 2, shards
+    nodes = {torch.load(os.path.join(checkpoint, f"rng_rank{r}.pt"))["node_id"] for r in (0, 1)}
+    assert len(nodes) == 2
+    output = pretrain(8)  # the same run, longer: resumes from the merged step-4 checkpoint
+    assert f"resumed from {checkpoint} at step 4" in output
     steps = [r["step"] for r in read_metrics(str(tmp_path)) if "loss" in r]
     assert steps == [4, 8]
-    assert second.checkpoint_dir != first.checkpoint_dir
-    AutoModelForCausalLM.from_pretrained(second.export_dir)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "export")
 
 
 def test_unreachable_address_fails_fast_naming_it(tmp_path):
