@@ -8,24 +8,28 @@ A checkpoint is one directory that Ray Train assembles from what every rank wrot
       rng_rank<r>.pt          each rank: torch RNG state and the Ray node that wrote the rank's shards
       metrics.json            rank 0: the metrics reported with this checkpoint (how sweeps pick a trial's best)
       probe.pt                final checkpoint only: probe inputs and the trained model's logits on them
+      commit.json             the commit marker: every file above (of every rank) with its size and CRC32
 
-Ray Train only records a checkpoint after every rank's files are in place, and resume always starts from a recorded
-one, so a crash mid-write never produces a checkpoint that looks complete. Exports are built in a temporary directory,
-checked against the probe logits, and renamed into place.
+A checkpoint counts only if its commit marker is there and every file it lists has the listed size and checksum, so a
+save interrupted on any rank, a truncated upload, or a file damaged later is detected; resume then falls back to the
+newest checkpoint that verifies, with a warning naming the one it skipped. Exports are built in a temporary
+directory, checked against the probe logits, and renamed into place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
+import zlib
 from dataclasses import dataclass
 
 import torch
 
-from ptray import engine
+from ptray import engine, storage
 from ptray.config import Config
 from ptray.data.tokenizer import load_tokenizer
 from ptray.errors import UserError
@@ -34,6 +38,7 @@ from ptray.model import build_model
 TRAINER_STATE = "trainer_state.json"
 PROBE = "probe.pt"
 METRICS = "metrics.json"
+COMMIT = "commit.json"
 
 
 @dataclass
@@ -43,9 +48,11 @@ class TrainerState:
     tokens: int = 0
     """Training tokens consumed over all workers."""
     epoch: int = 0
-    """Passes over the training shards started so far (0-based index of the current one)."""
+    """Passes over the training data started so far (0-based index of the current one)."""
+    rows_consumed: int = 0
+    """Pretraining's data position: rows of the training stream all workers have consumed (see data/loader.py)."""
     batches_in_epoch: int = 0
-    """Micro-batches each worker has consumed in the current epoch: the data position."""
+    """Finetuning's data position: micro-batches each worker has consumed in the current epoch."""
     world_size: int = 1
 
 
@@ -71,6 +78,80 @@ def load_rng(checkpoint_dir: str, rank: int) -> bool:
     return True
 
 
+def file_digests(checkpoint_dir: str) -> dict[str, list[int]]:
+    """{relative path: [size, crc32]} of every file under `checkpoint_dir` (what this rank wrote)."""
+    digests = {}
+    for folder, _, names in os.walk(checkpoint_dir):
+        for name in names:
+            path = os.path.join(folder, name)
+            digests[os.path.relpath(path, checkpoint_dir)] = [os.path.getsize(path), _crc32(path)]
+    return digests
+
+
+def write_commit(checkpoint_dir: str, digests: dict[str, list[int]]) -> None:
+    """Rank 0: the marker listing every rank's files (gathered before the upload)."""
+    with open(os.path.join(checkpoint_dir, COMMIT), "w") as f:
+        json.dump({"files": digests}, f)
+
+
+def verify(checkpoint_dir: str, rank: int = 0, world_size: int = 1) -> str | None:
+    """Why the checkpoint is not usable (None if it is). Each rank checks every `world_size`-th listed file, so the
+    checksums are read once in total, in parallel."""
+    marker = os.path.join(checkpoint_dir, COMMIT)
+    if not os.path.exists(marker):
+        return f"it has no {COMMIT} (the save was interrupted)"
+    try:
+        files = json.load(open(marker))["files"]
+    except (ValueError, KeyError) as e:
+        return f"its {COMMIT} is unreadable ({e})"
+    for name in sorted(files)[rank::world_size]:
+        size, crc = files[name]
+        path = os.path.join(checkpoint_dir, name)
+        if not os.path.exists(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != size:
+            return f"{name} has {os.path.getsize(path)} bytes, not {size}"
+        if _crc32(path) != crc:
+            return f"{name} is corrupt (checksum mismatch)"
+    return None
+
+
+def candidates(checkpoint_root: str) -> list[str]:
+    """This run's checkpoint directories (local paths or URIs), newest first."""
+    names = [n for n in storage.list_dirs(checkpoint_root) if n.startswith("checkpoint_")]
+    return [storage.join(checkpoint_root, n) for n in sorted(names, reverse=True)]  # names carry the time
+
+
+@contextlib.contextmanager
+def local_copy(checkpoint_path: str):
+    """The checkpoint as a local directory (downloaded from object storage if need be)."""
+    if not storage.is_uri(checkpoint_path):
+        yield checkpoint_path
+        return
+    with tempfile.TemporaryDirectory(prefix="ptray-checkpoint-") as tmp:
+        storage.copy_dir(checkpoint_path, tmp)
+        yield tmp
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load consolidated weights; tied weights (embedding = output head) appear once, anything else missing is an error."""
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    names_by_storage: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict().items():
+        names_by_storage.setdefault(tensor.data_ptr(), []).append(name)
+    shared = {n for names in names_by_storage.values() if len(names) > 1 for n in names}
+    missing = [k for k in missing if k not in shared]
+    assert not missing and not unexpected, f"checkpoint/model mismatch: missing {missing}, unexpected {unexpected}"
+
+
 def export_hf(cfg: Config, checkpoint_dir: str, *, vocab_size: int, special_ids: dict, tokenizer_dir: str,
               out_dir: str) -> str:
     """Export a pretraining checkpoint: see `export_model`."""
@@ -85,15 +166,7 @@ def export_model(cfg: Config, checkpoint_dir: str, *, model: torch.nn.Module, to
     The export is reloaded with `from_pretrained` and its logits compared with the trained model's probe logits
     before it is renamed into place; a mismatch raises and leaves any previous export untouched.
     """
-    state_dict = engine.consolidated_state_dict(checkpoint_dir, cfg.deepspeed.zero_stage)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    # Tied weights (embedding = output head) appear once in a checkpoint; anything else missing is a real mismatch.
-    names_by_storage: dict[int, list[str]] = {}
-    for name, tensor in model.state_dict().items():
-        names_by_storage.setdefault(tensor.data_ptr(), []).append(name)
-    shared = {n for names in names_by_storage.values() if len(names) > 1 for n in names}
-    missing = [k for k in missing if k not in shared]
-    assert not missing and not unexpected, f"checkpoint/model mismatch: missing {missing}, unexpected {unexpected}"
+    load_weights(model, engine.consolidated_state_dict(checkpoint_dir, cfg.deepspeed.zero_stage))
 
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)

@@ -87,6 +87,8 @@ class DataConfig:
     """At most this many training documents are streamed into BPE training."""
     rows_per_shard: int = 8192
     """Packed rows per Parquet shard (approximate; the last shard is smaller)."""
+    rows_per_group: int = 256
+    """Packed rows per Parquet row group: the unit the training reader shuffles and reads (resume reads one)."""
     builtin_docs: int = 20_000
     """Documents in the built-in generated corpus."""
 
@@ -306,7 +308,7 @@ def validate(cfg: Config) -> Config:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, allowed))}.")
     positive = ["cluster.num_workers", "cluster.cpus_per_worker", "data.seq_len", "data.vocab_size",
-                "data.rows_per_shard", "model.num_layers", "model.hidden_size", "model.num_heads",
+                "data.rows_per_shard", "data.rows_per_group", "model.num_layers", "model.hidden_size", "model.num_heads",
                 "model.max_positions", "pretrain.max_steps", "pretrain.global_batch_size",
                 "pretrain.micro_batch_size", "pretrain.log_every", "pretrain.ckpt_every", "pretrain.num_to_keep",
                 "pretrain.eval_batches"]

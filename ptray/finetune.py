@@ -374,6 +374,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         activation_checkpointing=False))
     task = FinetuneTask(train_cfg, data, rank, world_size)
     num_params = sum(p.numel() for p in model.parameters())
-    fit(train_cfg, task, model, run_dir=loop_config["run_dir"], tokens_per_step=ft.global_batch_size * ft.max_len,
+    fit(train_cfg, task, model, run_dir=loop_config["run_dir"], checkpoint_root=loop_config["run_dir"], tokens_per_step=ft.global_batch_size * ft.max_len,
         flops_per_token=flops_per_token(model.config, num_params, ft.max_len), label="finetune")
 

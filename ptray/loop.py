@@ -67,9 +67,10 @@ def setup_worker(cfg: Config):
     return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
 
 
-def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, tokens_per_step: int,
+def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkpoint_root: str, tokens_per_step: int,
         flops_per_token: float, label: str) -> None:
-    """Wrap `model` in DeepSpeed, resume if Ray Train has a checkpoint, and train `cfg.pretrain.max_steps` steps.
+    """Wrap `model` in DeepSpeed, resume from the newest good checkpoint under `checkpoint_root` if there is one, and
+    train `cfg.pretrain.max_steps` steps.
 
     `cfg.pretrain` holds the optimization settings of the stage (finetuning fills it from its own section).
     `tokens_per_step` counts sequence positions per optimizer step over all workers (padding included).
@@ -80,19 +81,8 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, tokens
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     num_params = sum(t.numel() for t in model.parameters())
-    engine = ds.initialize(model, cfg)
-    torch.manual_seed(cfg.run.seed + 1 + rank)  # per-rank stream for dropout
-
-    state = ckpt.TrainerState(world_size=world_size)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as checkpoint_dir:
-            ds.load(engine, checkpoint_dir)
-            state = ckpt.read_trainer_state(checkpoint_dir)
-            ckpt.load_rng(checkpoint_dir, rank)
-        if rank == 0:
-            print(f"[{label}] resumed from {checkpoint.path} at step {state.step}", flush=True)
-    if state.world_size != world_size:  # the data position counts per-worker batches, so rescale it
+    engine, state = start_engine(cfg, model, checkpoint_root, rank, world_size, label)
+    if state.world_size != world_size:  # finetuning's data position counts per-worker batches, so rescale it
         state.batches_in_epoch = state.batches_in_epoch * state.world_size // world_size
         state.world_size = world_size
 
@@ -113,10 +103,16 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, tokens
                     json.dump(metrics, f)
                 if probe is not None:
                     torch.save(probe, os.path.join(checkpoint_dir, ckpt.PROBE))
+            # The commit marker lists every rank's files: a checkpoint missing any of them is detected on resume.
+            digests = [None] * world_size
+            dist.all_gather_object(digests, ckpt.file_digests(checkpoint_dir))
+            if rank == 0:
+                ckpt.write_commit(checkpoint_dir, {k: v for d in digests for k, v in d.items()})
             # A barrier: every rank reports; Ray Train records the checkpoint once all ranks' files are in.
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir))
 
     window_loss = torch.zeros((), device=engine.device)
+    window_fingerprint = torch.zeros((), dtype=torch.int64, device=engine.device)  # which tokens were trained on
     window_steps, window_data_wait, window_start = 0, 0.0, time.perf_counter()
     metrics: dict = {}
     engine.train()
@@ -127,6 +123,7 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, tokens
             wait_start = time.perf_counter()
             batch = task.next_batch(state)
             window_data_wait += time.perf_counter() - wait_start
+            window_fingerprint += fingerprint(batch["input_ids"]).to(engine.device)
             loss = task.loss(engine, batch)
             engine.backward(loss)
             engine.step()  # DeepSpeed applies the update only after the last micro-batch of the accumulation
@@ -137,17 +134,19 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, tokens
 
         if state.step % p.log_every == 0 or state.step == p.max_steps:
             dist.all_reduce(window_loss)  # a sync point: the mean loss over ranks and the steps of this window
+            dist.all_reduce(window_fingerprint)
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_steps * tokens_per_step / elapsed
             metrics = {"step": state.step, "loss": window_loss.item() / (world_size * window_steps), "lr": lr,
                        "tokens": state.tokens, "tokens_per_s": tokens_per_s,
                        "mfu": flops_per_token * tokens_per_s / (peak_flops * world_size),
                        "data_wait_s": window_data_wait / window_steps, "grad_norm": ds.grad_norm(engine),
-                       "epoch": state.epoch}
+                       "epoch": state.epoch, "data_fingerprint": int(window_fingerprint.item())}
             if log:
                 log.write(metrics)
                 print(progress_line(metrics, p.max_steps), flush=True)
             window_loss.zero_()
+            window_fingerprint.zero_()
             window_steps, window_data_wait, window_start = 0, 0.0, time.perf_counter()
 
         if (p.eval_every and state.step % p.eval_every == 0) or state.step == p.max_steps:
@@ -168,6 +167,52 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, tokens
         elif state.step % p.ckpt_every == 0:
             save_checkpoint(metrics)
             window_start = time.perf_counter()
+
+
+def start_engine(cfg: Config, model: torch.nn.Module, checkpoint_root: str, rank: int, world_size: int,
+                 label: str) -> tuple[object, ckpt.TrainerState]:
+    """The DeepSpeed engine and trainer state, restored from the newest checkpoint that verifies (collective).
+
+    A checkpoint that fails verification is skipped with a warning naming it. On another world size, ZeRO's optimizer
+    partitions no longer fit the ranks: the weights are carried over exactly (consolidated from the shards), the Adam
+    moments start again, and the step, schedule and data position continue. Stage 0 has no partitions: all of it loads.
+    """
+    from ptray import engine as ds
+
+    for path in ckpt.candidates(checkpoint_root):
+        with ckpt.local_copy(path) as checkpoint_dir:
+            problems = [None] * world_size
+            dist.all_gather_object(problems, ckpt.verify(checkpoint_dir, rank, world_size))
+            problem = next((p for p in problems if p), None)
+            if problem:
+                if rank == 0:
+                    print(f"[{label}] WARNING: skipping checkpoint {path}: {problem}; trying the one before it",
+                          flush=True)
+                continue
+            state = ckpt.read_trainer_state(checkpoint_dir)
+            reshard = state.world_size != world_size and cfg.deepspeed.zero_stage > 0
+            if reshard:
+                ckpt.load_weights(model, ds.consolidated_state_dict(checkpoint_dir, cfg.deepspeed.zero_stage))
+            engine = ds.initialize(model, cfg)
+            if not reshard:
+                ds.load(engine, checkpoint_dir)
+            torch.manual_seed(cfg.run.seed + 1 + rank)
+            ckpt.load_rng(checkpoint_dir, rank)
+        if rank == 0:
+            how = (f"; world size {state.world_size} -> {world_size}: weights restored, optimizer moments restarted"
+                   if reshard else "")
+            print(f"[{label}] resumed from {path} at step {state.step}{how}", flush=True)
+        return engine, state
+    engine = ds.initialize(model, cfg)
+    torch.manual_seed(cfg.run.seed + 1 + rank)  # per-rank stream for dropout
+    return engine, ckpt.TrainerState(world_size=world_size)
+
+
+def fingerprint(input_ids: torch.Tensor) -> torch.Tensor:
+    """A position-weighted sum of a micro-batch's token ids: equal across runs iff they trained on the same tokens
+    (in practice), so resume exactness can be checked from metrics.jsonl."""
+    weights = torch.arange(1, input_ids.numel() + 1, dtype=torch.int64).view_as(input_ids)
+    return (input_ids.long().cpu() * weights).sum()
 
 
 def probe_logits(engine, inputs: dict[str, torch.Tensor]) -> dict:

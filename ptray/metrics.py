@@ -28,8 +28,9 @@ def peak_flops_per_worker(use_gpu: bool, configured: float = 0.0) -> tuple[float
 
 def measured_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, seconds: float = 0.3) -> float:
     """Best achieved FLOP/s of a square matmul on this device with this process's threads: the CPU's practical peak."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    generator = torch.Generator(device=device).manual_seed(0)  # leave the global RNG alone: resume must not see this
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     a @ b  # warm-up
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:

@@ -17,8 +17,6 @@ import os
 
 import numpy as np
 import pyarrow.parquet as pq
-import ray
-import ray.train
 import torch
 import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -27,6 +25,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ptray import checkpoint as ckpt
 from ptray import storage
 from ptray.config import Config, from_dict, save_config, with_absolute_paths
+from ptray.data.loader import RowStream, ShardRows, rank_micro_batches
 from ptray.data.manifest import Manifest, Shard, verify_shards
 from ptray.data.prepare import ensure_prepared
 from ptray.data.tokenizer import tokenizer_hash
@@ -50,8 +49,7 @@ class PretrainResult:
 def pretrain(cfg: Config) -> PretrainResult:
     """Prepare the data if needed, train with Ray Train + DeepSpeed, export the final checkpoint (Ray must be up)."""
     cfg = with_absolute_paths(cfg)
-    # Ray Data reads the shards beside the workers, so one CPU must stay free for it.
-    scaling = worker_scaling(cfg, spare_cpus=1)  # before any work: fail fast if the workers can never be placed
+    scaling = worker_scaling(cfg)  # before any work: fail fast if the workers can never be placed
     storage_path = cfg.run.storage_path or cfg.run_dir  # checkpoints: shared directory or object store
     storage.check_writable(storage_path, "run.storage_path")
     manifest = ensure_prepared(cfg)
@@ -61,17 +59,15 @@ def pretrain(cfg: Config) -> PretrainResult:
     run_dir = cfg.run_dir
     save_config(cfg, run_dir)
 
-    train_ds = ray.data.read_parquet(manifest.shard_paths(prepared_dir, "train"),
-                                     shuffle=ray.data.FileShuffleConfig(seed=cfg.run.seed)).select_columns(["input_ids"])
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "manifest": dataclasses.asdict(manifest),
-                           "prepared_dir": prepared_dir, "run_dir": run_dir, "vocab_size": vocab_size},
+                           "prepared_dir": prepared_dir, "run_dir": run_dir, "vocab_size": vocab_size,
+                           "checkpoint_root": storage.join(storage_path, "train")},
         scaling_config=scaling,
         run_config=RunConfig(name="train", storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.pretrain.num_to_keep)),
-        datasets={"train": train_ds},
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
     )
     result = trainer.fit()
@@ -128,21 +124,6 @@ def check_model_fits_data(cfg: Config, manifest: Manifest, prepared_dir: str) ->
 # ---- worker --------------------------------------------------------------------------------------------------------
 
 
-def train_batches(shard, micro_batch_size: int, state: ckpt.TrainerState):
-    """Micro-batches of packed rows, epoch after epoch, starting at the saved data position; `state` tracks it."""
-    while True:
-        skipped = 0
-        for batch in shard.iter_torch_batches(batch_size=micro_batch_size, drop_last=True, prefetch_batches=2,
-                                              dtypes=torch.long):
-            if skipped < state.batches_in_epoch:  # resuming mid-epoch: skip what was consumed before the checkpoint
-                skipped += 1
-                continue
-            state.batches_in_epoch += 1
-            yield batch["input_ids"]
-        state.epoch += 1
-        state.batches_in_epoch = 0
-
-
 def read_rows(paths: list[str], row_len: int, max_rows: int) -> torch.Tensor:
     """The first `max_rows` packed rows of some shards, read directly with pyarrow (for validation and probes)."""
     chunks, total = [], 0
@@ -162,7 +143,8 @@ class LanguageModelingTask:
     def __init__(self, cfg: Config, manifest: Manifest, prepared_dir: str, rank: int, world_size: int):
         self.cfg, self.manifest, self.prepared_dir, self.rank = cfg, manifest, prepared_dir, rank
         self.special = [i for i in (manifest.eos_id, manifest.pad_id, manifest.mask_id) if i is not None]
-        self.batches = None  # created on first use: the dataset shard exists only inside a Ray Train worker
+        self.world_size = world_size
+        self.batches = None  # created on first use, at the data position of the (possibly resumed) state
         # Validation: every rank takes an equal slice (ZeRO-3 needs every rank in every forward).
         p = cfg.pretrain
         self.val_all = read_rows(manifest.shard_paths(prepared_dir, "val"), manifest.seq_len + 1,
@@ -179,11 +161,18 @@ class LanguageModelingTask:
                                generator=torch.Generator().manual_seed(seed))
 
     def next_batch(self, state: ckpt.TrainerState) -> dict[str, torch.Tensor]:
+        m, p = self.manifest, self.cfg.pretrain
         if self.batches is None:
-            self.batches = train_batches(ray.train.get_dataset_shard("train"), self.cfg.pretrain.micro_batch_size, state)
-        rows = next(self.batches)
-        inputs, targets = self.make_batch(rows, seed=hash((self.cfg.run.seed, self.rank, state.epoch,
-                                                           state.batches_in_epoch)))
+            stream = RowStream([s.num_rows for s in m.train], chunk_rows=m.rows_per_group, seed=self.cfg.run.seed)
+            reader = ShardRows(m.shard_paths(self.prepared_dir, "train"), m.seq_len + 1)
+            self.batches = rank_micro_batches(stream, reader, position=state.rows_consumed,
+                                              global_batch_rows=p.global_batch_size, micro_batch_rows=p.micro_batch_size,
+                                              rank=self.rank, world_size=self.world_size)
+        step_end, first_row, rows = next(self.batches)
+        state.rows_consumed = step_end  # the position once this optimizer step is done: what a checkpoint records
+        state.epoch = first_row // m.num_train_rows
+        # MLM masks depend only on (seed, stream position): the same after a resume.
+        inputs, targets = self.make_batch(torch.from_numpy(rows).long(), seed=hash((self.cfg.run.seed, first_row)))
         return {"input_ids": inputs, "targets": targets}
 
     def loss(self, engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -222,6 +211,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if cfg.pretrain.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     task = LanguageModelingTask(cfg, manifest, loop_config["prepared_dir"], rank, world_size)
-    fit(cfg, task, model, run_dir=loop_config["run_dir"],
+    fit(cfg, task, model, run_dir=loop_config["run_dir"], checkpoint_root=loop_config["checkpoint_root"],
         tokens_per_step=cfg.pretrain.global_batch_size * manifest.seq_len,
         flops_per_token=flops_per_token(model.config, num_params(model), cfg.data.seq_len), label="pretrain")

@@ -77,11 +77,11 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise UserError(f"cannot reach the Ray cluster at {address!r} ({host}:{port}: {e.strerror or e}). {fix}") from None
 
 
-def worker_scaling(cfg: Config, *, spare_cpus: float = 0.0) -> ScalingConfig:
+def worker_scaling(cfg: Config) -> ScalingConfig:
     """The workers' ScalingConfig, after checking the cluster can ever place them.
 
     Ray would otherwise wait silently for resources that do not exist (GPUs on a CPU cluster). An autoscaling cluster
-    gets `cluster.wait_for_nodes_s` to grow. `spare_cpus`: CPUs Ray Data needs beside the workers to feed them.
+    gets `cluster.wait_for_nodes_s` to grow.
     """
     c = cfg.cluster
     bundle = {"CPU": c.cpus_per_worker, **({"GPU": 1.0} if c.use_gpu else {})}
@@ -95,9 +95,7 @@ def worker_scaling(cfg: Config, *, spare_cpus: float = 0.0) -> ScalingConfig:
             placeable = max(per_node, default=0)
         else:
             placeable = sum(per_node)
-        total_cpus = sum(node.get("CPU", 0.0) for node in nodes)
-        cpus_left = total_cpus - c.num_workers * c.cpus_per_worker
-        if placeable >= c.num_workers and cpus_left >= spare_cpus:
+        if placeable >= c.num_workers:
             return ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
                                  resources_per_worker={"CPU": c.cpus_per_worker},
                                  placement_strategy=c.placement_strategy)
@@ -106,13 +104,8 @@ def worker_scaling(cfg: Config, *, spare_cpus: float = 0.0) -> ScalingConfig:
         time.sleep(5)
     have = ", ".join(f"node {i}: {node.get('CPU', 0):g} CPU, {node.get('GPU', 0):g} GPU" for i, node in enumerate(nodes))
     need = " + ".join(f"{v:g} {k}" for k, v in bundle.items())
-    if placeable < c.num_workers:
-        raise ConfigError(
-            f"the cluster cannot place {c.num_workers} workers of {need} each with placement "
-            f"{c.placement_strategy} (it fits {placeable}; {have}). Lower cluster.num_workers or "
-            f"cluster.cpus_per_worker{', set cluster.use_gpu=false' if c.use_gpu else ''}, use another "
-            "cluster.placement_strategy, add nodes, or give an autoscaling cluster time with cluster.wait_for_nodes_s.")
     raise ConfigError(
-        f"{c.num_workers} workers x {c.cpus_per_worker:g} CPU take {total_cpus - cpus_left:g} of the cluster's "
-        f"{total_cpus:g} CPUs, leaving {cpus_left:g} for the data pipeline, which needs {spare_cpus:g}; lower "
-        "cluster.num_workers or cluster.cpus_per_worker, or add CPUs.")
+        f"the cluster cannot place {c.num_workers} workers of {need} each with placement "
+        f"{c.placement_strategy} (it fits {placeable}; {have}). Lower cluster.num_workers or "
+        f"cluster.cpus_per_worker{', set cluster.use_gpu=false' if c.use_gpu else ''}, use another "
+        "cluster.placement_strategy, add nodes, or give an autoscaling cluster time with cluster.wait_for_nodes_s.")

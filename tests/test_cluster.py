@@ -103,7 +103,7 @@ def test_workers_spread_over_two_nodes_and_the_merged_checkpoint_restores(cluste
         return proc.stdout + proc.stderr
 
     pretrain(4)
-    checkpoint = glob.glob(str(tmp_path / "train" / "checkpoint_*"))[0]
+    [checkpoint] = [p for p in glob.glob(str(tmp_path / "train" / "checkpoint_*")) if os.path.isdir(p)]
     # Each rank wrote its own ZeRO shard and RNG file into the one shared checkpoint, from its own node.
     shards = glob.glob(os.path.join(checkpoint, "ds", "**", "*optim_states.pt"), recursive=True)
     assert len(shards) == 2, shards

@@ -44,6 +44,8 @@ class Manifest:
     num_dropped_tokens: int = 0
     tokenizer_dir: str = "tokenizer"
     """Relative to the prepared directory."""
+    rows_per_group: int = 256
+    """Rows per Parquet row group of the packed shards: the unit the training reader shuffles and reads."""
 
     @property
     def num_train_rows(self) -> int:

@@ -1,0 +1,159 @@
+"""Deterministic, resumable reading of the packed token shards for pretraining.
+
+The training stream is epoch after epoch over the training rows. An epoch visits the rows in chunks of `chunk_rows`
+consecutive rows of one shard, in a seeded random order of chunks (a new order every epoch). Global batch `s` is rows
+`[s * G, (s + 1) * G)` of that stream (G = global batch size); rank `r` of `W` takes the contiguous slice
+`[r * G / W, (r + 1) * G / W)` of it, as gradient-accumulation micro-batches. Therefore:
+
+- the sequence of global batches depends only on (seed, manifest, G): not on timing, prefetching, which node reads
+  what, or the world size;
+- the data position is one integer, the number of stream rows consumed, and reaching any position is index arithmetic
+  plus reading the row groups that hold the next rows: resuming at 90% of an epoch costs what resuming at 10% does.
+
+This replaces Ray Data's `streaming_split` for the training read only (it assigns blocks to workers dynamically, so it
+is neither deterministic nor resumable mid-epoch: ray-project/ray#37633, #48224); preparing the shards stays on Ray Data.
+"""
+
+from __future__ import annotations
+
+import functools
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from ptray import storage
+
+
+class RowStream:
+    """Maps a position in the training stream to (shard, row range) pieces; pure index arithmetic, no I/O."""
+
+    def __init__(self, num_rows_per_shard: list[int], *, chunk_rows: int, seed: int):
+        starts = [(i, start) for i, n in enumerate(num_rows_per_shard) for start in range(0, n, chunk_rows)]
+        self.chunk_shard = np.array([i for i, _ in starts], dtype=np.int64)
+        self.chunk_start = np.array([s for _, s in starts], dtype=np.int64)
+        self.chunk_len = np.minimum(chunk_rows, np.array(num_rows_per_shard)[self.chunk_shard] - self.chunk_start)
+        self.num_rows = int(sum(num_rows_per_shard))
+        self.seed = seed
+        assert self.num_rows > 0, "no training rows"
+
+    @functools.lru_cache(maxsize=2)
+    def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(chunk order, first stream offset of each chunk in that order) for one epoch."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.chunk_len))
+        offsets = np.concatenate([[0], np.cumsum(self.chunk_len[order])])
+        return order, offsets
+
+    def pieces(self, position: int, num_rows: int) -> list[tuple[int, int, int]]:
+        """Stream rows [position, position + num_rows) as (shard, first row, end row) pieces, in stream order."""
+        epoch, offset = divmod(position, self.num_rows)
+        out = []
+        while num_rows > 0:
+            order, offsets = self.epoch_order(epoch)
+            k = int(np.searchsorted(offsets, offset, side="right")) - 1
+            chunk = order[k]
+            within = offset - int(offsets[k])
+            take = min(num_rows, int(self.chunk_len[chunk]) - within)
+            first = int(self.chunk_start[chunk]) + within
+            out.append((int(self.chunk_shard[chunk]), first, first + take))
+            offset, num_rows = offset + take, num_rows - take
+            if offset == self.num_rows:
+                epoch, offset = epoch + 1, 0
+        return out
+
+
+class ShardRows:
+    """Reads row ranges of the packed Parquet shards (local or object store), a row group at a time, with a small
+    cache: consecutive micro-batches of a rank usually fall in the same row group."""
+
+    def __init__(self, paths: list[str], row_len: int, cache_groups: int = 8):
+        self.paths, self.row_len = paths, row_len
+        self.files: dict[int, tuple[pq.ParquetFile, np.ndarray]] = {}
+        self.cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self.cache_groups = cache_groups
+
+    def _file(self, shard: int) -> tuple[pq.ParquetFile, np.ndarray]:
+        if shard not in self.files:
+            fs, inner = storage.filesystem_for(self.paths[shard])
+            parquet = pq.ParquetFile(fs.open_input_file(inner))
+            sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)]
+            self.files[shard] = (parquet, np.concatenate([[0], np.cumsum(sizes)]))
+        return self.files[shard]
+
+    def _group(self, shard: int, group: int) -> np.ndarray:
+        key = (shard, group)
+        if key not in self.cache:
+            parquet, _ = self._file(shard)
+            column = parquet.read_row_group(group, columns=["input_ids"])["input_ids"].combine_chunks()
+            self.cache[key] = np.asarray(column.flatten()).reshape(-1, self.row_len)
+            if len(self.cache) > self.cache_groups:
+                self.cache.popitem(last=False)
+        self.cache.move_to_end(key)
+        return self.cache[key]
+
+    def read(self, shard: int, first: int, end: int) -> np.ndarray:
+        _, offsets = self._file(shard)
+        parts = []
+        group = int(np.searchsorted(offsets, first, side="right")) - 1
+        while first < end:
+            rows = self._group(shard, group)
+            start = first - int(offsets[group])
+            take = min(end - first, len(rows) - start)
+            parts.append(rows[start: start + take])
+            first += take
+            group += 1
+        return np.concatenate(parts)
+
+
+def rank_micro_batches(stream: RowStream, reader: ShardRows, *, position: int, global_batch_rows: int,
+                       micro_batch_rows: int, rank: int, world_size: int,
+                       prefetch: int = 4) -> Iterator[tuple[int, int, np.ndarray]]:
+    """This rank's micro-batches from stream `position` on, each as (the data position once its optimizer step is done,
+    the stream index of its first row, rows [M, row_len]).
+
+    A background thread reads up to `prefetch` micro-batches ahead; the order is fixed by arithmetic, so prefetching
+    cannot change it.
+    """
+    per_rank = global_batch_rows // world_size
+    assert per_rank * world_size == global_batch_rows and per_rank % micro_batch_rows == 0
+
+    def positions() -> Iterator[tuple[int, int]]:
+        step_start = position
+        while True:
+            for micro in range(per_rank // micro_batch_rows):
+                yield step_start + global_batch_rows, step_start + rank * per_rank + micro * micro_batch_rows
+            step_start += global_batch_rows
+
+    def read(first: int) -> np.ndarray:
+        return np.concatenate([reader.read(*piece) for piece in stream.pieces(first, micro_batch_rows)])
+
+    ready: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for step_end, first in positions():
+                item = (step_end, first, read(first))
+                while not stop.is_set():
+                    try:
+                        ready.put(item, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as e:  # surface read errors (a corrupt shard) in the training loop
+            ready.put(e)
+
+    threading.Thread(target=produce, daemon=True, name=f"ptray-reader-rank{rank}").start()
+    try:
+        while True:
+            item = ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
