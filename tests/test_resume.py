@@ -50,6 +50,18 @@ def _train_rows(run_dir):
     return {r["step"]: r for r in read_metrics(str(run_dir)) if "loss" in r}
 
 
+def _assert_matches(run_dir, uninterrupted, resumed_at):
+    """Every step after the resume trained on the same tokens with the same loss, and the final weights agree."""
+    expected, resumed = _train_rows(uninterrupted), _train_rows(run_dir)
+    assert sorted(resumed) == list(range(1, 17))  # rows past the checkpoint were replaced, not duplicated
+    for step in range(resumed_at + 1, 17):
+        assert resumed[step]["data_fingerprint"] == expected[step]["data_fingerprint"], step
+        assert abs(resumed[step]["loss"] - expected[step]["loss"]) <= 1e-6, step
+    final, reference = load_file(run_dir / "export/model.safetensors"), load_file(uninterrupted / "export/model.safetensors")
+    for name, tensor in reference.items():
+        assert (final[name] - tensor).abs().max().item() <= 1e-6, name
+
+
 def test_driver_killed_mid_run_then_rerun_matches_the_uninterrupted_run(prepared_dir, uninterrupted, tmp_path):
     driver = subprocess.Popen(_ptray_args(tmp_path, prepared_dir), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
@@ -71,15 +83,7 @@ def test_driver_killed_mid_run_then_rerun_matches_the_uninterrupted_run(prepared
     resumed_at = int(re.search(r"resumed from \S+ at step (\d+)", rerun.stdout + rerun.stderr).group(1))
     assert resumed_at in (6, 12) and resumed_at < killed_at
 
-    expected, resumed = _train_rows(uninterrupted), _train_rows(tmp_path)
-    assert sorted(resumed) == list(range(1, 17))  # rows past the checkpoint were replaced, not duplicated
-    for step in range(resumed_at + 1, 17):
-        # The same tokens (data position) and the same loss at every step after the resume.
-        assert resumed[step]["data_fingerprint"] == expected[step]["data_fingerprint"], step
-        assert abs(resumed[step]["loss"] - expected[step]["loss"]) <= 1e-6, step
-    final, reference = load_file(tmp_path / "export/model.safetensors"), load_file(uninterrupted / "export/model.safetensors")
-    for name, tensor in reference.items():
-        assert (final[name] - tensor).abs().max().item() <= 1e-6, name
+    _assert_matches(tmp_path, uninterrupted, resumed_at)
 
 
 def _copy_run(src, dst):
@@ -155,11 +159,4 @@ def test_a_killed_worker_is_restarted_from_the_checkpoint_and_matches(prepared_d
     output = log.read_text()
     assert driver.returncode == 0, output[-3000:]
     resumed_at = int(re.search(r"resumed from \S+ at step (\d+)", output).group(1))
-    expected, resumed = _train_rows(uninterrupted), _train_rows(tmp_path)
-    assert sorted(resumed) == list(range(1, 17))
-    for step in range(resumed_at + 1, 17):
-        assert resumed[step]["data_fingerprint"] == expected[step]["data_fingerprint"], step
-        assert abs(resumed[step]["loss"] - expected[step]["loss"]) <= 1e-6, step
-    final, reference = load_file(tmp_path / "export/model.safetensors"), load_file(uninterrupted / "export/model.safetensors")
-    for name, tensor in reference.items():
-        assert (final[name] - tensor).abs().max().item() <= 1e-6, name
+    _assert_matches(tmp_path, uninterrupted, resumed_at)

@@ -100,7 +100,7 @@ def prepare(cfg: Config) -> Manifest:
             eos_id=end_of_document_id(tokenizer), pad_id=tokenizer.pad_token_id, mask_id=tokenizer.mask_token_id,
             source_files=files, train=shards["train"], val=shards["val"], num_docs=num_docs,
             num_doc_tokens=doc_tokens, num_dropped_tokens=dropped, tokenizer_dir=f"{version}/tokenizer",
-            rows_per_group=cfg.data.rows_per_group)
+            rows_per_group=rows_per_group(cfg))
         write_manifest(manifest, out_dir)  # the commit
     except BaseException:
         storage.delete_dir(root)
@@ -113,6 +113,10 @@ def prepare(cfg: Config) -> Manifest:
           f"({doc_tokens / elapsed:,.0f} tokens/s; " + ", ".join(f"{k} {v:.1f}s" for k, v in stage_s.items()) + ")",
           flush=True)
     return manifest
+
+
+def rows_per_group(cfg: Config) -> int:
+    return min(cfg.data.rows_per_group, cfg.data.rows_per_shard)  # a row group cannot exceed its file
 
 
 def _versions(out_dir: str) -> set[str]:
@@ -169,7 +173,7 @@ def _write_packed_split(cfg: Config, out_dir: str, version: str, split: str,
     ray.data.read_parquet(docs_dir).select_columns(["text"]).map_batches(
         tokenize_and_pack, batch_format="numpy", batch_size=2048,
         fn_kwargs=dict(tokenizer_dir=tokenizer_dir, seq_len=cfg.data.seq_len),
-    ).write_parquet(packed_dir, max_rows_per_file=cfg.data.rows_per_shard, row_group_size=cfg.data.rows_per_group)
+    ).write_parquet(packed_dir, max_rows_per_file=cfg.data.rows_per_shard, row_group_size=rows_per_group(cfg))
     shards, doc_tokens, dropped = [], 0, 0
     for path in storage.list_files(packed_dir, ".parquet"):  # sorted: the manifest fixes the shard order
         fs, inner = storage.filesystem_for(path)
