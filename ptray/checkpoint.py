@@ -18,7 +18,6 @@ directory, checked against the probe logits, and renamed into place.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -54,6 +53,8 @@ class TrainerState:
     batches_in_epoch: int = 0
     """Finetuning's data position: micro-batches each worker has consumed in the current epoch."""
     world_size: int = 1
+    skipped_steps: int = 0
+    """Optimizer steps skipped because the loss was not finite."""
 
 
 def write_trainer_state(state: TrainerState, checkpoint_dir: str) -> None:
@@ -120,17 +121,6 @@ def candidates(checkpoint_root: str) -> list[str]:
     """This run's checkpoint directories (local paths or URIs), newest first."""
     names = [n for n in storage.list_dirs(checkpoint_root) if n.startswith("checkpoint_")]
     return [storage.join(checkpoint_root, n) for n in sorted(names, reverse=True)]  # names carry the time
-
-
-@contextlib.contextmanager
-def local_copy(checkpoint_path: str):
-    """The checkpoint as a local directory (downloaded from object storage if need be)."""
-    if not storage.is_uri(checkpoint_path):
-        yield checkpoint_path
-        return
-    with tempfile.TemporaryDirectory(prefix="ptray-checkpoint-") as tmp:
-        storage.copy_dir(checkpoint_path, tmp)
-        yield tmp
 
 
 def _crc32(path: str) -> int:

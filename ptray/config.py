@@ -163,6 +163,9 @@ class PretrainConfig:
     """Steps between checkpoints (a final one is always written)."""
     num_to_keep: int = 2
     """Checkpoints kept; older ones are deleted."""
+    max_nonfinite_steps: int = 3
+    """A step whose loss is NaN/inf on any worker is skipped (no update); after this many in a row training stops with
+    an error, keeping the last good checkpoint (finetuning too)."""
     peak_flops_per_worker: float = 0.0
     """Peak FLOP/s of one worker's device for MFU. 0: a known GPU's bf16 peak, or a measured matmul peak on CPU."""
 
@@ -311,7 +314,7 @@ def validate(cfg: Config) -> Config:
                 "data.rows_per_shard", "data.rows_per_group", "model.num_layers", "model.hidden_size", "model.num_heads",
                 "model.max_positions", "pretrain.max_steps", "pretrain.global_batch_size",
                 "pretrain.micro_batch_size", "pretrain.log_every", "pretrain.ckpt_every", "pretrain.num_to_keep",
-                "pretrain.eval_batches"]
+                "pretrain.eval_batches", "pretrain.max_nonfinite_steps"]
     for key in positive:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) <= 0:

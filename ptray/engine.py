@@ -60,6 +60,25 @@ def set_lr(engine, lr: float) -> None:
         group["lr"] = lr
 
 
+def step(engine, *, apply_update: bool = True) -> None:
+    """`engine.step()` for the last micro-batch of an optimizer step. With `apply_update=False` DeepSpeed still reduces
+    and clears the accumulated gradients and advances its counters, but weights and Adam state stay as they were.
+
+    Every ZeRO stage and precision updates the weights through one call of the underlying torch optimizer's step()
+    (ZeRO then copies its unchanged fp32 partitions back into the model), so suppressing that call skips the update
+    everywhere. DeepSpeed's own overflow skip covers only some stages and misses an inf loss with finite gradients.
+    """
+    if apply_update:
+        engine.step()
+        return
+    optimizer = engine.basic_optimizer
+    optimizer.step = lambda *args, **kwargs: None  # shadows the class's step() for this one call
+    try:
+        engine.step()
+    finally:
+        del optimizer.step
+
+
 def grad_norm(engine) -> float | None:
     norm = engine.get_global_grad_norm()
     return None if norm is None else float(norm)

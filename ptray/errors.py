@@ -14,3 +14,7 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """Missing, empty or corrupt input data."""
+
+
+class TrainingStopped(UserError):
+    """Training stopped itself (e.g. the loss stayed non-finite); the last good checkpoint is kept."""

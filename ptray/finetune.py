@@ -35,7 +35,7 @@ from ptray.data.clean import doc_hash, is_validation
 from ptray.data.readers import expand_files
 from ptray.data.tokenizer import load_tokenizer
 from ptray.errors import ConfigError, DataError
-from ptray.loop import fit, setup_worker
+from ptray.loop import fit, raise_if_stopped, setup_worker
 from ptray.model import flops_per_token
 from ptray.objectives import IGNORE_INDEX
 from ptray.session import worker_scaling
@@ -219,6 +219,7 @@ def finetune(cfg: Config) -> dict:
     trainer = build_trainer(cfg, data_ref, storage_path=out, name="train",
                             num_examples=len(data.train["labels"]), metric=metric, mode=mode)
     result = trainer.fit()
+    raise_if_stopped(os.path.join(out, "train"), result.checkpoint, "finetune")
     best = best_checkpoint(os.path.join(out, "train"), metric, mode)
     export_finetuned(cfg, best["path"], data, os.path.join(out, "export"))
     print(f"[finetune] best {metric} {best['metrics'][metric]:.4f} at step {best['metrics']['step']}; "

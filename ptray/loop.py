@@ -21,8 +21,10 @@ import torch.distributed as dist
 from ray.train import Checkpoint
 
 from ptray import checkpoint as ckpt
+from ptray import storage
 from ptray.config import Config, PretrainConfig
-from ptray.metrics import MetricsLog, peak_flops_per_worker, progress_line
+from ptray.errors import TrainingStopped
+from ptray.metrics import MetricsLog, peak_flops_per_worker, progress_line, read_metrics
 
 
 class Task(Protocol):
@@ -112,42 +114,77 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkp
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir))
 
     window_loss = torch.zeros((), device=engine.device)
-    window_fingerprint = torch.zeros((), dtype=torch.int64, device=engine.device)  # which tokens were trained on
-    window_steps, window_data_wait, window_start = 0, 0.0, time.perf_counter()
+    window_fingerprint = 0  # which tokens were trained on (summed over ranks when logged)
+    window_steps, window_updates, window_data_wait, window_start = 0, 0, 0.0, time.perf_counter()
+    nonfinite_in_a_row = 0
+    injected_nonfinite = steps_from_env("PTRAY_INJECT_NONFINITE_STEPS")  # a fault drill; empty in normal runs
     metrics: dict = {}
     engine.train()
     while state.step < p.max_steps:
         lr = lr_at(state.step, p)
         ds.set_lr(engine, lr)
-        for _ in range(cfg.grad_accum_steps):
+        step_loss = torch.zeros((), device=engine.device)
+        for micro_step in range(cfg.grad_accum_steps):
             wait_start = time.perf_counter()
             batch = task.next_batch(state)
             window_data_wait += time.perf_counter() - wait_start
-            window_fingerprint += fingerprint(batch["input_ids"]).to(engine.device)
+            window_fingerprint += fingerprint(batch["input_ids"])
             loss = task.loss(engine, batch)
+            if rank == 0 and state.step + 1 in injected_nonfinite and micro_step == cfg.grad_accum_steps - 1:
+                loss = loss * float("nan")
             engine.backward(loss)
-            engine.step()  # DeepSpeed applies the update only after the last micro-batch of the accumulation
-            window_loss += loss.detach() / cfg.grad_accum_steps
+            step_loss += loss.detach() / cfg.grad_accum_steps
+            if micro_step < cfg.grad_accum_steps - 1:
+                engine.step()  # counts the micro-batch; DeepSpeed updates only on the accumulation boundary
+        # All ranks must agree whether to update: one scalar all-reduce (DeepSpeed syncs on the grad norm anyway).
+        finite = torch.isfinite(step_loss).float()
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        update = bool(finite.item())
+        ds.step(engine, apply_update=update)  # a non-finite loss skips the update; the batch is consumed all the same
         state.step += 1
         state.tokens += tokens_per_step
         window_steps += 1
+        if update:
+            nonfinite_in_a_row = 0
+            window_loss += step_loss
+            window_updates += 1
+        else:
+            nonfinite_in_a_row += 1
+            state.skipped_steps += 1
+            if rank == 0:
+                print(f"[{label}] WARNING: step {state.step}: non-finite loss on at least one worker; update skipped "
+                      f"({nonfinite_in_a_row} in a row, {state.skipped_steps} in total)", flush=True)
 
-        if state.step % p.log_every == 0 or state.step == p.max_steps:
-            dist.all_reduce(window_loss)  # a sync point: the mean loss over ranks and the steps of this window
-            dist.all_reduce(window_fingerprint)
+        if state.step % p.log_every == 0 or state.step == p.max_steps or nonfinite_in_a_row >= p.max_nonfinite_steps:
+            dist.all_reduce(window_loss)  # a sync point: the mean loss over ranks and the updated steps of this window
+            fingerprint_sum = torch.tensor(window_fingerprint, dtype=torch.int64, device=engine.device)
+            dist.all_reduce(fingerprint_sum)
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_steps * tokens_per_step / elapsed
-            metrics = {"step": state.step, "loss": window_loss.item() / (world_size * window_steps), "lr": lr,
+            mean_loss = window_loss.item() / (world_size * window_updates) if window_updates else float("nan")
+            metrics = {"step": state.step, "loss": mean_loss, "lr": lr,
                        "tokens": state.tokens, "tokens_per_s": tokens_per_s,
                        "mfu": flops_per_token * tokens_per_s / (peak_flops * world_size),
                        "data_wait_s": window_data_wait / window_steps, "grad_norm": ds.grad_norm(engine),
-                       "epoch": state.epoch, "data_fingerprint": int(window_fingerprint.item())}
+                       "epoch": state.epoch, "skipped_steps": state.skipped_steps,
+                       "data_fingerprint": int(fingerprint_sum.item())}
             if log:
                 log.write(metrics)
                 print(progress_line(metrics, p.max_steps), flush=True)
             window_loss.zero_()
-            window_fingerprint.zero_()
-            window_steps, window_data_wait, window_start = 0, 0.0, time.perf_counter()
+            window_fingerprint = 0
+            window_steps, window_updates, window_data_wait, window_start = 0, 0, 0.0, time.perf_counter()
+
+        if nonfinite_in_a_row >= p.max_nonfinite_steps:
+            # Stop without a checkpoint: the newest one is from before these steps. Returning (rather than raising)
+            # keeps Ray Train from retrying a run that would only diverge again; the driver raises TrainingStopped.
+            reason = (f"the loss was not finite in {nonfinite_in_a_row} optimizer steps in a row (steps "
+                      f"{state.step - nonfinite_in_a_row + 1}-{state.step}; pretrain.max_nonfinite_steps="
+                      f"{p.max_nonfinite_steps}); each update was skipped, then training stopped")
+            if log:
+                log.write({"step": state.step, "tokens": state.tokens, "stopped": reason})
+                print(f"[{label}] {reason}", flush=True)
+            return
 
         if (p.eval_every and state.step % p.eval_every == 0) or state.step == p.max_steps:
             engine.eval()
@@ -164,9 +201,24 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkp
 
         if state.step == p.max_steps:
             save_checkpoint(metrics, probe=probe_logits(engine, task.probe_inputs()))
-        elif state.step % p.ckpt_every == 0:
+        elif state.step % p.ckpt_every == 0 and nonfinite_in_a_row == 0:  # never save mid-streak: keep the good one
             save_checkpoint(metrics)
             window_start = time.perf_counter()
+
+
+def raise_if_stopped(run_dir: str, checkpoint: Checkpoint | None, label: str) -> None:
+    """After `trainer.fit()`: raise TrainingStopped if `fit` stopped early (its last metrics row says why)."""
+    rows = read_metrics(run_dir)
+    if not rows or "stopped" not in rows[-1]:
+        return
+    if checkpoint is None:
+        kept = "no checkpoint had been written yet"
+    else:
+        step = json.loads(storage.read_text(storage.join(checkpoint.path, ckpt.TRAINER_STATE)))["step"]
+        kept = f"the last good checkpoint, {checkpoint.path} (step {step}), is kept"
+    raise TrainingStopped(f"{label}: {rows[-1]['stopped']}. Nothing was exported; {kept}. Lower {label}.lr or raise "
+                          "the warmup (or look at the data at that position), then run the same command again: it "
+                          "resumes from the last good checkpoint.")
 
 
 def start_engine(cfg: Config, model: torch.nn.Module, checkpoint_root: str, rank: int, world_size: int,
@@ -180,7 +232,7 @@ def start_engine(cfg: Config, model: torch.nn.Module, checkpoint_root: str, rank
     from ptray import engine as ds
 
     for path in ckpt.candidates(checkpoint_root):
-        with ckpt.local_copy(path) as checkpoint_dir:
+        with storage.local_copy(path) as checkpoint_dir:
             problems = [None] * world_size
             dist.all_gather_object(problems, ckpt.verify(checkpoint_dir, rank, world_size))
             problem = next((p for p in problems if p), None)
@@ -199,8 +251,10 @@ def start_engine(cfg: Config, model: torch.nn.Module, checkpoint_root: str, rank
             torch.manual_seed(cfg.run.seed + 1 + rank)
             ckpt.load_rng(checkpoint_dir, rank)
         if rank == 0:
-            how = (f"; world size {state.world_size} -> {world_size}: weights restored, optimizer moments restarted"
-                   if reshard else "")
+            how = ""
+            if state.world_size != world_size:
+                restored = "weights restored, optimizer moments restarted" if reshard else "all state restored"
+                how = f"; world size {state.world_size} -> {world_size}: {restored}"
             print(f"[{label}] resumed from {path} at step {state.step}{how}", flush=True)
         return engine, state
     engine = ds.initialize(model, cfg)
@@ -208,11 +262,21 @@ def start_engine(cfg: Config, model: torch.nn.Module, checkpoint_root: str, rank
     return engine, ckpt.TrainerState(world_size=world_size)
 
 
-def fingerprint(input_ids: torch.Tensor) -> torch.Tensor:
+def steps_from_env(name: str) -> set[int]:
+    """Optimizer steps (1-based) listed in an environment variable as "5,8-10". The loop makes rank 0's loss NaN at the
+    steps in PTRAY_INJECT_NONFINITE_STEPS, to rehearse the non-finite-loss handling end to end."""
+    steps: set[int] = set()
+    for part in filter(None, os.environ.get(name, "").replace(" ", "").split(",")):
+        first, _, last = part.partition("-")
+        steps.update(range(int(first), int(last or first) + 1))
+    return steps
+
+
+def fingerprint(input_ids: torch.Tensor) -> int:
     """A position-weighted sum of a micro-batch's token ids: equal across runs iff they trained on the same tokens
     (in practice), so resume exactness can be checked from metrics.jsonl."""
     weights = torch.arange(1, input_ids.numel() + 1, dtype=torch.int64).view_as(input_ids)
-    return (input_ids.long().cpu() * weights).sum()
+    return int((input_ids.long().cpu() * weights).sum())
 
 
 def probe_logits(engine, inputs: dict[str, torch.Tensor]) -> dict:

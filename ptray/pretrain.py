@@ -15,8 +15,6 @@ import dataclasses
 import math
 import os
 
-import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -30,7 +28,7 @@ from ptray.data.manifest import Manifest, Shard, verify_shards
 from ptray.data.prepare import ensure_prepared
 from ptray.data.tokenizer import tokenizer_hash
 from ptray.errors import ConfigError, DataError
-from ptray.loop import fit, setup_worker
+from ptray.loop import fit, raise_if_stopped, setup_worker
 from ptray.model import build_model, flops_per_token, init_from_info, num_params, padded_vocab_size
 from ptray.objectives import IGNORE_INDEX, causal_lm_batch, masked_lm_batch, token_loss
 from ptray.session import worker_scaling
@@ -71,6 +69,7 @@ def pretrain(cfg: Config) -> PretrainResult:
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
     )
     result = trainer.fit()
+    raise_if_stopped(run_dir, result.checkpoint, "pretrain")
     assert result.checkpoint is not None, "training finished without a checkpoint"
     export_dir = os.path.join(run_dir, "export")
     with result.checkpoint.as_directory() as checkpoint_dir:
@@ -125,16 +124,8 @@ def check_model_fits_data(cfg: Config, manifest: Manifest, prepared_dir: str) ->
 
 
 def read_rows(paths: list[str], row_len: int, max_rows: int) -> torch.Tensor:
-    """The first `max_rows` packed rows of some shards, read directly with pyarrow (for validation and probes)."""
-    chunks, total = [], 0
-    for path in paths:
-        if total >= max_rows:
-            break
-        column = pq.read_table(path, columns=["input_ids"])["input_ids"].combine_chunks()
-        rows = np.asarray(column.flatten()).reshape(-1, row_len)
-        chunks.append(rows[: max_rows - total])
-        total += len(chunks[-1])
-    return torch.from_numpy(np.concatenate(chunks)).long() if chunks else torch.empty(0, row_len, dtype=torch.long)
+    """The first `max_rows` packed rows of some shards (for validation and probes)."""
+    return torch.from_numpy(ShardRows(paths, row_len).head(max_rows)).long()
 
 
 class LanguageModelingTask:

@@ -5,8 +5,11 @@ The cluster is started once for the module and stopped at the end (loopback only
 Every client runs in a subprocess with RAY_AUTH_MODE=token: Ray reads the auth mode once per process.
 """
 
+import contextlib
 import glob
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -34,19 +37,42 @@ def _run(*args, timeout=600, **kwargs):
     return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
+def _node_processes(temp_dir: str) -> list[int]:
+    """The processes of the node started with `--temp-dir temp_dir` (raylet, agents) and everything below them (its
+    Ray workers, whose command lines Ray rewrites)."""
+    parents, roots = {}, []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+            parents[int(pid)] = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if temp_dir in cmdline and "ray start" not in cmdline:
+            roots.append(int(pid))
+    found, todo = set(roots), list(roots)
+    while todo:
+        parent = todo.pop()
+        for child in [pid for pid, ppid in parents.items() if ppid == parent and pid not in found]:
+            found.add(child)
+            todo.append(child)
+    return sorted(found)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A head and a second node, 2 CPUs each, on 127.0.0.1; the client side uses the cluster's token."""
+    """A head and a second node, 2 CPUs each, on 127.0.0.1; the client side uses the cluster's token. Each node has its
+    own temp dir, so the teardown stops exactly these processes (`ray stop` would stop every Ray on the machine)."""
     port, dashboard_port = _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}  # clients of the cluster, all in subprocesses
+    head_temp_dir, node2_temp_dir = str(tmp_path_factory.mktemp("head")), str(tmp_path_factory.mktemp("node2"))
     try:
-        head = _run("ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+        head = _run("ray", "start", "--head", "--temp-dir", head_temp_dir, "--node-ip-address", "127.0.0.1",
+                    "--port", str(port),
                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--num-cpus", "2",
                     "--disable-usage-stats", env=env)
         assert head.returncode == 0, head.stderr[-2000:]
         node = _run("ray", "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
-                    "--num-cpus", "2", "--temp-dir", str(tmp_path_factory.mktemp("node2")), "--disable-usage-stats",
-                    env=env)
+                    "--num-cpus", "2", "--temp-dir", node2_temp_dir, "--disable-usage-stats", env=env)
         assert node.returncode == 0, node.stderr[-2000:]
         deadline = time.time() + 120
         while True:  # the job API answers "No available agent" until the head's dashboard agent is up
@@ -55,9 +81,13 @@ def cluster(tmp_path_factory):
                 break
             assert time.time() < deadline, ready.stderr[-2000:]
             time.sleep(2)
-        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard_port}", "env": env}
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard_port}", "env": env,
+               "node2_temp_dir": node2_temp_dir}
     finally:
-        _run("ray", "stop", "--force", env=env)
+        for temp_dir in (node2_temp_dir, head_temp_dir):
+            for pid in _node_processes(temp_dir):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def _submit(cluster, *entrypoint):
@@ -123,6 +153,9 @@ def test_unreachable_address_fails_fast_naming_it(tmp_path):
     assert proc.returncode == 2
     assert f"cannot reach the Ray cluster at '127.0.0.1:{closed}'" in proc.stderr
     assert "Traceback" not in proc.stderr
+    proc = _run(sys.executable, "-m", "ptray.cli", "pretrain", "--config", "tiny", "--address", "http://127.0.0.1:8265",
+                f"run.dir={tmp_path}", timeout=60)
+    assert proc.returncode == 2 and "is a dashboard / job-submission URL" in proc.stderr
 
 
 def test_gpus_on_a_cpu_cluster_fail_fast_with_the_shortfall(cluster, tmp_path):
@@ -131,3 +164,38 @@ def test_gpus_on_a_cpu_cluster_fail_fast_with_the_shortfall(cluster, tmp_path):
     assert proc.returncode == 2
     assert "cannot place 2 workers of 1 CPU + 1 GPU each" in proc.stderr and "0 GPU" in proc.stderr
     assert not (tmp_path / "data").exists()  # failed before any work
+
+
+def test_killing_the_second_node_mid_run_restarts_on_the_head_from_the_checkpoint(cluster, pipeline_job, tmp_path):
+    """Last in the module: the second node is gone afterwards."""
+    log = tmp_path / "driver.log"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "ptray.cli", "pretrain", "--config", "tiny", "--address", cluster["address"],
+         f"run.dir={tmp_path}", f"data.prepared_dir={pipeline_job[0] / 'data'}", "cluster.placement_strategy=SPREAD",
+         "cluster.max_failures=2", "pretrain.max_steps=12", "pretrain.ckpt_every=4", "pretrain.log_every=1",
+         "pretrain.eval_every=100", "pretrain.eval_batches=2"],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, env=cluster["env"])
+    try:
+        deadline = time.time() + 300
+        while not any(r.get("step", 0) >= 6 for r in read_metrics(str(tmp_path))):  # past the step-4 checkpoint
+            assert driver.poll() is None and time.time() < deadline, log.read_text()[-4000:]
+            time.sleep(0.1)
+        [checkpoint] = [p for p in glob.glob(str(tmp_path / "train" / "checkpoint_*")) if os.path.isdir(p)]
+        nodes = {torch.load(os.path.join(checkpoint, f"rng_rank{r}.pt"))["node_id"] for r in (0, 1)}
+        assert len(nodes) == 2  # SPREAD put one worker on each node
+        victims = _node_processes(cluster["node2_temp_dir"])
+        assert any("raylet" in open(f"/proc/{pid}/cmdline").read() for pid in victims), victims
+        for pid in victims:  # the whole node at once, as a machine that loses power
+            os.kill(pid, signal.SIGKILL)
+        driver.wait(timeout=600)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    output = log.read_text()
+    assert driver.returncode == 0, output[-4000:]
+    resumed_at = int(re.search(r"resumed from \S+ at step (\d+)", output).group(1))
+    assert resumed_at >= 4
+    assert [r["step"] for r in read_metrics(str(tmp_path)) if "loss" in r] == list(range(1, 13))
+    last = sorted(p for p in glob.glob(str(tmp_path / "train" / "checkpoint_*")) if os.path.isdir(p))[-1]
+    assert len({torch.load(os.path.join(last, f"rng_rank{r}.pt"))["node_id"] for r in (0, 1)}) == 1  # all on the head
+    AutoModelForCausalLM.from_pretrained(tmp_path / "export")

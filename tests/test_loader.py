@@ -80,6 +80,7 @@ def test_row_range_reads_across_row_groups_return_the_exact_rows(shards):
     rows = reader.read(1, 5, 30)  # shard 1 holds ids 37..100 in row groups of 7
     assert list(rows[:, 0]) == list(range(37 + 5, 37 + 30))
     assert rows.shape == (25, ROW_LEN)
+    assert list(reader.head(40)[:, 0]) == list(range(40))  # across the end of shard 0 (37 rows)
 
 
 def test_a_corrupt_shard_surfaces_in_the_consumer(shards, tmp_path):

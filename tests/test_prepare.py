@@ -37,6 +37,9 @@ def prepared(ray_local, corpus, tmp_path_factory):
     cfg = tiny_config(run, f"data.train_files=[{corpus}/a.txt,{corpus}/b.jsonl,{corpus}/*.parquet]",
                       "data.text_field=body", f"data.seq_len={SEQ_LEN}", "data.vocab_size=400",
                       "data.val_fraction=0.1", "data.rows_per_shard=100", "data.min_chars=10")
+    # A version left by an earlier prepare: deleted once the new one is committed
+    # (checked in test_failed_prepare_keeps_the_committed_data).
+    (run / "data" / "v20000101-000000-abcdef" / "train").mkdir(parents=True)
     # .txt files have no field names: a text line is the document whatever data.text_field says.
     return cfg, prepare(cfg)
 
@@ -128,4 +131,5 @@ def test_failed_prepare_keeps_the_committed_data(prepared, tmp_path):
     verify_shards(manifest, cfg.prepared_dir)
     import os
 
+    # Only the committed version is left: the earlier one the fixture planted was deleted after the commit.
     assert sorted(os.listdir(cfg.prepared_dir)) == ["manifest.json", manifest.tokenizer_dir.split("/")[0]]

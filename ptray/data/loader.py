@@ -107,6 +107,17 @@ class ShardRows:
             group += 1
         return np.concatenate(parts)
 
+    def head(self, max_rows: int) -> np.ndarray:
+        """The first `max_rows` rows of the shards in order (validation rows, probe inputs)."""
+        parts, total = [], 0
+        for shard in range(len(self.paths)):
+            end = min(int(self._file(shard)[1][-1]), max_rows - total)
+            if end <= 0:
+                break
+            parts.append(self.read(shard, 0, end))
+            total += end
+        return np.concatenate(parts) if parts else np.empty((0, self.row_len), dtype=np.int32)
+
 
 def rank_micro_batches(stream: RowStream, reader: ShardRows, *, position: int, global_batch_rows: int,
                        micro_batch_rows: int, rank: int, world_size: int,
