@@ -43,6 +43,9 @@ def ray_session(cfg: Config):
         # advertise a couple of logical CPUs beyond the workers' share (threads are what actually share the cores).
         needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
         num_cpus = int(max(os.cpu_count() or 1, needed)) + 2
+        # Concurrent sweep trials oversubscribe the cores, and a worker's start (importing torch and DeepSpeed) can
+        # then take longer than Ray Train's 60 s default for starting a worker group.
+        runtime_env["env_vars"].setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
         # address="local": always a fresh in-process Ray, even if a `ray start` cluster runs on this machine.
         ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
