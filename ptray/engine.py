@@ -1,4 +1,5 @@
-"""The one place DeepSpeed is called: ZeRO config, initialize, learning rate, save/load, and weight consolidation.
+"""The one place DeepSpeed is called: ZeRO config, initialize, step, learning rate, save/load, resharding to another
+world size, and weight consolidation.
 
 Ray Train has already created the torch.distributed process group (NCCL on GPUs, gloo on CPUs) when these run;
 DeepSpeed adopts it. On CPU, set DS_ACCELERATOR=cpu before the first import (`ptray.session` does it for workers).
@@ -6,6 +7,7 @@ DeepSpeed adopts it. On CPU, set DS_ACCELERATOR=cpu before the first import (`pt
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import torch
@@ -42,16 +44,19 @@ def deepspeed_config(cfg: Config) -> dict:
     }
 
 
-def initialize(model: torch.nn.Module, cfg: Config):
-    """Wrap `model` in a DeepSpeed engine with AdamW; biases and norm weights get no weight decay."""
+def initialize(model: torch.nn.Module, cfg: Config, *, load_universal: bool = False):
+    """Wrap `model` in a DeepSpeed engine with AdamW; biases and norm weights get no weight decay.
+    `load_universal`: the next `load` reads a universal checkpoint (see `to_universal`)."""
     import deepspeed
 
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.pretrain.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=deepspeed_config(cfg),
-                                      dist_init_required=False)
+    config = deepspeed_config(cfg)
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config, dist_init_required=False)
     return engine
 
 
@@ -94,6 +99,18 @@ def load(engine, checkpoint_dir: str) -> None:
     path, _ = engine.load_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG, load_optimizer_states=True,
                                      load_lr_scheduler_states=False)
     assert path is not None, f"DeepSpeed found no checkpoint in {checkpoint_dir}/{CHECKPOINT_TAG}"
+
+
+def to_universal(checkpoint_dir: str, out_dir: str) -> None:
+    """Rewrite a checkpoint's ZeRO shards, which are cut for one world size, as DeepSpeed's universal checkpoint in
+    `<out_dir>/ds/`: every parameter's fp32 weights, Adam moments and step as whole tensors, loadable on any world size
+    by an engine made with `initialize(..., load_universal=True)`. Runs in this process (one worker: no forking)."""
+    from deepspeed.checkpoint.ds_to_universal import main as convert
+
+    convert(argparse.Namespace(
+        input_folder=os.path.join(checkpoint_dir, CHECKPOINT_TAG), output_folder=os.path.join(out_dir, CHECKPOINT_TAG),
+        num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+        inject_missing_state=True))  # ptray saves no Megatron tensor-parallel layout info; none is needed
 
 
 def consolidated_state_dict(checkpoint_dir: str, zero_stage: int) -> dict[str, torch.Tensor]:

@@ -146,9 +146,10 @@ def test_resume_on_another_world_size_continues_the_loss(prepared_dir, uninterru
     assert f"resumed from {previous} at step 12; world size 2 -> 1" in output
     expected, resumed = _train_rows(uninterrupted), _train_rows(run_dir)
     for step in range(13, 17):
-        # Same tokens per global batch on any world size; the loss differs only by the restarted Adam moments.
+        # Same tokens per global batch on any world size, and all state carried over (through a DeepSpeed universal
+        # checkpoint): the losses differ only by summation order.
         assert resumed[step]["data_fingerprint"] == expected[step]["data_fingerprint"], step
-        assert abs(resumed[step]["loss"] - expected[step]["loss"]) <= 0.05 * expected[step]["loss"], step
+        assert abs(resumed[step]["loss"] - expected[step]["loss"]) <= 1e-4 * expected[step]["loss"], step
 
 
 @pytest.mark.parametrize("zero_stage,workers,new_workers", [(0, 2, 1), (1, 2, 1), (3, 4, 2)])
@@ -165,19 +166,22 @@ def test_every_zero_stage_resumes_on_another_world_size(prepared_dir, tmp_path, 
     rerun = subprocess.run(args + [f"cluster.num_workers={new_workers}"], capture_output=True, text=True, timeout=600)
     output = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0, output[-3000:]
-    assert f"resumed from {at_4} at step 4; world size {workers} -> {new_workers}" in output
+    restored = {0: "all state restored", 1: "all state restored through a DeepSpeed universal checkpoint",
+                3: "weights restored, Adam moments restarted"}[zero_stage]
+    assert f"resumed from {at_4} at step 4; world size {workers} -> {new_workers}: {restored}" in output
     resumed = _train_rows(tmp_path)
     for step in range(5, 9):
         assert resumed[step]["data_fingerprint"] == expected[step]["data_fingerprint"], step
+    deviation = {step: abs(resumed[step]["loss"] - expected[step]["loss"]) / expected[step]["loss"]
+                 for step in (5, 6, 7, 8)}
     # Step 5's loss is computed with the restored weights on the same global batch: equal up to summation order.
-    assert abs(resumed[5]["loss"] - expected[5]["loss"]) <= 1e-5 * expected[5]["loss"]
-    deviation = {step: abs(resumed[step]["loss"] - expected[step]["loss"]) / expected[step]["loss"] for step in (6, 7, 8)}
-    if zero_stage == 0:  # stage 0 carries the Adam moments too: the same run, up to summation order
+    assert deviation[5] <= 1e-5, deviation
+    if zero_stage < 3:  # all state carries over: the same run, up to summation order
         assert max(deviation.values()) <= 1e-4, deviation
     else:
-        # Stages 1-3 restart the Adam moments, so the first update is a full-size first Adam step (lr per coordinate)
-        # instead of a damped one: ZeRO-1 was 6.3% off the uninterrupted run at step 6, 1.4% at step 8 (resuming at
-        # step 4, with moments of only 4 steps behind them). Asserted: within 10%, and converging back.
+        # Restarted Adam moments make the first update a full-size first Adam step (lr per coordinate) rather than a
+        # damped one (ZeRO-1 restarting them was 6.3% off the uninterrupted run at step 6, 1.4% at step 8, with
+        # moments of only 4 steps behind them). Asserted: within 10%, and converging back.
         assert max(deviation.values()) <= 0.10 and deviation[8] < deviation[6], deviation
 
 
