@@ -184,9 +184,12 @@ def leaderboard_rows(results, metric: str, mode: str, trials_dir: str) -> list[d
         losses = [r["loss"] for r in history if "loss" in r]
         diverged = any(not math.isfinite(v) for v in values + losses) or any("stopped" in r for r in history)
         evals = len(values)
+        # Tune's count of a trial's results, not the trial's own log: a trial ASHA stops may still log the evaluation
+        # it was running.
+        reported = len(result.metrics_dataframe) if result.metrics_dataframe is not None else 0
         if result.error:
             status = "error"
-        elif evals < num_evals:
+        elif reported < num_evals:
             status = "stopped early"
         else:
             status = "finished"
