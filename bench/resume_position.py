@@ -19,16 +19,16 @@ import time
 import ray.data
 
 from ptray.config import load_config
-from ptray.data.loader import RowStream, ShardRows, rank_micro_batches
+from ptray.data.loader import rank_micro_batches
 from ptray.data.manifest import read_manifest
 from ptray.data.prepare import ensure_prepared
+from ptray.pretrain import training_stream
 from ptray.session import ray_session
 
 
 def first_batch_ptray(manifest, root, position, cfg, rank, world_size) -> float:
     start = time.perf_counter()
-    stream = RowStream([s.num_rows for s in manifest.train], chunk_rows=manifest.rows_per_group, seed=cfg.run.seed)
-    reader = ShardRows(manifest.shard_paths(root, "train"), manifest.seq_len + 1)
+    stream, reader = training_stream(cfg, manifest, root)
     batches = rank_micro_batches(stream, reader, position=position, global_batch_rows=cfg.pretrain.global_batch_size,
                                  micro_batch_rows=cfg.pretrain.micro_batch_size, rank=rank, world_size=world_size)
     next(batches)

@@ -128,6 +128,16 @@ def read_rows(paths: list[str], row_len: int, max_rows: int) -> torch.Tensor:
     return torch.from_numpy(ShardRows(paths, row_len).head(max_rows)).long()
 
 
+def training_stream(cfg: Config, manifest: Manifest, prepared_dir: str) -> tuple[RowStream, ShardRows]:
+    """The seeded order of the training rows and a reader whose cache holds a shuffle window (plus the next one's
+    first row groups: a micro-batch may straddle two windows)."""
+    window_chunks = max(1, cfg.data.shuffle_window_rows // manifest.rows_per_group)
+    stream = RowStream([s.num_rows for s in manifest.train], chunk_rows=manifest.rows_per_group, seed=cfg.run.seed,
+                       window_chunks=window_chunks)
+    reader = ShardRows(manifest.shard_paths(prepared_dir, "train"), manifest.seq_len + 1, cache_groups=window_chunks + 2)
+    return stream, reader
+
+
 class LanguageModelingTask:
     """Causal or masked LM over the prepared shards: what `loop.fit` needs from pretraining."""
 
@@ -154,8 +164,7 @@ class LanguageModelingTask:
     def next_batch(self, state: ckpt.TrainerState) -> dict[str, torch.Tensor]:
         m, p = self.manifest, self.cfg.pretrain
         if self.batches is None:
-            stream = RowStream([s.num_rows for s in m.train], chunk_rows=m.rows_per_group, seed=self.cfg.run.seed)
-            reader = ShardRows(m.shard_paths(self.prepared_dir, "train"), m.seq_len + 1)
+            stream, reader = training_stream(self.cfg, m, self.prepared_dir)
             self.batches = rank_micro_batches(stream, reader, position=state.rows_consumed,
                                               global_batch_rows=p.global_batch_size, micro_batch_rows=p.micro_batch_size,
                                               rank=self.rank, world_size=self.world_size)

@@ -28,11 +28,11 @@ def shards(tmp_path_factory):
     return paths
 
 
-def _global_batches(shards, *, world_size, position=0, steps=10, global_rows=16, micro_rows=4, seed=3):
-    stream = RowStream(SHARD_ROWS, chunk_rows=8, seed=seed)
+def _global_batches(shards, *, world_size, position=0, steps=10, global_rows=16, micro_rows=4, seed=3, window=3):
+    stream = RowStream(SHARD_ROWS, chunk_rows=8, seed=seed, window_chunks=window)
     per_rank = []
     for rank in range(world_size):
-        batches = rank_micro_batches(stream, ShardRows(shards, ROW_LEN), position=position,
+        batches = rank_micro_batches(stream, ShardRows(shards, ROW_LEN, cache_groups=window + 2), position=position,
                                      global_batch_rows=global_rows, micro_batch_rows=micro_rows, rank=rank,
                                      world_size=world_size)
         micro_per_step = global_rows // world_size // micro_rows
@@ -41,19 +41,37 @@ def _global_batches(shards, *, world_size, position=0, steps=10, global_rows=16,
     return [np.concatenate([per_rank[r][s] for r in range(world_size)]) for s in range(steps)]
 
 
-def test_an_epoch_visits_every_row_exactly_once_in_a_seeded_order():
-    stream = RowStream(SHARD_ROWS, chunk_rows=8, seed=0)
+def _ids(stream: RowStream, position: int, num_rows: int) -> np.ndarray:
+    shards, rows = stream.rows(position, num_rows)
+    return np.cumsum([0] + SHARD_ROWS)[shards] + rows
+
+
+@pytest.mark.parametrize("window", [1, 3, 100])
+def test_an_epoch_visits_every_row_exactly_once_in_a_seeded_order(window):
+    stream = RowStream(SHARD_ROWS, chunk_rows=8, seed=0, window_chunks=window)
     total = sum(SHARD_ROWS)
-    ids = lambda pieces: np.concatenate([np.arange(sum(SHARD_ROWS[:s]) + a, sum(SHARD_ROWS[:s]) + b)
-                                         for s, a, b in pieces])
-    epoch0 = ids(stream.pieces(0, total))
+    epoch0 = _ids(stream, 0, total)
     assert sorted(epoch0) == list(range(total)) and list(epoch0) != list(range(total))
-    epoch1 = ids(stream.pieces(total, total))
+    epoch1 = _ids(stream, total, total)
     assert sorted(epoch1) == list(range(total)) and list(epoch1) != list(epoch0)  # a new order each epoch
-    assert list(ids(RowStream(SHARD_ROWS, chunk_rows=8, seed=0).pieces(0, total))) == list(epoch0)
-    assert list(ids(RowStream(SHARD_ROWS, chunk_rows=8, seed=1).pieces(0, total))) != list(epoch0)
-    across = ids(stream.pieces(total - 5, 10))  # a read across the epoch boundary
+    assert list(_ids(RowStream(SHARD_ROWS, chunk_rows=8, seed=0, window_chunks=window), 0, total)) == list(epoch0)
+    assert list(_ids(RowStream(SHARD_ROWS, chunk_rows=8, seed=1, window_chunks=window), 0, total)) != list(epoch0)
+    across = _ids(stream, total - 5, 10)  # a read across the epoch boundary
     assert list(across) == list(epoch0[-5:]) + list(epoch1[:5])
+    pieces = [_ids(stream, start, 7) for start in range(0, total, 7)]  # any split of the stream reads the same rows
+    assert list(np.concatenate(pieces)[:total]) == list(epoch0)
+
+
+def test_a_global_batch_mixes_rows_from_across_the_corpus():
+    """The regression behind issue 11: a batch of consecutive rows of one chunk sees one stretch of text."""
+    num_rows, chunk = [4096] * 4, 256
+    for window, at_least, at_most in [(1, 1, 2), (64, 12, 16)]:
+        stream = RowStream(num_rows, chunk_rows=chunk, seed=0, window_chunks=window)
+        spans = []
+        for step in range(20):
+            shards, rows = stream.rows(step * 16, 16)
+            spans.append(len(set(zip(shards.tolist(), (rows // chunk).tolist()))))  # distinct chunks in the batch
+        assert at_least <= min(spans) and max(spans) <= at_most, (window, spans)
 
 
 def test_global_batches_do_not_depend_on_world_size(shards):
@@ -77,6 +95,8 @@ def test_resuming_at_a_position_continues_the_same_stream(shards):
 
 def test_row_range_reads_across_row_groups_return_the_exact_rows(shards):
     reader = ShardRows(shards, ROW_LEN)
+    gathered = reader.gather(np.array([3, 0, 1, 3]), np.array([49, 0, 20, 0]))  # any rows, in the order asked
+    assert list(gathered[:, 0]) == [102 + 49, 0, 37 + 20, 102]
     rows = reader.read(1, 5, 30)  # shard 1 holds ids 37..100 in row groups of 7
     assert list(rows[:, 0]) == list(range(37 + 5, 37 + 30))
     assert rows.shape == (25, ROW_LEN)

@@ -133,3 +133,14 @@ def test_failed_prepare_keeps_the_committed_data(prepared, tmp_path):
 
     # Only the committed version is left: the earlier one the fixture planted was deleted after the commit.
     assert sorted(os.listdir(cfg.prepared_dir)) == ["manifest.json", manifest.tokenizer_dir.split("/")[0]]
+
+
+def test_documents_are_shuffled_before_packing(prepared):
+    """Packed rows interleave the three source files (issue 11: rows of one file in a row made one-topic batches)."""
+    cfg, manifest = prepared
+    tokenizer = load_tokenizer(f"{_version_dir(cfg, manifest)}/tokenizer")
+    rows = _rows(cfg, manifest, "train")
+    sources = [next(k for k in ("text document", "json document", "parquet document", "")
+                    if k in tokenizer.decode(row)) for row in rows[:40]]
+    switches = sum(a != b for a, b in zip(sources, sources[1:]))
+    assert {"text document", "json document", "parquet document"} <= set(sources) and switches >= 10, sources

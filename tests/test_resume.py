@@ -22,10 +22,10 @@ import torch
 from safetensors.torch import load_file
 
 from ptray.config import load_config
-from ptray.data.loader import RowStream, ShardRows
 from ptray.data.manifest import read_manifest
 from ptray.loop import fingerprint
 from ptray.metrics import read_metrics
+from ptray.pretrain import training_stream
 
 STEPS = ["pretrain.max_steps=16", "pretrain.log_every=1", "pretrain.ckpt_every=6", "pretrain.eval_every=100",
          "pretrain.eval_batches=2", "pretrain.warmup_steps=4", "pretrain.num_to_keep=3"]
@@ -83,9 +83,8 @@ def _fingerprint_at(prepared_dir, position: int) -> int:
     worker's micro-batches fingerprinted on their input ids, as the training loop does."""
     p = load_config("tiny").pretrain
     manifest = read_manifest(str(prepared_dir))
-    stream = RowStream([s.num_rows for s in manifest.train], chunk_rows=manifest.rows_per_group, seed=0)
-    reader = ShardRows(manifest.shard_paths(str(prepared_dir), "train"), manifest.seq_len + 1)
-    rows = np.concatenate([reader.read(*piece) for piece in stream.pieces(position, p.global_batch_size)])
+    stream, reader = training_stream(load_config("tiny"), manifest, str(prepared_dir))
+    rows = reader.gather(*stream.rows(position, p.global_batch_size))
     micro_batches = np.split(rows, p.global_batch_size // p.micro_batch_size)
     return sum(fingerprint(torch.from_numpy(micro_batch).long()[:, :-1]) for micro_batch in micro_batches)
 

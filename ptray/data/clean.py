@@ -54,6 +54,20 @@ def clean_batch(batch: dict[str, np.ndarray], *, normalize_unicode: bool, strip_
             "split": np.array(splits, dtype=object)}
 
 
+def shuffle_key(hashes: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded pseudo-random sort key per document (splitmix64 of its hash): sorting by it shuffles the documents the
+    same way on every run, whatever the order of the files and blocks they came from."""
+    with np.errstate(over="ignore"):
+        z = hashes.astype(np.uint64) ^ np.uint64((seed * 0x9E3779B97F4A7C15) % 2**64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return (z ^ (z >> np.uint64(31))).astype(np.int64)
+
+
+def add_shuffle_key(batch: dict[str, np.ndarray], *, seed: int) -> dict[str, np.ndarray]:
+    return {"text": batch["text"], "shuffle_key": shuffle_key(batch["doc_hash"], seed)}
+
+
 def drop_duplicates(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Keep the first document of each hash in a batch; after a hash partition, equal hashes share a batch."""
     _, first = np.unique(batch["doc_hash"], return_index=True)

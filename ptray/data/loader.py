@@ -1,11 +1,13 @@
 """Deterministic, resumable reading of the packed token shards for pretraining.
 
-The training stream is epoch after epoch over the training rows. An epoch visits the rows in chunks of `chunk_rows`
-consecutive rows of one shard, in a seeded random order of chunks (a new order every epoch). Global batch `s` is rows
+The training stream is epoch after epoch over the training rows. An epoch takes the chunks (`chunk_rows` consecutive
+rows of one shard) in a seeded random order, cuts that order into windows of `window_chunks` chunks and shuffles the
+rows within each window (a new order every epoch), so each global batch mixes rows from all over the corpus
+(`prepare` has also shuffled the documents before packing). Global batch `s` is rows
 `[s * G, (s + 1) * G)` of that stream (G = global batch size); rank `r` of `W` takes the contiguous slice
 `[r * G / W, (r + 1) * G / W)` of it, as gradient-accumulation micro-batches. Therefore:
 
-- the sequence of global batches depends only on (seed, manifest, G): not on timing, prefetching, which node reads
+- the sequence of global batches depends only on (seed, manifest, window, G): not on timing, prefetching, which node reads
   what, or the world size;
 - the data position is one integer, the number of stream rows consumed, and reaching any position is index arithmetic
   plus reading the row groups that hold the next rows: resuming at 90% of an epoch costs what resuming at 10% does.
@@ -29,45 +31,65 @@ from ptray import storage
 
 
 class RowStream:
-    """Maps a position in the training stream to (shard, row range) pieces; pure index arithmetic, no I/O."""
+    """Maps a position in the training stream to (shard, row) pairs; pure index arithmetic, no I/O.
 
-    def __init__(self, num_rows_per_shard: list[int], *, chunk_rows: int, seed: int):
+    An epoch orders the chunks (`chunk_rows` consecutive rows of one shard: a Parquet row group) by a seeded
+    permutation, then cuts that order into windows of `window_chunks` chunks and permutes the rows inside each window.
+    So a global batch draws its rows from `window_chunks` places spread over the corpus, not from one stretch of text,
+    while a reader only ever needs one window's row groups at a time.
+    """
+
+    def __init__(self, num_rows_per_shard: list[int], *, chunk_rows: int, seed: int, window_chunks: int = 1):
         starts = [(i, start) for i, n in enumerate(num_rows_per_shard) for start in range(0, n, chunk_rows)]
         self.chunk_shard = np.array([i for i, _ in starts], dtype=np.int64)
         self.chunk_start = np.array([s for _, s in starts], dtype=np.int64)
         self.chunk_len = np.minimum(chunk_rows, np.array(num_rows_per_shard)[self.chunk_shard] - self.chunk_start)
         self.num_rows = int(sum(num_rows_per_shard))
-        self.seed = seed
+        self.seed, self.window_chunks = seed, max(1, window_chunks)
         assert self.num_rows > 0, "no training rows"
 
     @functools.lru_cache(maxsize=2)
     def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(chunk order, first stream offset of each chunk in that order) for one epoch."""
+        """(chunk order, first stream offset of each window plus the epoch's end) for one epoch."""
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.chunk_len))
         offsets = np.concatenate([[0], np.cumsum(self.chunk_len[order])])
-        return order, offsets
+        window_firsts = np.r_[np.arange(0, len(order), self.window_chunks), len(order)]  # chunk index of each window
+        return order, offsets[window_firsts]
 
-    def pieces(self, position: int, num_rows: int) -> list[tuple[int, int, int]]:
-        """Stream rows [position, position + num_rows) as (shard, first row, end row) pieces, in stream order."""
+    @functools.lru_cache(maxsize=4)
+    def window(self, epoch: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, row) of every row of window `k` of `epoch`, in stream order."""
+        order, _ = self.epoch_order(epoch)
+        chunks = order[k * self.window_chunks: (k + 1) * self.window_chunks]
+        lengths = self.chunk_len[chunks]
+        shards = np.repeat(self.chunk_shard[chunks], lengths)
+        # row = chunk start + index within the chunk, for all chunks at once
+        within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        rows = np.repeat(self.chunk_start[chunks], lengths) + within
+        shuffle = np.random.default_rng([self.seed, epoch, k, 1]).permutation(len(rows))
+        return shards[shuffle], rows[shuffle]
+
+    def rows(self, position: int, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, row) of stream rows [position, position + num_rows), in stream order."""
         epoch, offset = divmod(position, self.num_rows)
-        out = []
+        shards, rows = [], []
         while num_rows > 0:
-            order, offsets = self.epoch_order(epoch)
-            k = int(np.searchsorted(offsets, offset, side="right")) - 1
-            chunk = order[k]
-            within = offset - int(offsets[k])
-            take = min(num_rows, int(self.chunk_len[chunk]) - within)
-            first = int(self.chunk_start[chunk]) + within
-            out.append((int(self.chunk_shard[chunk]), first, first + take))
+            _, window_starts = self.epoch_order(epoch)
+            k = int(np.searchsorted(window_starts, offset, side="right")) - 1
+            within = offset - int(window_starts[k])
+            take = min(num_rows, int(window_starts[k + 1]) - offset)
+            window_shards, window_rows = self.window(epoch, k)
+            shards.append(window_shards[within: within + take])
+            rows.append(window_rows[within: within + take])
             offset, num_rows = offset + take, num_rows - take
             if offset == self.num_rows:
                 epoch, offset = epoch + 1, 0
-        return out
+        return np.concatenate(shards), np.concatenate(rows)
 
 
 class ShardRows:
-    """Reads row ranges of the packed Parquet shards (local or object store), a row group at a time, with a small
-    cache: consecutive micro-batches of a rank usually fall in the same row group."""
+    """Reads rows of the packed Parquet shards (local or object store), a row group at a time, with a cache of
+    `cache_groups` row groups: size it to the stream's window, whose rows a rank reads in random order."""
 
     def __init__(self, paths: list[str], row_len: int, cache_groups: int = 8):
         self.paths, self.row_len = paths, row_len
@@ -107,6 +129,18 @@ class ShardRows:
             group += 1
         return np.concatenate(parts)
 
+    def gather(self, shards: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Rows given as (shard, row) pairs, in that order."""
+        out = np.empty((len(rows), self.row_len), dtype=np.int32)
+        for shard in np.unique(shards):
+            picked = np.flatnonzero(shards == shard)
+            _, offsets = self._file(int(shard))
+            groups = np.searchsorted(offsets, rows[picked], side="right") - 1
+            for group in np.unique(groups):
+                these = picked[groups == group]
+                out[these] = self._group(int(shard), int(group))[rows[these] - offsets[group]]
+        return out
+
     def head(self, max_rows: int) -> np.ndarray:
         """The first `max_rows` rows of the shards in order (validation rows, probe inputs)."""
         parts, total = [], 0
@@ -139,7 +173,7 @@ def rank_micro_batches(stream: RowStream, reader: ShardRows, *, position: int, g
             step_start += global_batch_rows
 
     def read(first: int) -> np.ndarray:
-        return np.concatenate([reader.read(*piece) for piece in stream.pieces(first, micro_batch_rows)])
+        return reader.gather(*stream.rows(first, micro_batch_rows))
 
     ready: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()

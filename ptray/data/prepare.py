@@ -35,7 +35,7 @@ import ray.data
 from ptray import storage
 from ptray.config import Config
 from ptray.data.builtin import write_builtin_corpus
-from ptray.data.clean import clean_batch, drop_duplicates
+from ptray.data.clean import add_shuffle_key, clean_batch, drop_duplicates
 from ptray.data.manifest import Manifest, Shard, read_manifest, write_manifest
 from ptray.data.pack import tokenize_and_pack
 from ptray.data.readers import expand_files, read_corpus
@@ -43,6 +43,7 @@ from ptray.data.tokenizer import copy_tokenizer, end_of_document_id, load_tokeni
 from ptray.errors import DataError
 
 BUILTIN = "builtin"
+DOCS_PER_PACK = 2048  # documents tokenized and packed together: the tail of each pack (< one row) is dropped
 
 
 def corpus_files(cfg: Config) -> list[str]:
@@ -88,7 +89,7 @@ def prepare(cfg: Config) -> Manifest:
         shards, doc_tokens, dropped = {}, 0, 0
         for split in ("train", "val"):
             shards[split], split_doc_tokens, split_dropped = _write_packed_split(cfg, out_dir, version, split,
-                                                                                 tokenizer_dir)
+                                                                                 tokenizer_dir, num_docs[split])
             doc_tokens += split_doc_tokens
             dropped += split_dropped
         if not shards["train"]:
@@ -164,14 +165,20 @@ def _iter_texts(docs_dir: str, max_docs: int):
         yield from batch["text"]
 
 
-def _write_packed_split(cfg: Config, out_dir: str, version: str, split: str,
-                        tokenizer_dir: str) -> tuple[list[Shard], int, int]:
+def _write_packed_split(cfg: Config, out_dir: str, version: str, split: str, tokenizer_dir: str,
+                        num_docs: int) -> tuple[list[Shard], int, int]:
     docs_dir = storage.join(out_dir, version, "docs", f"split={split}")
     if not storage.list_files(docs_dir, ".parquet"):
         return [], 0, 0
     packed_dir = storage.join(out_dir, version, split)
-    ray.data.read_parquet(docs_dir).select_columns(["text"]).map_batches(
-        tokenize_and_pack, batch_format="numpy", batch_size=2048,
+    # Shuffle the documents before packing (a sort by a seeded hash: the same order on every run), so consecutive
+    # packed rows come from all over the corpus rather than from one file or book. Then pack equal blocks of about
+    # DOCS_PER_PACK documents (the sort leaves blocks of any size; a tiny one would not fill a row).
+    num_blocks = max(1, round(num_docs / DOCS_PER_PACK))
+    ray.data.read_parquet(docs_dir).map_batches(
+        add_shuffle_key, batch_format="numpy", fn_kwargs={"seed": cfg.run.seed}).sort("shuffle_key").repartition(
+        num_blocks).map_batches(
+        tokenize_and_pack, batch_format="numpy", batch_size=None,
         fn_kwargs=dict(tokenizer_dir=tokenizer_dir, seq_len=cfg.data.seq_len),
     ).write_parquet(packed_dir, max_rows_per_file=cfg.data.rows_per_shard, row_group_size=rows_per_group(cfg))
     shards, doc_tokens, dropped = [], 0, 0
