@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ptray.config import PretrainConfig
-from ptray.data.clean import clean_batch, clean_text, drop_duplicates, is_validation
+from ptray.data.clean import clean_batch, clean_text, is_validation, shuffle_block
 from ptray.data.pack import pack_token_lists
 from ptray.data.readers import expand_files
 from ptray.data.tokenizer import load_tokenizer, train_bpe
@@ -28,8 +28,18 @@ def test_clean_batch_drops_short_docs_and_splits_by_hash():
                       val_fraction=0.5, seed=0)
     assert list(out["text"]) == ["a long enough document here"] * 2
     assert out["split"][0] == out["split"][1]  # duplicates always share a split
-    deduped = drop_duplicates(out)
-    assert len(deduped["text"]) == 1
+    assert len(shuffle_block(out, dedup=True, seed=0)["text"]) == 1
+    assert len(shuffle_block(out, dedup=False, seed=0)["text"]) == 2
+
+
+def test_shuffle_block_orders_documents_by_a_seeded_key_whatever_their_input_order():
+    texts = np.array([f"document number {i}" for i in range(50)], dtype=object)
+    batch = clean_batch({"text": texts}, normalize_unicode=True, strip_html=True, collapse_whitespace=True,
+                        min_chars=1, val_fraction=0.0, seed=0)
+    reversed_batch = {k: v[::-1] for k, v in batch.items()}
+    once = list(shuffle_block(batch, dedup=True, seed=3)["text"])
+    assert once == list(shuffle_block(reversed_batch, dedup=True, seed=3)["text"])  # input order does not matter
+    assert once != list(texts) and once != list(shuffle_block(batch, dedup=True, seed=4)["text"])
 
 
 def test_validation_split_fraction_is_respected():

@@ -64,12 +64,10 @@ def shuffle_key(hashes: np.ndarray, seed: int) -> np.ndarray:
         return (z ^ (z >> np.uint64(31))).astype(np.int64)
 
 
-def add_shuffle_key(batch: dict[str, np.ndarray], *, seed: int) -> dict[str, np.ndarray]:
-    return {"text": batch["text"], "shuffle_key": shuffle_key(batch["doc_hash"], seed)}
-
-
-def drop_duplicates(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Keep the first document of each hash in a batch; after a hash partition, equal hashes share a batch."""
-    _, first = np.unique(batch["doc_hash"], return_index=True)
-    keep = np.sort(first)
-    return {k: v[keep] for k, v in batch.items()}
+def shuffle_block(batch: dict[str, np.ndarray], *, dedup: bool, seed: int) -> dict[str, np.ndarray]:
+    """A hash partition's documents in a seeded order; with `dedup`, one of each (equal hashes share a partition)."""
+    if dedup:
+        _, first = np.unique(batch["doc_hash"], return_index=True)
+        batch = {k: v[first] for k, v in batch.items()}
+    order = np.argsort(shuffle_key(batch["doc_hash"], seed), kind="stable")
+    return {k: v[order] for k, v in batch.items()}

@@ -35,7 +35,7 @@ import ray.data
 from ptray import storage
 from ptray.config import Config
 from ptray.data.builtin import write_builtin_corpus
-from ptray.data.clean import add_shuffle_key, clean_batch, drop_duplicates
+from ptray.data.clean import clean_batch, shuffle_block
 from ptray.data.manifest import Manifest, Shard, read_manifest, write_manifest
 from ptray.data.pack import tokenize_and_pack
 from ptray.data.readers import expand_files, read_corpus
@@ -43,7 +43,6 @@ from ptray.data.tokenizer import copy_tokenizer, end_of_document_id, load_tokeni
 from ptray.errors import DataError
 
 BUILTIN = "builtin"
-DOCS_PER_PACK = 2048  # documents tokenized and packed together: the tail of each pack (< one row) is dropped
 
 
 def corpus_files(cfg: Config) -> list[str]:
@@ -89,7 +88,7 @@ def prepare(cfg: Config) -> Manifest:
         shards, doc_tokens, dropped = {}, 0, 0
         for split in ("train", "val"):
             shards[split], split_doc_tokens, split_dropped = _write_packed_split(cfg, out_dir, version, split,
-                                                                                 tokenizer_dir, num_docs[split])
+                                                                                 tokenizer_dir)
             doc_tokens += split_doc_tokens
             dropped += split_dropped
         if not shards["train"]:
@@ -140,11 +139,12 @@ def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> dict[str,
         fn_kwargs=dict(normalize_unicode=d.normalize_unicode, strip_html=d.strip_html,
                        collapse_whitespace=d.collapse_whitespace, min_chars=d.min_chars,
                        val_fraction=d.val_fraction, seed=cfg.run.seed))
-    if d.dedup:
-        # Hash-partition so equal documents land in the same block, then keep the first of each hash per block.
-        num_blocks = max(2, int(ray.cluster_resources().get("CPU", 2)))
-        docs = docs.repartition(num_blocks, keys=["doc_hash"]).map_batches(
-            drop_duplicates, batch_format="numpy", batch_size=None)
+    # Hash-partition by content: equal documents land in the same block (for dedup), and every block is a uniform
+    # sample of the whole corpus. Sorting each block by a seeded key then shuffles the documents before packing, the
+    # same way on every run, so packed rows mix the corpus instead of following one file or book.
+    num_blocks = max(2, int(ray.cluster_resources().get("CPU", 2)))
+    docs = docs.repartition(num_blocks, keys=["doc_hash"]).map_batches(
+        shuffle_block, batch_format="numpy", batch_size=None, fn_kwargs={"dedup": d.dedup, "seed": cfg.run.seed})
     docs.write_parquet(docs_dir, partition_cols=["split"])
     return {split: _num_rows(storage.list_files(storage.join(docs_dir, f"split={split}"), ".parquet"))
             for split in ("train", "val")}
@@ -165,20 +165,14 @@ def _iter_texts(docs_dir: str, max_docs: int):
         yield from batch["text"]
 
 
-def _write_packed_split(cfg: Config, out_dir: str, version: str, split: str, tokenizer_dir: str,
-                        num_docs: int) -> tuple[list[Shard], int, int]:
+def _write_packed_split(cfg: Config, out_dir: str, version: str, split: str,
+                        tokenizer_dir: str) -> tuple[list[Shard], int, int]:
     docs_dir = storage.join(out_dir, version, "docs", f"split={split}")
     if not storage.list_files(docs_dir, ".parquet"):
         return [], 0, 0
     packed_dir = storage.join(out_dir, version, split)
-    # Shuffle the documents before packing (a sort by a seeded hash: the same order on every run), so consecutive
-    # packed rows come from all over the corpus rather than from one file or book. Then pack equal blocks of about
-    # DOCS_PER_PACK documents (the sort leaves blocks of any size; a tiny one would not fill a row).
-    num_blocks = max(1, round(num_docs / DOCS_PER_PACK))
-    ray.data.read_parquet(docs_dir).map_batches(
-        add_shuffle_key, batch_format="numpy", fn_kwargs={"seed": cfg.run.seed}).sort("shuffle_key").repartition(
-        num_blocks).map_batches(
-        tokenize_and_pack, batch_format="numpy", batch_size=None,
+    ray.data.read_parquet(docs_dir).select_columns(["text"]).map_batches(
+        tokenize_and_pack, batch_format="numpy", batch_size=2048,
         fn_kwargs=dict(tokenizer_dir=tokenizer_dir, seq_len=cfg.data.seq_len),
     ).write_parquet(packed_dir, max_rows_per_file=cfg.data.rows_per_shard, row_group_size=rows_per_group(cfg))
     shards, doc_tokens, dropped = [], 0, 0
