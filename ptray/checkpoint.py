@@ -149,14 +149,18 @@ def export_hf(cfg: Config, checkpoint_dir: str, *, vocab_size: int, special_ids:
     return export_model(cfg, checkpoint_dir, model=model, tokenizer_dir=tokenizer_dir, out_dir=out_dir)
 
 
-def export_model(cfg: Config, checkpoint_dir: str, *, model: torch.nn.Module, tokenizer_dir: str, out_dir: str) -> str:
+def export_model(cfg: Config, checkpoint_dir: str, *, model: torch.nn.Module, tokenizer_dir: str, out_dir: str,
+                 unwrap=None) -> str:
     """Consolidate a checkpoint's ZeRO shards into `model` (a fresh instance of the trained architecture) and save
-    it in Hugging Face format (safetensors, config, tokenizer).
+    it in Hugging Face format (safetensors, config, tokenizer). `unwrap(model)`, if given, returns the model to save
+    instead (e.g. with LoRA adapters merged into the weights).
 
-    The export is reloaded with `from_pretrained` and its logits compared with the trained model's probe logits
-    before it is renamed into place; a mismatch raises and leaves any previous export untouched.
+    The export is reloaded with its class's `from_pretrained` and its logits compared with the trained model's probe
+    logits before it is renamed into place; a mismatch raises and leaves any previous export untouched.
     """
     load_weights(model, engine.consolidated_state_dict(checkpoint_dir, cfg.deepspeed.zero_stage))
+    if unwrap is not None:
+        model = unwrap(model)
 
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)

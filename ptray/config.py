@@ -88,7 +88,10 @@ class DataConfig:
     rows_per_shard: int = 8192
     """Packed rows per Parquet shard (approximate; the last shard is smaller)."""
     rows_per_group: int = 256
-    """Packed rows per Parquet row group: the unit the training reader shuffles and reads (resume reads one)."""
+    """Packed rows per Parquet row group: the unit the training reader reads (resume reads one)."""
+    shuffle_window_rows: int = 16384
+    """Pretraining reads the row groups in a seeded random order and shuffles rows within windows of this many rows,
+    so every global batch mixes text from across the corpus. Each worker holds one window of rows in memory."""
     builtin_docs: int = 20_000
     """Documents in the built-in generated corpus."""
 
@@ -198,6 +201,9 @@ class FinetuneConfig:
     """Labelled validation files. Empty: hold out val_fraction of train_files by content hash."""
     val_fraction: float = 0.2
     """Held-out share of train_files (by content hash) when val_files is empty."""
+    group_field: str = ""
+    """Hold out whole groups by this field's value (an author, a user, a source document) rather than single
+    examples, so related examples never straddle the train/validation split. The built-in task groups by person."""
     text_field: str = "text"
     """classification: the text field."""
     label_field: str = "label"
@@ -228,6 +234,31 @@ class FinetuneConfig:
     """Steps between evaluations; each is reported to Tune (ASHA decides on these) with a checkpoint."""
     builtin_examples: int = 2000
     """Examples in the built-in labelled task."""
+    pooling: str = "last"
+    """classification: what the head reads. last: the last non-pad token (GPT-2/Llama's own head; bert's own head
+    always reads the first token, so on bert `last` is the same as `cls`); mean: the mean of the final hidden states
+    over the non-pad tokens (recorded as `ptray_pooling: mean` in the export's config.json; plain transformers would
+    read one token, `ptray.finetune.load_classifier` averages); cls: the first token (bert only)."""
+    method: str = "full"
+    """full (train every weight), head (only the new classification head; the rest stays as pretrained) or lora
+    (LoRA adapters on finetune.lora_targets plus, for classification, the whole head; merged into the export)."""
+    lora_rank: int = 8
+    """method=lora: rank r of each adapter's update B·A."""
+    lora_alpha: float = 16.0
+    """method=lora: the update is scaled by lora_alpha / lora_rank."""
+    lora_dropout: float = 0.0
+    """method=lora: dropout on the adapters' input."""
+    lora_targets: list[str] = field(default_factory=list)
+    """method=lora: module-name suffixes to adapt (e.g. [c_attn, c_proj]). Empty: every linear layer of the blocks
+    (gpt2: c_attn, c_proj, c_fc; llama: q/k/v/o_proj, gate/up/down_proj; bert: query, key, value, dense)."""
+    head_lr: float = 0.0
+    """classification: peak learning rate of the newly initialized head (score; bert: pooler and classifier), on the
+    same schedule as the rest (LoRA adapters count as the rest). 0: finetune.lr."""
+    label_smoothing: float = 0.0
+    """classification: label smoothing of the training cross-entropy (val_loss stays the plain cross-entropy)."""
+    dropout: float = -1.0
+    """Dropout probability for every dropout of the model (gpt2: resid/embd/attn_pdrop, summary_first_dropout; llama:
+    attention_dropout; bert: hidden/attention_probs/classifier dropout). -1: keep the pretrained model's."""
 
 
 @dataclass
@@ -245,14 +276,26 @@ class SweepConfig:
     """The reported metric to optimize (classification: val_accuracy, val_f1, val_loss; sft: val_loss, val_ppl)."""
     mode: str = "max"
     """max or min."""
-    grace_period: int = 1
-    """ASHA: evaluations every trial gets before it can be stopped."""
+    grace_period: int = 0
+    """ASHA: optimizer steps every trial runs before it can be stopped. 0: a quarter of the longest trial. Never less
+    than the longest warm-up (finetune.warmup_ratio x the trial's steps): no trial is judged while still warming up."""
     reduction_factor: int = 2
     """ASHA: keep the best 1/reduction_factor at each rung."""
     max_concurrent: int = 0
     """Trials at once. 0: as many as the cluster's free CPUs/GPUs fit."""
     compare_scratch: bool = False
-    """Also train the best configuration from random initialization, to show what pretraining bought."""
+    """Also search the same space with the same budget from random initialization (best against best), to show
+    honestly what pretraining bought; `best/` is then the better model of the two sides."""
+    num_seeds: int = 3
+    """Each side's winning configuration is run with this many seeds in all (the swept run is one): the spread that
+    tells a real difference from noise."""
+    label_fractions: list[float] = field(default_factory=lambda: [1.0])
+    """Fractions of the labelled training set at which each side's winner is also trained, e.g. [0.1, 0.3, 1.0]: the
+    curve that shows whether pretraining cuts the labels needed."""
+    pretrained_steps: list[int] = field(default_factory=list)
+    """Pretraining steps, e.g. [50, 100], whose weights pretraining keeps (`<run.dir>/snapshots/step-N/export`) and
+    the sweep also finetunes with the pretrained winner's configuration: accuracy against pretraining tokens, which
+    answers "was pretraining long enough?". Set it before pretraining."""
 
 
 @dataclass
@@ -301,6 +344,13 @@ CHOICES = {
     "sweep.mode": ("max", "min"),
 }
 SEARCH_KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
+# What a sweep trial may change: finetuning hyperparameters and the seed. Not the task, the data files and fields, the
+# validation split (trials would be scored on different sets) or the init (sweep.compare_scratch runs both sides).
+NOT_SWEEPABLE = ("task", "pretrained", "init", "train_files", "val_files", "val_fraction", "group_field", "text_field",
+                 "label_field", "prompt_field", "response_field", "builtin_examples")
+SWEEPABLE = ["run.seed"] + [f"finetune.{f.name}" for f in dataclasses.fields(FinetuneConfig)
+                            if f.name not in NOT_SWEEPABLE]
+DATA_KEYS = ("finetune.max_len", "finetune.train_fraction")  # change the tokenized data a trial sees
 
 
 def validate(cfg: Config) -> Config:
@@ -311,7 +361,7 @@ def validate(cfg: Config) -> Config:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, allowed))}.")
     positive = ["cluster.num_workers", "cluster.cpus_per_worker", "data.seq_len", "data.vocab_size",
-                "data.rows_per_shard", "data.rows_per_group", "model.num_layers", "model.hidden_size", "model.num_heads",
+                "data.rows_per_shard", "data.rows_per_group", "data.shuffle_window_rows", "model.num_layers", "model.hidden_size", "model.num_heads",
                 "model.max_positions", "pretrain.max_steps", "pretrain.global_batch_size",
                 "pretrain.micro_batch_size", "pretrain.log_every", "pretrain.ckpt_every", "pretrain.num_to_keep",
                 "pretrain.eval_batches", "pretrain.max_nonfinite_steps"]
@@ -371,7 +421,46 @@ def validate(cfg: Config) -> Config:
             f"finetune.micro_batch_size = {cfg.cluster.num_workers * ft.micro_batch_size}.")
     if ft.freeze_layers < 0:
         raise ConfigError(f"finetune.freeze_layers must be >= 0, got {ft.freeze_layers}.")
+    for key, allowed in (("pooling", ("last", "mean", "cls")), ("method", ("full", "head", "lora"))):
+        if getattr(ft, key) not in allowed:
+            raise ConfigError(f"finetune.{key}={getattr(ft, key)!r} is not valid; choose one of {', '.join(allowed)}.")
+    if ft.lora_rank <= 0 or ft.lora_alpha <= 0:
+        raise ConfigError(f"finetune.lora_rank and finetune.lora_alpha must be > 0, got {ft.lora_rank} and "
+                          f"{ft.lora_alpha} (e.g. finetune.lora_rank=8 finetune.lora_alpha=16).")
+    if not all(isinstance(t, str) and t.strip(".") for t in ft.lora_targets):
+        raise ConfigError(f"finetune.lora_targets={ft.lora_targets} must be module-name suffixes such as c_attn or "
+                          "attn.c_proj ([] for the family's defaults).")
+    for key, low, high in (("lora_dropout", 0, 1), ("label_smoothing", 0, 1)):
+        if not low <= getattr(ft, key) < high:
+            raise ConfigError(f"finetune.{key} must be in [{low}, {high}), got {getattr(ft, key)}.")
+    if ft.dropout != -1 and not 0 <= ft.dropout < 1:
+        raise ConfigError(f"finetune.dropout must be in [0, 1), or -1 to keep the pretrained model's, got "
+                          f"{ft.dropout}.")
+    if ft.head_lr < 0 or (ft.head_lr and ft.lr <= 0):
+        raise ConfigError(f"finetune.head_lr must be >= 0 (0: the head trains at finetune.lr) and needs "
+                          f"finetune.lr > 0, got head_lr={ft.head_lr}, lr={ft.lr}.")
+    if ft.task == "sft":  # these act on the classification head, which SFT has none of
+        for key, neutral in (("pooling", "last"), ("head_lr", 0.0), ("label_smoothing", 0.0)):
+            if getattr(ft, key) != neutral:
+                raise ConfigError(f"finetune.{key}={getattr(ft, key)!r} applies to finetune.task=classification only; "
+                                  f"with task=sft leave it at {neutral!r}.")
+        if ft.method == "head":
+            raise ConfigError("finetune.method=head trains only a new classification head, which finetune.task=sft "
+                              "does not have (its output layer is pretrained); use method=full or method=lora.")
     validate_space(cfg.sweep.space)
+    for fraction in cfg.sweep.label_fractions:
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"sweep.label_fractions holds {fraction}; each fraction of the labelled training set must "
+                              "be in (0, 1], e.g. sweep.label_fractions=[0.1,0.3,1.0].")
+    for step in cfg.sweep.pretrained_steps:
+        if not 0 < step < p.max_steps:
+            raise ConfigError(f"sweep.pretrained_steps holds {step}, but pretraining runs steps 1-{p.max_steps} (the "
+                              f"final step is always finetuned); give steps in 1-{p.max_steps - 1}.")
+    if cfg.sweep.num_seeds < 1:
+        raise ConfigError(f"sweep.num_seeds must be >= 1 (the swept run counts as one), got {cfg.sweep.num_seeds}.")
+    if cfg.sweep.grace_period < 0 or cfg.sweep.reduction_factor < 2:
+        raise ConfigError("sweep.grace_period must be >= 0 (0: a quarter of the run) and sweep.reduction_factor >= 2, "
+                          f"got {cfg.sweep.grace_period} and {cfg.sweep.reduction_factor}.")
     if not 0 < p.mlm_probability < 1:
         raise ConfigError(f"pretrain.mlm_probability must be in (0, 1), got {p.mlm_probability}.")
     return cfg
@@ -385,15 +474,23 @@ def validate_space(space: dict) -> None:
     valid = [f"{s.name}.{f.name}" for s in dataclasses.fields(Config) for f in dataclasses.fields(s.default_factory)]
     for key, spec in space.items():
         if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+            close = difflib.get_close_matches(str(key), SWEEPABLE, n=1, cutoff=0.5)
             raise ConfigError(f"sweep.space key {key!r} is not a config key" +
                               (f"; did you mean {close[0]!r}?" if close else "."))
+        if key not in SWEEPABLE:
+            raise ConfigError(f"sweep.space key {key!r} is not something a finetuning trial can change (the model's "
+                              "shape comes from the pretrained export; data files, fields, task and validation split "
+                              "are fixed so trials are scored alike; sweep.compare_scratch runs the scratch side). "
+                              f"Sweepable keys: {', '.join(SWEEPABLE)}.")
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SEARCH_KINDS:
             raise ConfigError(f"sweep.space[{key!r}] must be one of {{kind: values}} with kind in "
                               f"{', '.join(SEARCH_KINDS)}, got {spec!r}.")
         kind, values = next(iter(spec.items()))
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep.space[{key!r}].{kind} needs a non-empty list, got {values!r}.")
+        if key in DATA_KEYS and kind not in ("choice", "grid"):
+            raise ConfigError(f"sweep.space[{key!r}] changes the data a trial trains on, which is tokenized once per "
+                              f"value: give a list of values, e.g. {{choice: [...]}} or {{grid: [...]}}, not {kind}.")
         if kind in ("loguniform", "uniform", "randint") and len(values) != 2:
             raise ConfigError(f"sweep.space[{key!r}].{kind} needs [low, high], got {values!r}.")
         if kind in ("loguniform", "uniform"):

@@ -44,15 +44,24 @@ def deepspeed_config(cfg: Config) -> dict:
     }
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups of the trainable parameters: biases and norm weights get no weight decay, and a parameter with an
+    `lr_scale` attribute (e.g. a finetuning head with its own learning rate) goes to a group that `set_lr` gives
+    that multiple of the scheduled rate. Without any `lr_scale`: [decay, no decay]."""
+    by_key: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            by_key.setdefault((getattr(p, "lr_scale", 1.0), p.dim() < 2), []).append(p)
+    return [{"params": by_key[key], "weight_decay": 0.0 if key[1] else weight_decay, "lr_scale": key[0]}
+            for key in sorted(by_key)]  # a fixed order: a resumed optimizer state maps onto the same groups
+
+
 def initialize(model: torch.nn.Module, cfg: Config, *, load_universal: bool = False):
-    """Wrap `model` in a DeepSpeed engine with AdamW; biases and norm weights get no weight decay.
+    """Wrap `model` in a DeepSpeed engine with AdamW over `param_groups(model)`.
     `load_universal`: the next `load` reads a universal checkpoint (see `to_universal`)."""
     import deepspeed
 
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.pretrain.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = param_groups(model, cfg.pretrain.weight_decay)
     config = deepspeed_config(cfg)
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
@@ -61,8 +70,9 @@ def initialize(model: torch.nn.Module, cfg: Config, *, load_universal: bool = Fa
 
 
 def set_lr(engine, lr: float) -> None:
+    """The scheduled rate `lr`, times each group's `lr_scale` (see `param_groups`)."""
     for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def step(engine, *, apply_update: bool = True) -> None:

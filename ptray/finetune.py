@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import math
 import os
@@ -27,6 +28,8 @@ import torch.nn.functional as F
 from ray.train import CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.pytorch_utils import Conv1D
 
 from ptray import checkpoint as ckpt
 from ptray.config import Config, from_dict, save_config, with_absolute_paths
@@ -91,8 +94,16 @@ def load_labelled(cfg: Config, tokenizer) -> LabelledData:
         val_rows = read_labelled_rows(ft.val_files, cfg)
         train_rows = rows
     else:
-        key = (lambda r: str(r.get(ft.text_field))) if ft.task == "classification" else (
-            lambda r: f"{r.get(ft.prompt_field)}\x00{r.get(ft.response_field)}")
+        group = "person" if ft.train_files == ["builtin"] else ft.group_field  # the built-in task: by person
+        if group and group not in rows[0]:
+            raise DataError(f"finetune.group_field={group!r} is not a field of the labelled data (fields: "
+                            f"{', '.join(rows[0])}); name the field that groups related examples, or set it to ''.")
+        if group:
+            key = lambda r: str(r.get(group))  # noqa: E731  related examples never straddle the split
+        elif ft.task == "classification":
+            key = lambda r: str(r.get(ft.text_field))  # noqa: E731
+        else:
+            key = lambda r: f"{r.get(ft.prompt_field)}\x00{r.get(ft.response_field)}"  # noqa: E731
         held = [is_validation(doc_hash(key(r)), ft.val_fraction, cfg.run.seed) for r in rows]
         train_rows = [r for r, h in zip(rows, held) if not h]
         val_rows = [r for r, h in zip(rows, held) if h]
@@ -171,6 +182,7 @@ def check_pretrained(cfg: Config, tokenizer_dir: str) -> AutoConfig:
         raise ConfigError(f"the tokenizer in {tokenizer_dir!r} has {len(tokenizer)} tokens but the model in {path!r} "
                           f"embeds only {hf.vocab_size}: they do not belong together. Use the tokenizer saved with "
                           "the model (its own directory).")
+    check_method(cfg.finetune, hf, path)
     return hf
 
 
@@ -185,11 +197,14 @@ def prepare_finetune(cfg: Config) -> tuple[ray.ObjectRef, LabelledData]:
     return ray.put(data), data
 
 
+def finetune_steps(ft, num_train_examples: int) -> int:
+    """Optimizer steps of a finetune run: epochs x full global batches per epoch (at least one)."""
+    return ft.epochs * max(1, num_train_examples // ft.global_batch_size)
+
+
 def build_trainer(cfg: Config, data_ref: ray.ObjectRef, *, storage_path: str, name: str, num_examples: int,
                   callbacks=(), metric: str | None = None, mode: str = "max") -> TorchTrainer:
     """The TorchTrainer of one finetune run (also each sweep trial's)."""
-    per_step = cfg.finetune.global_batch_size
-    steps_per_epoch = max(1, num_examples // per_step)
     run_dir = os.path.join(storage_path, name)
     os.makedirs(run_dir, exist_ok=True)
     keep = CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=mode) \
@@ -197,7 +212,7 @@ def build_trainer(cfg: Config, data_ref: ray.ObjectRef, *, storage_path: str, na
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "data": data_ref, "run_dir": run_dir,
-                           "pretrained": pretrained_dir(cfg), "max_steps": cfg.finetune.epochs * steps_per_epoch},
+                           "pretrained": pretrained_dir(cfg), "max_steps": finetune_steps(cfg.finetune, num_examples)},
         scaling_config=worker_scaling(cfg),
         run_config=RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
@@ -216,15 +231,18 @@ def finetune(cfg: Config) -> dict:
     save_config(cfg, out)
     metric = METRICS[cfg.finetune.task][1] if cfg.finetune.task == "classification" else "val_loss"
     mode = "max" if metric == "val_accuracy" else "min"
-    trainer = build_trainer(cfg, data_ref, storage_path=out, name="train",
+    # The Train run is named by its configuration: rerunning the same command resumes it, while changed
+    # hyperparameters start a new run instead of returning the older run's results.
+    name = "train-" + hashlib.sha256(cfg.to_yaml().encode()).hexdigest()[:10]
+    trainer = build_trainer(cfg, data_ref, storage_path=out, name=name,
                             num_examples=len(data.train["labels"]), metric=metric, mode=mode)
     result = trainer.fit()
-    raise_if_stopped(os.path.join(out, "train"), result.checkpoint, "finetune")
-    best = best_checkpoint(os.path.join(out, "train"), metric, mode)
+    raise_if_stopped(os.path.join(out, name), result.checkpoint, "finetune")
+    best = best_checkpoint(os.path.join(out, name), metric, mode)
     export_finetuned(cfg, best["path"], data, os.path.join(out, "export"))
     print(f"[finetune] best {metric} {best['metrics'][metric]:.4f} at step {best['metrics']['step']}; "
           f"export {os.path.join(out, 'export')}", flush=True)
-    return {"metrics": result.metrics, "best": best}
+    return {"metrics": result.metrics, "best": best, "train_dir": os.path.join(out, name)}
 
 
 def best_checkpoint(train_dir: str, metric: str, mode: str) -> dict:
@@ -242,27 +260,169 @@ def best_checkpoint(train_dir: str, metric: str, mode: str) -> dict:
     return (max if mode == "max" else min)(found, key=lambda c: c["metrics"][metric])
 
 
+# ---- the model: family, pooling, method ----------------------------------------------------------------------------
+
+
+HEAD_MODULES = {"gpt2": ("score",), "llama": ("score",), "bert": ("classifier", "pooler")}
+"""Each family's classification head, the layers a pretrained LM does not have: what finetune.method=head trains and
+finetune.head_lr applies to. BERT's pooler belongs to it: a masked-LM export has none, so it starts random too."""
+LORA_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
+                "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                "bert": ["query", "key", "value", "dense"]}
+"""finetune.lora_targets=[]: every linear layer of the transformer blocks."""
+DROPOUT_FIELDS = {"gpt2": ("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout"),
+                  "llama": ("attention_dropout",),
+                  "bert": ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout")}
+"""The config fields finetune.dropout overrides."""
+
+
+def _named(name: str, suffix: str) -> bool:
+    """Whether module `name` ends in the dotted `suffix` (peft's rule for target_modules)."""
+    return name == suffix or name.endswith("." + suffix)
+
+
+def _in_head(name: str, task: str, family: str) -> bool:
+    """Whether parameter or module `name` lies in the head (the SFT head is the pretrained, often tied, lm_head)."""
+    head = HEAD_MODULES[family] if task == "classification" else ("lm_head",)
+    return any(f".{h}." in f".{name}." for h in head)
+
+
+def check_method(ft, hf, where: str, model: torch.nn.Module | None = None) -> None:
+    """The finetune options that depend on the model's family: pooling=cls needs bert, and every LoRA target must name
+    a linear layer of `model` outside the head (None: the architecture of `hf`, built on the meta device, which
+    allocates nothing). Runs on the driver before any worker starts, and in each worker for sweep trials."""
+    family = hf.model_type
+    if ft.task == "classification" and ft.pooling == "cls" and family != "bert":
+        raise ConfigError(f"finetune.pooling=cls is not valid for the {family} family of {where!r}: a causal "
+                          "model's first token has seen nothing but itself. Use finetune.pooling=last or mean (cls "
+                          "is for bert).")
+    if ft.method != "lora":
+        return
+    if model is None:
+        with torch.device("meta"):
+            model = _auto_class(ft.task).from_config(hf)
+    linear = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))
+              and not _in_head(n, ft.task, family)]
+    targets = ft.lora_targets or LORA_TARGETS[family]
+    unmatched = [t for t in targets if not any(_named(n, t) for n in linear)]
+    if unmatched:
+        names = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise ConfigError(f"finetune.lora_targets {unmatched} match no linear layer of the {family} model in {where!r} "
+                          f"(the head is always trained in full). Its linear layers are named {', '.join(names)} "
+                          f"(e.g. {linear[0]}); list some of those, or set finetune.lora_targets=[] for the "
+                          f"{family} defaults ({', '.join(LORA_TARGETS[family])}).")
+
+
+def _auto_class(task: str):
+    return AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+
+
 def finetune_model(cfg: Config, pretrained: str, num_labels: int, id2label: dict[int, str]):
-    """The model to finetune: the pretrained weights (or the same architecture, randomly initialized)."""
+    """The model to finetune: the pretrained weights (or the same architecture, randomly initialized), with
+    finetune.dropout, .method (LoRA adapters, or everything but the head frozen), .head_lr and .pooling applied."""
+    ft = cfg.finetune
     hf = AutoConfig.from_pretrained(pretrained, local_files_only=True)
-    if cfg.finetune.task == "classification":
+    family = hf.model_type
+    if ft.dropout != -1:
+        for name in DROPOUT_FIELDS[family]:
+            setattr(hf, name, ft.dropout)
+    if ft.task == "classification":
         hf.num_labels, hf.id2label = num_labels, {int(k): v for k, v in id2label.items()}
         hf.label2id = {v: int(k) for k, v in id2label.items()}
         if hf.pad_token_id is None:
             hf.pad_token_id = hf.eos_token_id  # sequence classification reads the last non-pad token
-        auto = AutoModelForSequenceClassification
+    auto = _auto_class(ft.task)
+    if ft.init == "scratch":
+        model = auto.from_config(hf, dtype=torch.float32)
     else:
-        auto = AutoModelForCausalLM
-    if cfg.finetune.init == "scratch":
-        return auto.from_config(hf, dtype=torch.float32)
-    return auto.from_pretrained(pretrained, config=hf, local_files_only=True, dtype=torch.float32)
+        model = auto.from_pretrained(pretrained, config=hf, local_files_only=True, dtype=torch.float32)
+    check_method(ft, hf, pretrained, model)
+    if ft.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        classification = ft.task == "classification"
+        model = get_peft_model(model, LoraConfig(
+            task_type="SEQ_CLS" if classification else "CAUSAL_LM", r=ft.lora_rank, lora_alpha=ft.lora_alpha,
+            lora_dropout=ft.lora_dropout, target_modules=ft.lora_targets or LORA_TARGETS[family],
+            fan_in_fan_out=family == "gpt2",  # GPT-2's Conv1D stores its weight transposed
+            # The head trains in full: peft keeps a trainable copy and merge_and_unload puts it in place.
+            modules_to_save=list(HEAD_MODULES[family]) if classification else None))
+    elif ft.method == "head":
+        for name, param in model.named_parameters():
+            param.requires_grad = _in_head(name, ft.task, family)
+    if ft.head_lr:
+        for name, param in model.named_parameters():
+            if param.requires_grad and _in_head(name, ft.task, family):
+                param.lr_scale = ft.head_lr / ft.lr  # engine.param_groups puts it in a group set_lr scales
+    if ft.task == "classification" and ft.pooling == "mean":
+        model = MeanPooledClassifier(model)
+    return model
+
+
+def transformers_model(model: torch.nn.Module):
+    """The transformers model inside `finetune_model`'s wrappers (with any LoRA layers in it)."""
+    if isinstance(model, MeanPooledClassifier):
+        model = model.model
+    return model.get_base_model() if hasattr(type(model), "get_base_model") else model
+
+
+class MeanPooledClassifier(torch.nn.Module):
+    """finetune.pooling=mean: a transformers *ForSequenceClassification model (possibly LoRA-wrapped) whose own head
+    reads the mean of the final hidden states over the non-pad tokens (`attention_mask`) instead of one token.
+
+    It saves as that plain model with `ptray_pooling: mean` in config.json; load an export with
+    `MeanPooledClassifier.from_pretrained(path)` (or `load_classifier`). Plain transformers loads the same weights
+    but pools its own way (GPT-2/Llama: the last token; bert: the first), so its predictions differ.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.config = transformers_model(model).config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> SequenceClassifierOutput:
+        hf = transformers_model(self.model)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = hf.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        if self.config.model_type == "bert":  # BertForSequenceClassification's head: pooler, dropout, classifier
+            return SequenceClassifierOutput(logits=hf.classifier(hf.dropout(hf.bert.pooler(pooled[:, None]))))
+        return SequenceClassifierOutput(logits=hf.score(pooled))  # GPT-2/Llama: score
+
+    def save_pretrained(self, path: str, **kwargs) -> None:
+        assert self.model is transformers_model(self.model), "merge LoRA adapters before saving (merge_lora)"
+        self.config.ptray_pooling = "mean"
+        self.model.save_pretrained(path, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> "MeanPooledClassifier":
+        return cls(AutoModelForSequenceClassification.from_pretrained(path, **kwargs))
+
+
+def load_classifier(path: str, **kwargs) -> torch.nn.Module:
+    """A ptray classification export with the pooling it was trained with (`ptray_pooling` in its config.json)."""
+    if getattr(AutoConfig.from_pretrained(path), "ptray_pooling", "") == "mean":
+        return MeanPooledClassifier.from_pretrained(path, **kwargs)
+    return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+
+
+def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """A trained LoRA model as a plain transformers one: each adapter's update merged into its layer's weight and the
+    head's trained copy in place of the original (peft's merge_and_unload); a mean-pooling wrapper stays around it."""
+    if isinstance(model, MeanPooledClassifier):
+        return MeanPooledClassifier(model.model.merge_and_unload())
+    return model.merge_and_unload()
 
 
 def export_finetuned(cfg: Config, checkpoint_dir: str, data: LabelledData, out_dir: str) -> str:
+    """Export a finetune checkpoint in Hugging Face format (LoRA adapters merged into the weights)."""
     torch.manual_seed(cfg.run.seed)
     model = finetune_model(dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, init="scratch")),
                            pretrained_dir(cfg), len(data.id2label), data.id2label)
-    return ckpt.export_model(cfg, checkpoint_dir, model=model, tokenizer_dir=pretrained_dir(cfg), out_dir=out_dir)
+    return ckpt.export_model(cfg, checkpoint_dir, model=model, tokenizer_dir=pretrained_dir(cfg), out_dir=out_dir,
+                             unwrap=merge_lora if cfg.finetune.method == "lora" else None)
 
 
 # ---- worker --------------------------------------------------------------------------------------------------------
@@ -313,11 +473,11 @@ class FinetuneTask:
     def loss(self, engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return self._loss(logits, batch["labels"])
+        return self._loss(logits, batch["labels"], label_smoothing=self.cfg.finetune.label_smoothing)
 
-    def _loss(self, logits, labels):
+    def _loss(self, logits, labels, label_smoothing: float = 0.0):
         if self.task == "classification":
-            return F.cross_entropy(logits.float(), labels)
+            return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
         return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
                                ignore_index=IGNORE_INDEX)
 
@@ -364,7 +524,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world_size, _ = setup_worker(cfg)
     torch.manual_seed(cfg.run.seed)  # same head initialization on every rank
     model = finetune_model(cfg, loop_config["pretrained"], len(data.id2label), data.id2label)
-    freeze(model, ft.freeze_layers)
+    freeze(transformers_model(model), ft.freeze_layers)
+    if rank == 0 and (ft.method != "full" or ft.freeze_layers):
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"[finetune] method={ft.method}, freeze_layers={ft.freeze_layers}: {trainable:,} of "
+              f"{sum(p.numel() for p in model.parameters()):,} parameters train", flush=True)
     max_steps = loop_config["max_steps"]
     # Finetuning fills the optimization section the shared loop and engine read.
     train_cfg = dataclasses.replace(cfg, pretrain=dataclasses.replace(

@@ -70,9 +70,12 @@ def setup_worker(cfg: Config):
 
 
 def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkpoint_root: str, tokens_per_step: int,
-        flops_per_token: float, label: str) -> None:
+        flops_per_token: float, label: str, snapshot_steps: tuple[int, ...] = ()) -> None:
     """Wrap `model` in DeepSpeed, resume from the newest good checkpoint under `checkpoint_root` if there is one, and
     train `cfg.pretrain.max_steps` steps.
+
+    At each of `snapshot_steps` the weights are also saved to `<run_dir>/snapshots/step-<N>/` (kept whatever
+    `num_to_keep` says): the driver exports them, to finetune from intermediate points of pretraining.
 
     `cfg.pretrain` holds the optimization settings of the stage (finetuning fills it from its own section).
     `tokens_per_step` counts sequence positions per optimizer step over all workers (padding included).
@@ -199,11 +202,17 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkp
                           " | ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()), flush=True)
             window_start = time.perf_counter()  # don't count eval time as training throughput
 
+        if state.step in snapshot_steps:
+            ds.save(engine, snapshot_dir(run_dir, state.step))  # collective; every rank writes its shards
         if state.step == p.max_steps:
             save_checkpoint(metrics, probe=probe_logits(engine, task.probe_inputs()))
         elif state.step % p.ckpt_every == 0 and nonfinite_in_a_row == 0:  # never save mid-streak: keep the good one
             save_checkpoint(metrics)
             window_start = time.perf_counter()
+
+
+def snapshot_dir(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, "snapshots", f"step-{step}")
 
 
 def raise_if_stopped(run_dir: str, checkpoint: Checkpoint | None, label: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 
 import torch
 import torch.distributed as dist
@@ -28,7 +29,7 @@ from ptray.data.manifest import Manifest, Shard, verify_shards
 from ptray.data.prepare import ensure_prepared
 from ptray.data.tokenizer import tokenizer_hash
 from ptray.errors import ConfigError, DataError
-from ptray.loop import fit, raise_if_stopped, setup_worker
+from ptray.loop import fit, raise_if_stopped, setup_worker, snapshot_dir
 from ptray.model import build_model, flops_per_token, init_from_info, num_params, padded_vocab_size
 from ptray.objectives import IGNORE_INDEX, causal_lm_batch, masked_lm_batch, token_loss
 from ptray.session import worker_scaling
@@ -75,6 +76,16 @@ def pretrain(cfg: Config) -> PretrainResult:
     with result.checkpoint.as_directory() as checkpoint_dir:
         ckpt.export_hf(cfg, checkpoint_dir, vocab_size=vocab_size, special_ids=special_ids(manifest),
                        tokenizer_dir=storage.join(prepared_dir, manifest.tokenizer_dir), out_dir=export_dir)
+    for step in cfg.sweep.pretrained_steps:  # intermediate points of pretraining, to finetune from (sweep)
+        snapshot = snapshot_dir(run_dir, step)
+        if not os.path.isdir(os.path.join(snapshot, "export")) and not os.path.isdir(os.path.join(snapshot, "ds")):
+            print(f"[pretrain] WARNING: no snapshot at step {step}: this run had passed that step before "
+                  "sweep.pretrained_steps named it", flush=True)
+        elif not os.path.isdir(os.path.join(snapshot, "export")):
+            ckpt.export_hf(cfg, snapshot, vocab_size=vocab_size, special_ids=special_ids(manifest),
+                           tokenizer_dir=storage.join(prepared_dir, manifest.tokenizer_dir),
+                           out_dir=os.path.join(snapshot, "export"))
+            shutil.rmtree(os.path.join(snapshot, "ds"), ignore_errors=True)  # the export is all the sweep needs
     print(f"[pretrain] done: metrics {os.path.join(run_dir, 'metrics.jsonl')}, checkpoint {result.checkpoint.path}, "
           f"export {export_dir}", flush=True)
     return PretrainResult(run_dir=run_dir, export_dir=export_dir, checkpoint_dir=result.checkpoint.path,
@@ -213,4 +224,5 @@ def train_loop_per_worker(loop_config: dict) -> None:
     task = LanguageModelingTask(cfg, manifest, loop_config["prepared_dir"], rank, world_size)
     fit(cfg, task, model, run_dir=loop_config["run_dir"], checkpoint_root=loop_config["checkpoint_root"],
         tokens_per_step=cfg.pretrain.global_batch_size * manifest.seq_len,
-        flops_per_token=flops_per_token(model.config, num_params(model), cfg.data.seq_len), label="pretrain")
+        flops_per_token=flops_per_token(model.config, num_params(model), cfg.data.seq_len), label="pretrain",
+        snapshot_steps=tuple(cfg.sweep.pretrained_steps))

@@ -66,37 +66,69 @@ def report(run_dir: str) -> str:
         for row in table:
             history = [r for r in read_metrics(os.path.join(sweep_dir, "trials", row["trial_id"])) if metric in r]
             style = "-" if row["status"] == "finished" else "--"
-            ax.plot(range(1, len(history) + 1), [r[metric] for r in history], style, marker="o",
-                    label=f"{row['trial_id']} ({row['status']})")
-        ax.set(xlabel="evaluation (Tune training iteration)", ylabel=metric,
-               title="Sweep: every trial's metric (dashed: stopped early by ASHA)")
-        ax.legend(fontsize=7)
+            ax.plot([r["step"] for r in history], [r[metric] for r in history], style, marker="o",
+                    color="C0" if row.get("side", "pretrained") == "pretrained" else "C7",
+                    label=f"{row['trial_id']} ({row.get('side', 'pretrained')}, {row['status']})")
+        ax.set(xlabel="optimizer step", ylabel=metric,
+               title="Sweep: every trial's metric (blue: pretrained, grey: scratch; dashed: stopped by ASHA)")
+        ax.legend(fontsize=6)
         _save(fig, figures, "sweep_trials.png")
         lines += ["## Finetuning sweep", "",
                   f"{len(table)} trials; {sum(r['status'] == 'stopped early' for r in table)} stopped early by the "
                   "scheduler. Trials that stop early release their workers for the next ones.", "",
                   "![sweep trials](report/sweep_trials.png)", "", _markdown_table(table), ""]
         if best:
-            lines += [f"Best: trial `{best['trial_id']}`, {metric} = {best['value']:.4f} at step {best['step']} "
-                      f"with `{best['config']}`; exported to `best/`.", ""]
-            if "scratch" in best:
-                fig, ax = plt.subplots(figsize=(5, 3.5))
-                values = [best["value"], best["scratch"]["value"]]
-                ax.bar(["from pretrained", "from scratch"], values, color=["C0", "C7"])
-                ax.set(ylabel=metric, title="What pretraining bought (same hyperparameters)")
-                for i, v in enumerate(values):
-                    ax.text(i, v, f"{v:.3f}", ha="center", va="bottom")
-                _save(fig, figures, "pretrained_vs_scratch.png")
-                lines += ["### Pretrained vs scratch", "",
-                          f"The best configuration trained from random initialization reaches {metric} = "
-                          f"{best['scratch']['value']:.4f}, against {best['value']:.4f} from the pretrained model "
-                          f"(difference {best['pretraining_gain']:+.4f}).", "",
-                          "![pretrained vs scratch](report/pretrained_vs_scratch.png)", ""]
+            lines += [f"Best: trial `{best['trial_id']}` ({best.get('side', 'pretrained')} side), {metric} = "
+                      f"{best['value']:.4f} at step {best['step']} with `{best['config']}`; exported to `best/`.", ""]
+        sides = (best or {}).get("sides", {})
+        if "scratch" in sides:
+            lines += _pretraining_verdict(plt, figures, best, metric)
+        if best and best.get("pretrained_steps"):
+            points = best["pretrained_steps"]
+            fig, ax = plt.subplots(figsize=(6, 4))
+            ax.plot([p["tokens"] for p in points], [p["value"] for p in points], "o-", label="from pretrained")
+            if "scratch" in sides:
+                ax.axhline(sides["scratch"]["seed_mean"], color="C7", ls="--", label="from scratch (seed mean)")
+            ax.set(xlabel="pretraining tokens", ylabel=metric, title="Was pretraining long enough?")
+            ax.legend()
+            _save(fig, figures, "pretraining_steps.png")
+            trend = "still rising" if points[-1]["value"] > max(p["value"] for p in points[:-1]) else "flat or falling"
+            lines += ["### Was pretraining long enough?", "",
+                      "The pretrained winner's configuration finetuned from intermediate pretraining checkpoints: " +
+                      "; ".join(f"step {p['step']} ({p['tokens']:,} tokens): {p['value']:.4f}" for p in points) +
+                      f". Over the last interval the downstream {metric} is {trend}.", "",
+                      "![pretraining steps](report/pretraining_steps.png)", ""]
     path = os.path.join(run_dir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))
     print(f"[report] {path}", flush=True)
     return path
+
+
+def _pretraining_verdict(plt, figures: str, best: dict, metric: str) -> list[str]:
+    """Pretrained vs scratch, each side's own best configuration: seed spread, and the label-fraction curve."""
+    sides = best["sides"]
+    fig, (ax_seeds, ax_fractions) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (side, color) in enumerate([("pretrained", "C0"), ("scratch", "C7")]):
+        seeds = sides[side]["seeds"]
+        ax_seeds.bar(i, sides[side]["seed_mean"], yerr=sides[side]["seed_std"], color=color, capsize=6)
+        ax_seeds.plot([i] * len(seeds), seeds, "k.", zorder=3)
+        ax_seeds.text(i, sides[side]["seed_mean"], f"{sides[side]['seed_mean']:.3f}", ha="left", va="bottom")
+        fractions = sides[side]["label_fractions"]
+        ax_fractions.plot([float(f) for f in fractions], list(fractions.values()), "o-", color=color,
+                          label=f"from {side}")
+    ax_seeds.set(xticks=[0, 1], xticklabels=["from pretrained", "from scratch"], ylabel=metric,
+                 title=f"Each side's best configuration over {len(sides['pretrained']['seeds'])} seeds")
+    ax_fractions.set(xlabel="fraction of the labelled training set", ylabel=metric, xscale="log",
+                     title="Labels needed: each side's winner at fewer labels")
+    ax_fractions.legend()
+    _save(fig, figures, "pretrained_vs_scratch.png")
+    curve = "; ".join(f"{float(f):g} of the labels: {sides['pretrained']['label_fractions'][f]:.4f} pretrained vs "
+                      f"{sides['scratch']['label_fractions'].get(f, float('nan')):.4f} scratch"
+                      for f in sides["pretrained"]["label_fractions"])
+    return ["### Did pretraining pay off?", "", best["verdict"], "",
+            f"Label fractions (each side's winner, one run per point; 1.0 is the seed mean): {curve}.", "",
+            "![pretrained vs scratch](report/pretrained_vs_scratch.png)", ""]
 
 
 def _save(fig, directory: str, name: str) -> None:

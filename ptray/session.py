@@ -46,14 +46,29 @@ def ray_session(cfg: Config):
         # Concurrent sweep trials oversubscribe the cores, and a worker's start (importing torch and DeepSpeed) can
         # then take longer than Ray Train's 60 s default for starting a worker group.
         runtime_env["env_vars"].setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-        # address="local": always a fresh in-process Ray, even if a `ray start` cluster runs on this machine.
-        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, logging_level=logging.WARNING)
+        # Ray Train's placement-group cleaner finds "its" cluster by auto-detection, which fails as soon as a second Ray
+        # runs on this machine (another ptray, a test): the next trial's workers then never start. So the GCS gets a
+        # port chosen here, and every worker of this session is told the address.
+        gcs_port = _free_port()
+        runtime_env["env_vars"]["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{gcs_port}"
+        os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
+        try:
+            # address="local": always a fresh in-process Ray, even if a `ray start` cluster runs on this machine.
+            ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, logging_level=logging.WARNING)
+        finally:
+            del os.environ["RAY_GCS_SERVER_PORT"]
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # one line per dataset execution is noise here
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 def _job_runtime_env() -> dict:

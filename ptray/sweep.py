@@ -1,20 +1,31 @@
 """`ptray sweep`: Ray Tune over finetuning hyperparameters; each trial is itself a multi-worker Ray Train run.
 
-    ptray sweep --config tiny                                    # 6 trials x 2 workers, ASHA, on runs/tiny/export
+    ptray sweep --config tiny                                    # search from the pretrained export, and from scratch
     ptray sweep --config tiny sweep.searcher=optuna sweep.num_samples=12
     ptray sweep --config tiny --resume                           # continue an interrupted sweep
 
-Outputs in `<run.dir>/sweep/`: `leaderboard.csv` (one row per trial), `trials/<trial>/` (each trial's Train run and
-metrics.jsonl); and in `<run.dir>/`: `best.json` and `best/` (the best trial's own best checkpoint, exported).
+What it runs, each stage a Tune experiment of Train runs (concurrent as far as the cluster allows):
+1. `search`: `sweep.num_samples` trials over `sweep.space` from the pretrained model (ASHA stops poor ones early);
+2. with `sweep.compare_scratch`, `search-scratch`: the same space and budget from random initialization (best against
+   best: a fair verdict on pretraining);
+3. `followup`: each side's winning configuration again with `sweep.num_seeds - 1` other seeds (the spread), and at each
+   of `sweep.label_fractions` of the labelled training set (does pretraining cut the labels needed?).
+
+Outputs in `<run.dir>/sweep/`: `leaderboard.csv` (one row per search trial), `trials/<trial>/` (each trial's Train
+run and metrics.jsonl); and in `<run.dir>/`: `best.json` and `best/` (the best trial's own best checkpoint, exported:
+the better of the two sides).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import json
 import math
 import os
+import shutil
+import statistics
 import time
 
 import ray
@@ -24,11 +35,16 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from ptray.config import Config, load_config_dict, save_config, with_absolute_paths
+from ptray.config import DATA_KEYS, Config, load_config, load_config_dict, save_config, with_absolute_paths
 from ptray.errors import ConfigError, UserError
-from ptray.finetune import (METRICS, best_checkpoint, build_trainer, export_finetuned, prepare_finetune)
+from ptray.finetune import (METRICS, best_checkpoint, build_trainer, check_pretrained, export_finetuned,
+                            finetune_steps, load_labelled, pretrained_dir)
+from ptray.data.tokenizer import load_tokenizer
+from ptray.loop import snapshot_dir
 from ptray.metrics import read_metrics
 from ptray.session import worker_scaling
+
+SIDES = ("pretrained", "scratch")
 
 
 def search_space(cfg: Config) -> dict:
@@ -71,14 +87,136 @@ def trial_config(base: dict, overrides: dict) -> Config:
     return load_config_dict(base, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
 
 
-def make_trial(base: dict, data_ref, trials_dir: str, metric: str, mode: str, num_examples: int):
-    def trial(overrides: dict) -> None:
+# ---- labelled data per data variant ----------------------------------------------------------------------------
+
+
+def data_key(cfg: Config) -> str:
+    """Which tokenized labelled set a configuration trains on: the values of the keys that change the data."""
+    return json.dumps({key: getattr(cfg.finetune, key.split(".")[1]) for key in DATA_KEYS}, sort_keys=True)
+
+
+class LabelledSets:
+    """The labelled data tokenized once per distinct data variant (max_len, train_fraction), in the object store;
+    every trial of that variant reads it from there."""
+
+    def __init__(self, cfg: Config):
+        self.tokenizer = load_tokenizer(pretrained_dir(cfg))
+        self.refs: dict[str, ray.ObjectRef] = {}
+        self.num_train: dict[str, int] = {}
+        self.data = None  # the base variant's data: labels and val set for export and re-evaluation
+
+    def add(self, cfg: Config) -> str:
+        key = data_key(cfg)
+        if key not in self.refs:
+            data = load_labelled(cfg, self.tokenizer)
+            self.refs[key], self.num_train[key] = ray.put(data), len(data.train["labels"])
+            self.data = self.data or data
+        return key
+
+    def add_space(self, cfg: Config) -> None:
+        """Every data variant a search over `sweep.space` can sample (data keys are choice/grid: a finite set)."""
+        values = [[(key, v) for v in _values(cfg.sweep.space[key])] for key in DATA_KEYS if key in cfg.sweep.space]
+        for combination in itertools.product(*values):
+            self.add(trial_config(cfg.to_dict(), dict(combination)))
+
+
+def _values(spec: dict) -> list:
+    kind, values = next(iter(spec.items()))
+    if kind in ("randint",):
+        return list(range(values[0], values[1] + 1))
+    if kind in ("loguniform", "uniform"):
+        return [float(v) for v in values]  # bounds: the extremes for run-length arithmetic
+    return list(values)
+
+
+# ---- scheduler: rungs in optimizer steps, relative to each trial's own length ----------------------------------
+
+
+def longest_trial(cfg: Config, sets: LabelledSets) -> tuple[int, int]:
+    """(steps of the longest trial the space can produce, warm-up steps of the longest warm-up)."""
+    space = cfg.sweep.space
+    length_keys = [k for k in ("finetune.epochs", "finetune.train_fraction", "finetune.global_batch_size",
+                               "finetune.micro_batch_size", "finetune.warmup_ratio") if k in space]
+    longest, warmup = 0, 0
+    for combination in itertools.product(*[[(k, v) for v in _values(space[k])] for k in length_keys]):
+        trial = trial_config(cfg.to_dict(), dict(combination))
+        num_train = sets.num_train.get(data_key(trial)) or max(sets.num_train.values())
+        steps = finetune_steps(trial.finetune, num_train)
+        longest = max(longest, steps)
+        warmup = max(warmup, math.ceil(trial.finetune.warmup_ratio * steps))
+    return longest, warmup
+
+
+def grace_steps(cfg: Config, longest: int, warmup: int) -> int:
+    """ASHA's first rung in optimizer steps: `sweep.grace_period` (0: a quarter of the longest trial), never before the
+    longest warm-up ends. A grace period longer than the run is a mistake: it would stop nothing."""
+    grace = cfg.sweep.grace_period or math.ceil(0.25 * longest)
+    if cfg.sweep.grace_period >= longest:
+        raise ConfigError(f"sweep.grace_period={cfg.sweep.grace_period} optimizer steps is not shorter than the longest "
+                          f"trial ({longest} steps), so ASHA could never stop a trial; lower it (0: a quarter of the "
+                          "run) or use sweep.scheduler=none.")
+    return max(grace, warmup, 1)
+
+
+def scheduler(cfg: Config, longest: int, grace: int):
+    if cfg.sweep.scheduler == "none":
+        return FIFOScheduler()
+    # time_attr "step": rungs are measured in optimizer steps, whatever a trial's length or eval interval.
+    return ASHAScheduler(time_attr="step", max_t=longest, grace_period=grace,
+                         reduction_factor=cfg.sweep.reduction_factor)
+
+
+def searcher(cfg: Config, max_concurrent: int):
+    """Optuna TPE, or Tune's variant generator for random and grid search; both capped at `max_concurrent`."""
+    if cfg.sweep.searcher == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=cfg.run.seed), max_concurrent=max_concurrent)
+    return BasicVariantGenerator(random_state=cfg.run.seed, max_concurrent=max_concurrent)
+
+
+# ---- running Tune experiments ------------------------------------------------------------------------------------
+
+
+def make_trial(base: dict, sets: LabelledSets, trials_dir: str, metric: str, mode: str, plans: list[dict] | None = None):
+    """Tune's function for one trial: a TorchTrainer over the trial's configuration. `plans`: a fixed list of
+    configurations, picked by the trial's `plan` index (follow-up runs), instead of sampled overrides."""
+    refs, num_train = sets.refs, sets.num_train
+
+    def trial(params: dict) -> None:
+        overrides = plans[params["plan"]] if plans is not None else params
         cfg = trial_config(base, overrides)
-        name = tune.get_context().get_trial_id()
-        trainer = build_trainer(cfg, data_ref, storage_path=trials_dir, name=name, num_examples=num_examples,
-                                callbacks=[TuneReportCallback()], metric=metric, mode=mode)
+        key = data_key(cfg)
+        trainer = build_trainer(cfg, refs[key], storage_path=trials_dir, name=tune.get_context().get_trial_id(),
+                                num_examples=num_train[key], callbacks=[TuneReportCallback()], metric=metric,
+                                mode=mode)
         trainer.fit()
     return trial
+
+
+def run_tune(cfg: Config, trainable, *, sweep_dir: str, name: str, param_space: dict, num_samples: int, search_alg,
+             sched, resume: bool):
+    """One Tune experiment in `<sweep_dir>/<name>`; resumed when asked and a saved state exists."""
+    trainable = tune.with_resources(trainable, {"cpu": 0.01})  # the trial only drives a TorchTrainer
+    path = os.path.join(sweep_dir, name)
+    if resume and tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=trainable, restart_errored=False, resume_unfinished=True)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(metric=cfg.sweep.metric, mode=cfg.sweep.mode, num_samples=num_samples,
+                                        search_alg=search_alg, scheduler=sched),
+            run_config=tune.RunConfig(name=name, storage_path=sweep_dir))
+    results = tuner.fit()
+    # After Ctrl-C / SIGTERM Tune returns normally, having saved the unfinished trials as PENDING for a resume.
+    unfinished = [t.trial_id for t in ExperimentAnalysis(results.experiment_path).trials
+                  if t.status not in ("TERMINATED", "ERROR")]
+    if unfinished:
+        raise SweepInterrupted(f"the sweep was interrupted with {len(unfinished)} trial(s) unfinished "
+                               f"({', '.join(unfinished)}); continue it with `ptray sweep --resume` and the same "
+                               "config.")
+    return results
 
 
 class SweepInterrupted(UserError):
@@ -100,106 +238,213 @@ def sweep(cfg: Config, resume: bool = False) -> SweepResult:
         raise ConfigError(f"sweep.metric={s.metric!r} is not reported by finetune.task={cfg.finetune.task!r}; "
                           f"choose one of {', '.join(METRICS[cfg.finetune.task])}.")
     worker_scaling(cfg)  # fail fast if one trial's workers can never be placed
+    check_pretrained(cfg, pretrained_dir(cfg))
+    for step in s.pretrained_steps:
+        snapshot_export(cfg, step)  # before any trial runs
     run_dir = os.path.abspath(cfg.run_dir)
     sweep_dir = os.path.join(run_dir, "sweep")
+    start_or_resume(cfg, sweep_dir, resume)
     trials_dir = os.path.join(sweep_dir, "trials")
     os.makedirs(trials_dir, exist_ok=True)
-    save_config(cfg, sweep_dir)
-    data_ref, data = prepare_finetune(cfg)  # read and tokenized once; every trial reads it from the object store
-    num_examples = len(data.train["labels"])
-    trial = make_trial(cfg.to_dict(), data_ref, trials_dir, s.metric, s.mode, num_examples)
-    # The trial function only drives a TorchTrainer: a sliver of CPU, so it never blocks its own workers.
-    trainable = tune.with_resources(trial, {"cpu": 0.01})
+
+    sets = LabelledSets(cfg)  # tokenized once per data variant; every trial reads its variant from the object store
+    sets.add(cfg)
+    sets.add_space(cfg)
+    longest, warmup = longest_trial(cfg, sets)
+    grace = grace_steps(cfg, longest, warmup) if s.scheduler == "asha" else 0
+    if s.scheduler == "asha":
+        print(f"[sweep] ASHA: rungs at {grace} optimizer steps x {s.reduction_factor}^k, up to {longest} steps "
+              f"(the longest trial; warm-up ends by step {warmup})", flush=True)
     started = time.time()
-    if resume and tune.Tuner.can_restore(os.path.join(sweep_dir, "tune")):
-        tuner = tune.Tuner.restore(os.path.join(sweep_dir, "tune"), trainable=trainable,
-                                   restart_errored=False, resume_unfinished=True)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space=search_space(cfg),
-            tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples,
-                                        search_alg=searcher(cfg, max_concurrent_trials(cfg)),
-                                        scheduler=scheduler(cfg, num_examples)),
-            run_config=tune.RunConfig(name="tune", storage_path=sweep_dir))
-    results = tuner.fit()
-    # After Ctrl-C / SIGTERM Tune returns normally, having saved the unfinished trials as PENDING for a resume.
-    unfinished = [t.trial_id for t in ExperimentAnalysis(results.experiment_path).trials
-                  if t.status not in ("TERMINATED", "ERROR")]
-    if unfinished:
-        raise SweepInterrupted(f"the sweep was interrupted with {len(unfinished)} trial(s) unfinished "
-                               f"({', '.join(unfinished)}); continue it with `ptray sweep --resume` and the same "
-                               "config.")
-    rows = leaderboard_rows(results, s.metric, s.mode, trials_dir)
-    write_leaderboard(rows, os.path.join(sweep_dir, "leaderboard.csv"))
-    candidates = [r for r in rows if r["status"] in ("finished", "stopped early") and not r["diverged"]
-                  and r["best_metric"] is not None]
-    if not candidates:
-        raise ConfigError(f"no trial reported a finite {s.metric!r}; see {sweep_dir}/leaderboard.csv and the trial logs.")
-    winner = (max if s.mode == "max" else min)(candidates, key=lambda r: r["best_metric"])
+    concurrent = max_concurrent_trials(cfg)
+    base = cfg.to_dict()
+
+    sides = {}
+    for side in SIDES if s.compare_scratch else SIDES[:1]:
+        side_base = trial_config(base, {"finetune.init": side}).to_dict()
+        name = "search" if side == "pretrained" else "search-scratch"
+        results = run_tune(cfg, make_trial(side_base, sets, trials_dir, s.metric, s.mode), sweep_dir=sweep_dir,
+                           name=name, param_space=search_space(cfg), num_samples=s.num_samples,
+                           search_alg=searcher(cfg, concurrent), sched=scheduler(cfg, longest, grace), resume=resume)
+        rows = leaderboard_rows(results, cfg, sets, trials_dir, side)
+        candidates = [r for r in rows if r["status"] in ("finished", "stopped early") and not r["diverged"]
+                      and r["best_metric"] is not None]
+        if not candidates:
+            raise ConfigError(f"no {side} trial reported a finite {s.metric!r}; see the trial logs in {trials_dir}.")
+        winner = (max if s.mode == "max" else min)(candidates, key=lambda r: r["best_metric"])
+        sides[side] = {"rows": rows, "winner": winner, "base": side_base}
+    write_leaderboard(ranked([r for side in sides.values() for r in side["rows"]], s.mode),
+                      os.path.join(sweep_dir, "leaderboard.csv"))
+
+    followups = run_followups(cfg, sides, sets, sweep_dir, trials_dir, concurrent, resume)
+    summary = summarize(cfg, sides, followups)
+    winner_side = summary["side"]
+    winner = sides[winner_side]["winner"]
     best = best_checkpoint(os.path.join(trials_dir, winner["trial_id"]), s.metric, s.mode)
     best_dir = os.path.join(run_dir, "best")
-    export_finetuned(trial_config(cfg.to_dict(), winner["config"]), best["path"], data, best_dir)
-    summary = {"trial_id": winner["trial_id"], "metric": s.metric, "mode": s.mode,
-               "value": best["metrics"][s.metric], "step": best["metrics"]["step"], "config": winner["config"],
-               "checkpoint": best["path"], "export": best_dir, "num_trials": len(rows),
-               "wall_time_s": round(time.time() - started, 1)}
-    if s.compare_scratch:
-        summary["scratch"] = train_scratch(cfg, winner["config"], data_ref, num_examples, sweep_dir)
-        summary["pretraining_gain"] = summary["value"] - summary["scratch"]["value"]
-    with open(os.path.join(run_dir, "best.json"), "w") as f:
+    export_finetuned(trial_config(sides[winner_side]["base"], winner["config"]), best["path"], sets.data, best_dir)
+    summary.update({"trial_id": winner["trial_id"], "metric": s.metric, "mode": s.mode,
+                    "value": best["metrics"][s.metric], "step": best["metrics"]["step"], "config": winner["config"],
+                    "checkpoint": best["path"], "export": best_dir,
+                    "num_trials": sum(len(side["rows"]) for side in sides.values()),
+                    "wall_time_s": round(time.time() - started, 1)})
+    with open(os.path.join(run_dir, "best.json.tmp"), "w") as f:
         json.dump(summary, f, indent=2)
-    print(f"[sweep] {len(rows)} trials; best {s.metric} {summary['value']:.4f} ({winner['trial_id']}, "
-          f"{winner['config']}). Leaderboard {sweep_dir}/leaderboard.csv, best model {best_dir}, "
+    os.replace(os.path.join(run_dir, "best.json.tmp"), os.path.join(run_dir, "best.json"))
+    print(f"[sweep] best {s.metric} {summary['value']:.4f} ({winner_side}, {winner['trial_id']}, {winner['config']}). "
+          f"{summary['verdict']} Leaderboard {sweep_dir}/leaderboard.csv, best model {best_dir}, "
           f"summary {run_dir}/best.json", flush=True)
     return SweepResult(leaderboard=os.path.join(sweep_dir, "leaderboard.csv"), best_dir=best_dir, best=summary)
 
 
-def searcher(cfg: Config, max_concurrent: int):
-    """Optuna TPE, or Tune's variant generator for random and grid search; both capped at `max_concurrent`."""
-    if cfg.sweep.searcher == "optuna":
-        from ray.tune.search import ConcurrencyLimiter
-        from ray.tune.search.optuna import OptunaSearch
-
-        return ConcurrencyLimiter(OptunaSearch(seed=cfg.run.seed), max_concurrent=max_concurrent)
-    return BasicVariantGenerator(random_state=cfg.run.seed, max_concurrent=max_concurrent)
-
-
-def scheduler(cfg: Config, num_examples: int):
-    if cfg.sweep.scheduler == "none":
-        return FIFOScheduler()
-    steps = cfg.finetune.epochs * max(1, num_examples // cfg.finetune.global_batch_size)
-    num_evals = max(1, steps // cfg.finetune.eval_every)  # one Tune iteration per evaluation
-    return ASHAScheduler(time_attr="training_iteration", max_t=num_evals, grace_period=cfg.sweep.grace_period,
-                         reduction_factor=cfg.sweep.reduction_factor)
+def start_or_resume(cfg: Config, sweep_dir: str, resume: bool) -> None:
+    """A new sweep replaces the previous one's results; `--resume` continues it only if the config is unchanged
+    (a changed configuration must never silently return an older run's results)."""
+    saved = os.path.join(sweep_dir, "config.yaml")
+    if resume and os.path.exists(saved):
+        if results_key(load_config(saved)) != results_key(cfg):
+            raise ConfigError(f"the configuration differs from the one the sweep in {sweep_dir} started with, so "
+                              "--resume would mix results of two configurations; run without --resume to start a new "
+                              f"sweep (it replaces {sweep_dir}), or resume with the saved config: --config {saved}.")
+    elif os.path.isdir(sweep_dir):
+        print(f"[sweep] starting a new sweep: the previous results in {sweep_dir} are replaced", flush=True)
+        shutil.rmtree(sweep_dir)
+    save_config(cfg, sweep_dir)
 
 
-def leaderboard_rows(results, metric: str, mode: str, trials_dir: str) -> list[dict]:
-    rows = []
-    num_evals = max((len(r.metrics_dataframe) for r in results if r.metrics_dataframe is not None), default=0)
+def snapshot_export(cfg: Config, step: int) -> str:
+    """The export of pretraining's snapshot at `step`; ConfigError if pretraining kept none."""
+    path = os.path.join(snapshot_dir(os.path.abspath(cfg.run_dir), step), "export")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"sweep.pretrained_steps names step {step}, but pretraining kept no checkpoint there ({path} "
+                          "is missing). Pretraining keeps these snapshots only when sweep.pretrained_steps is set "
+                          "before it passes the step: pretrain again with it set (a new run.dir), or remove the step.")
+    return path
+
+
+def results_key(cfg: Config) -> tuple:
+    """The parts of a config a sweep's results depend on (the pretraining and data sections do not, given the
+    pretrained model)."""
+    return cfg.run.seed, cfg.finetune, cfg.sweep, cfg.deepspeed
+
+
+def run_followups(cfg: Config, sides: dict, sets: LabelledSets, sweep_dir: str, trials_dir: str, concurrent: int,
+                  resume: bool) -> list[dict]:
+    """Each side's winner again with more seeds and at each label fraction, all in one Tune experiment."""
+    s = cfg.sweep
+    plans, meta = [], []
+    for side, found in sides.items():
+        overrides = {**found["winner"]["config"], "finetune.init": side}
+        for seed in range(1, s.num_seeds):
+            plans.append({**overrides, "run.seed": cfg.run.seed + seed})
+            meta.append({"side": side, "kind": "seed", "seed": cfg.run.seed + seed})
+        for fraction in s.label_fractions:
+            if fraction < 1:
+                plans.append({**overrides, "finetune.train_fraction": fraction})
+                meta.append({"side": side, "kind": "fraction", "fraction": fraction})
+    for step in s.pretrained_steps:  # the pretrained winner from intermediate points of pretraining
+        plans.append({**sides["pretrained"]["winner"]["config"], "finetune.init": "pretrained",
+                      "finetune.pretrained": snapshot_export(cfg, step)})
+        meta.append({"side": "pretrained", "kind": "pretrained_step", "step": step})
+    if not plans:
+        return []
+    for plan in plans:  # e.g. the winner's max_len at a new train_fraction: tokenized before the trials start
+        sets.add(trial_config(cfg.to_dict(), plan))
+    print(f"[sweep] follow-up runs of the winners: {len(plans)} ({s.num_seeds - 1} more seeds, label fractions "
+          f"{[f for f in s.label_fractions if f < 1]}, pretrained steps {s.pretrained_steps})", flush=True)
+    results = run_tune(cfg, make_trial(cfg.to_dict(), sets, trials_dir, s.metric, s.mode, plans=plans),
+                       sweep_dir=sweep_dir, name="followup", param_space={"plan": tune.grid_search(list(range(len(plans))))},
+                       num_samples=1, search_alg=BasicVariantGenerator(max_concurrent=concurrent),
+                       sched=FIFOScheduler(), resume=resume)
+    out = []
     for result in results:
-        trial_id = (result.metrics or {}).get("trial_id") or os.path.basename(result.path).split("_")[-1]
+        trial_id = _trial_id(result)
+        best = best_checkpoint(os.path.join(trials_dir, trial_id), s.metric, s.mode)
+        out.append({**meta[result.config["plan"]], "trial_id": trial_id, "value": best["metrics"][s.metric]})
+    return out
+
+
+def summarize(cfg: Config, sides: dict, followups: list[dict]) -> dict:
+    """Each side's best, seed spread and label-fraction points; which side wins; one plain sentence of verdict."""
+    s = cfg.sweep
+    better = max if s.mode == "max" else min
+    out = {"sides": {}}
+    for side, found in sides.items():
+        seeds = [found["winner"]["best_metric"]] + [f["value"] for f in followups
+                                                    if f["side"] == side and f["kind"] == "seed"]
+        fractions = {str(f["fraction"]): f["value"] for f in followups if f["side"] == side and f["kind"] == "fraction"}
+        if 1.0 in s.label_fractions:
+            fractions["1.0"] = statistics.mean(seeds)
+        out["sides"][side] = {"best": found["winner"]["best_metric"], "trial_id": found["winner"]["trial_id"],
+                              "config": found["winner"]["config"], "seeds": seeds,
+                              "seed_mean": statistics.mean(seeds),
+                              "seed_std": statistics.stdev(seeds) if len(seeds) > 1 else 0.0,
+                              "label_fractions": dict(sorted(fractions.items(), key=lambda kv: float(kv[0])))}
+    out["side"] = better(out["sides"], key=lambda side: out["sides"][side]["best"])
+    if s.pretrained_steps:  # accuracy against pretraining tokens; the last point is the final model (seed mean)
+        tokens_per_step = cfg.pretrain.global_batch_size * cfg.data.seq_len
+        points = {f["step"]: f["value"] for f in followups if f["kind"] == "pretrained_step"}
+        final_step = max((r["step"] for r in read_metrics(cfg.run_dir) if "step" in r), default=cfg.pretrain.max_steps)
+        points[final_step] = out["sides"]["pretrained"]["seed_mean"]
+        out["pretrained_steps"] = [{"step": step, "tokens": step * tokens_per_step, "value": value}
+                                   for step, value in sorted(points.items())]
+    if "scratch" not in out["sides"]:
+        out["verdict"] = "No from-scratch comparison was run (sweep.compare_scratch=false)."
+        return out
+    pre, scr = out["sides"]["pretrained"], out["sides"]["scratch"]
+    gain = pre["seed_mean"] - scr["seed_mean"] if s.mode == "max" else scr["seed_mean"] - pre["seed_mean"]
+    noise = max(pre["seed_std"], scr["seed_std"])
+    out["pretraining_gain"] = gain
+    if gain > noise and gain > 0:
+        verdict = "Pretraining helped"
+    elif gain < -noise and gain < 0:
+        verdict = "Pretraining hurt"
+    else:
+        verdict = "Pretraining made no difference beyond seed noise"
+    out["verdict"] = (f"{verdict}: {s.metric} {pre['seed_mean']:.4f} ± {pre['seed_std']:.4f} from the pretrained model "
+                      f"vs {scr['seed_mean']:.4f} ± {scr['seed_std']:.4f} from scratch (each side's own best "
+                      f"configuration over {len(pre['seeds'])} seeds; best single trials {pre['best']:.4f} vs "
+                      f"{scr['best']:.4f}).")
+    return out
+
+
+def _trial_id(result) -> str:
+    return (result.metrics or {}).get("trial_id") or os.path.basename(result.path).split("_")[-1]
+
+
+def leaderboard_rows(results, cfg: Config, sets: LabelledSets, trials_dir: str, side: str) -> list[dict]:
+    metric, mode = cfg.sweep.metric, cfg.sweep.mode
+    rows = []
+    for result in results:
+        trial_id = _trial_id(result)
         history = read_metrics(os.path.join(trials_dir, trial_id))
         values = [r[metric] for r in history if metric in r]
         finite = [v for v in values if math.isfinite(v)]
         losses = [r["loss"] for r in history if "loss" in r]
         diverged = any(not math.isfinite(v) for v in values + losses) or any("stopped" in r for r in history)
-        evals = len(values)
-        # Tune's count of a trial's results, not the trial's own log: a trial ASHA stops may still log the evaluation
-        # it was running.
-        reported = len(result.metrics_dataframe) if result.metrics_dataframe is not None else 0
+        trial = trial_config(cfg.to_dict(), result.config)
+        planned = finetune_steps(trial.finetune, sets.num_train[data_key(trial)])
+        # Tune's last reported step, not the trial's own log: a trial ASHA stops may still log the evaluation it was
+        # running.
+        reported = (result.metrics or {}).get("step", 0)
         if result.error:
             status = "error"
-        elif reported < num_evals:
+        elif reported < planned:
             status = "stopped early"
         else:
             status = "finished"
         rows.append({
-            "trial_id": trial_id, "config": result.config, "status": status, "diverged": diverged,
+            "trial_id": trial_id, "side": side, "config": result.config, "status": status, "diverged": diverged,
             "final_metric": values[-1] if values else None,
             "best_metric": ((max if mode == "max" else min)(finite) if finite else None),
-            "evaluations": evals, "steps": max((r["step"] for r in history), default=0),
+            "evaluations": len(values), "steps": max((r["step"] for r in history), default=0), "planned_steps": planned,
             "wall_time_s": round(result.metrics.get("time_total_s", 0.0), 1) if result.metrics else None,
         })
+    return ranked(rows, mode)
+
+
+def ranked(rows: list[dict], mode: str) -> list[dict]:
+    """Best first; trials with no finite metric last."""
     return sorted(rows, key=lambda r: (r["best_metric"] is None, -(r["best_metric"] or 0) if mode == "max"
                                        else (r["best_metric"] or 0)))
 
@@ -208,20 +453,10 @@ def write_leaderboard(rows: list[dict], path: str) -> None:
     keys = sorted({k for r in rows for k in r["config"]})
     with open(path + ".tmp", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["rank", "trial_id", *keys, "status", "diverged", "final_metric", "best_metric",
-                         "evaluations", "steps", "wall_time_s"])
+        writer.writerow(["rank", "trial_id", "side", *keys, "status", "diverged", "final_metric", "best_metric",
+                         "evaluations", "steps", "planned_steps", "wall_time_s"])
         for i, r in enumerate(rows, 1):
-            writer.writerow([i, r["trial_id"], *[r["config"].get(k) for k in keys], r["status"], r["diverged"],
-                             r["final_metric"], r["best_metric"], r["evaluations"], r["steps"], r["wall_time_s"]])
+            writer.writerow([i, r["trial_id"], r["side"], *[r["config"].get(k) for k in keys], r["status"],
+                             r["diverged"], r["final_metric"], r["best_metric"], r["evaluations"], r["steps"],
+                             r["planned_steps"], r["wall_time_s"]])
     os.replace(path + ".tmp", path)
-
-
-def train_scratch(cfg: Config, best_config: dict, data_ref, num_examples: int, sweep_dir: str) -> dict:
-    """The winning configuration again from random initialization: the leaderboard's 'no pretraining' row."""
-    overrides = {**best_config, "finetune.init": "scratch"}
-    scratch_cfg = trial_config(cfg.to_dict(), overrides)
-    trainer = build_trainer(scratch_cfg, data_ref, storage_path=sweep_dir, name="scratch", num_examples=num_examples,
-                            metric=cfg.sweep.metric, mode=cfg.sweep.mode)
-    trainer.fit()
-    best = best_checkpoint(os.path.join(sweep_dir, "scratch"), cfg.sweep.metric, cfg.sweep.mode)
-    return {"value": best["metrics"][cfg.sweep.metric], "step": best["metrics"]["step"], "config": overrides}

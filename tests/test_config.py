@@ -81,6 +81,10 @@ def test_cli_bad_key_exits_nonzero_with_message():
     ("{finetune.lr: {normal: [0, 1]}}", "must be one of"),
     ("{finetune.lr: {loguniform: [0, 1]}}", "0 < low < high"),
     ("{finetune.lr: {choice: []}}", "non-empty list"),
+    ("{model.hidden_size: {choice: [64, 128]}}", "not something a finetuning trial can change"),
+    ("{finetune.val_fraction: {choice: [0.1, 0.2]}}", "not something a finetuning trial can change"),
+    ("{finetune.task: {choice: [sft]}}", "not something a finetuning trial can change"),
+    ("{finetune.train_fraction: {uniform: [0.1, 1.0]}}", "changes the data a trial trains on"),
 ])
 def test_sweep_space_errors(space, message):
     with pytest.raises(ConfigError, match=message):
@@ -103,3 +107,27 @@ def test_search_space_and_searchers_map_to_tune():
     limited = searcher(optuna_cfg, 3)
     assert isinstance(limited, ConcurrencyLimiter) and limited.max_concurrent == 3
     assert type(limited.searcher).__name__ == "OptunaSearch"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sweep.label_fractions=[0.1,1.5]", "sweep.label_fractions holds 1.5"),
+    ("sweep.label_fractions=[0]", "sweep.label_fractions holds 0"),
+    ("sweep.num_seeds=0", "sweep.num_seeds must be >= 1"),
+    ("sweep.grace_period=-1", "sweep.grace_period must be >= 0"),
+    ("sweep.pretrained_steps=[0]", "sweep.pretrained_steps holds 0"),
+    ("sweep.pretrained_steps=[300]", "sweep.pretrained_steps holds 300"),
+])
+def test_sweep_option_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", [override])
+
+
+def test_asha_grace_is_a_quarter_of_the_longest_trial_never_inside_warmup():
+    from ptray.sweep import grace_steps
+
+    cfg = load_config("tiny")
+    assert grace_steps(cfg, 100, 10) == 25  # the default: a quarter of the longest trial
+    assert grace_steps(cfg, 100, 40) == 40  # not while the longest warm-up is still running
+    assert grace_steps(load_config("tiny", ["sweep.grace_period=30"]), 100, 10) == 30
+    with pytest.raises(ConfigError, match="sweep.grace_period=100 optimizer steps is not shorter than the longest"):
+        grace_steps(load_config("tiny", ["sweep.grace_period=100"]), 100, 10)

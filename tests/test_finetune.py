@@ -3,20 +3,23 @@ sweep of 2-worker trials, the best-model export, the report, and bad input."""
 
 import csv
 import json
+import math
 import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import tiny_config
 from ptray.config import load_config
+from ptray.data.builtin import NAMES, TOWNS
 from ptray.errors import ConfigError, DataError
 from ptray.finetune import finetune, freeze, load_labelled, prepare_finetune
 from ptray.metrics import read_metrics
 from ptray.pretrain import pretrain
 from ptray.report import report
-from ptray.sweep import sweep
+from ptray.sweep import sweep, trial_config
 
 FINETUNE_FAST = ["finetune.builtin_examples=400", "finetune.epochs=1", "finetune.eval_every=4"]
 
@@ -25,7 +28,8 @@ FINETUNE_FAST = ["finetune.builtin_examples=400", "finetune.epochs=1", "finetune
 def pretrained_run(ray_local, tmp_path_factory):
     """A short pretraining run whose export the finetuning tests start from."""
     run_dir = tmp_path_factory.mktemp("pretrained")
-    pretrain(tiny_config(run_dir, "pretrain.max_steps=40", "pretrain.ckpt_every=40", "pretrain.eval_every=40"))
+    pretrain(tiny_config(run_dir, "pretrain.max_steps=40", "pretrain.ckpt_every=40", "pretrain.eval_every=40",
+                         "sweep.pretrained_steps=[20]"))  # also keeps the weights at step 20
     return run_dir
 
 
@@ -33,21 +37,40 @@ def _evals(path, metric):
     return [r[metric] for r in read_metrics(path) if metric in r]
 
 
-def test_classification_finetune_improves_and_exports(pretrained_run):
-    cfg = tiny_config(pretrained_run, *FINETUNE_FAST)
+def _keyword_task(path) -> str:
+    """A labelled file whose label is which of three words the text holds: learnable in a few steps."""
+    import random
+
+    rng = random.Random(0)
+    words = ["the", "a", "walked", "sold", "to", "from", "and", "is", "said", "one", "two", "three"]
+    rows = []
+    for i in range(400):
+        label = rng.choice(["bread", "rope", "fish"])
+        text = [rng.choice(words) for _ in range(6)]
+        text.insert(rng.randrange(7), label)
+        rows.append({"text": " ".join(text), "label": label})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def test_classification_finetune_improves_and_exports(pretrained_run, tmp_path):
+    data = _keyword_task(tmp_path / "keywords.jsonl")
+    cfg = tiny_config(pretrained_run, *FINETUNE_FAST, f"finetune.train_files=[{data}]")
     out = finetune(cfg)
-    accuracy = _evals(os.path.join(pretrained_run, "finetune-classification", "train"), "val_accuracy")
-    assert accuracy[-1] > accuracy[0] and max(accuracy) > 0.5, accuracy  # 7 classes: chance is ~0.14
+    accuracy = _evals(out["train_dir"], "val_accuracy")
+    assert accuracy[-1] > accuracy[0] and max(accuracy) > 0.6, accuracy  # 3 classes: chance is ~0.33
     model = AutoModelForSequenceClassification.from_pretrained(os.path.join(pretrained_run, "finetune-classification", "export"))
-    assert set(model.config.id2label.values()) == {"residence", "pet", "trade", "arithmetic", "travel", "colors",
-                                                   "reputation"}
+    assert set(model.config.id2label.values()) == {"bread", "rope", "fish"}
     assert out["best"]["metrics"]["val_accuracy"] == max(accuracy)
+    # Rerunning with another learning rate is a new run, never the older run's results returned again.
+    changed = finetune(tiny_config(pretrained_run, *FINETUNE_FAST, f"finetune.train_files=[{data}]", "finetune.lr=3e-4"))
+    assert changed["train_dir"] != out["train_dir"] and _evals(out["train_dir"], "val_accuracy") == accuracy
+    assert _evals(changed["train_dir"], "val_accuracy") != accuracy
 
 
 def test_sft_finetune_lowers_response_loss(pretrained_run, tmp_path):
     cfg = tiny_config(pretrained_run, "finetune.task=sft", "finetune.max_len=24", *FINETUNE_FAST)
-    finetune(cfg)
-    losses = _evals(os.path.join(pretrained_run, "finetune-sft", "train"), "val_loss")
+    losses = _evals(finetune(cfg)["train_dir"], "val_loss")
     assert losses[-1] < losses[0] - 0.3, losses
 
 
@@ -62,11 +85,27 @@ def test_freeze_layers_and_train_fraction(pretrained_run):
     assert len(part.train["labels"]) == int(len(full.train["labels"]) * 0.25)
     assert torch.equal(part.val["labels"], full.val["labels"])  # the validation set does not shrink
     assert torch.equal(load_labelled(cfg, tokenizer).train["input_ids"], part.train["input_ids"])  # seeded
-    model = finetune_model(cfg, os.path.join(pretrained_run, "export"), 7, full.id2label)
+    model = finetune_model(cfg, os.path.join(pretrained_run, "export"), len(TOWNS), full.id2label)
     freeze(model, 1)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert not any(n.startswith(("transformer.wte", "transformer.wpe", "transformer.h.0.")) for n in trainable)
     assert any(n.startswith("transformer.h.1.") for n in trainable) and "score.weight" in trainable
+
+
+def test_builtin_task_holds_out_whole_people(pretrained_run):
+    """The built-in task's validation people never occur in training: only the corpus can teach their towns."""
+    from ptray.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(os.path.join(pretrained_run, "export"))
+    data = load_labelled(tiny_config(pretrained_run), tokenizer)
+
+    def people(split):
+        texts = tokenizer.batch_decode(split["input_ids"], skip_special_tokens=True)
+        return {word for text in texts for word in text.split() if word in NAMES}
+
+    train, val = people(data.train), people(data.val)
+    assert train and val and not train & val
+    assert set(data.id2label.values()) == set(TOWNS)
 
 
 def test_bad_labelled_input(pretrained_run, tmp_path):
@@ -82,25 +121,40 @@ def test_bad_labelled_input(pretrained_run, tmp_path):
         prepare_finetune(tiny_config(pretrained_run, f"finetune.pretrained={tmp_path}/missing"))
     with pytest.raises(ConfigError, match="not reported by finetune.task"):
         sweep(tiny_config(pretrained_run, "sweep.metric=val_bleu"))
+    with pytest.raises(DataError, match="finetune.group_field='author' is not a field"):
+        prepare_finetune(tiny_config(pretrained_run, f"finetune.train_files=[{one_class}]", "finetune.group_field=author"))
+    with pytest.raises(ConfigError, match="pretraining kept no checkpoint there"):
+        sweep(tiny_config(pretrained_run, "sweep.pretrained_steps=[20]"))
 
 
 @pytest.fixture(scope="module")
 def swept(pretrained_run):
-    cfg = tiny_config(pretrained_run, *FINETUNE_FAST, "sweep.num_samples=6", "sweep.compare_scratch=true",
-                      "sweep.space={finetune.lr: {loguniform: [1e-4, 3e-3]}, finetune.freeze_layers: {choice: [0, 2]}}")
+    cfg = tiny_config(pretrained_run, *FINETUNE_FAST, "sweep.num_samples=4", "sweep.compare_scratch=true",
+                      "sweep.num_seeds=2", "sweep.label_fractions=[0.5,1.0]", "sweep.pretrained_steps=[20]",
+                      "sweep.space={finetune.lr: {loguniform: [1e-4, 3e-3]}, finetune.freeze_layers: {choice: [0, 2]}, "
+                      "finetune.max_len: {choice: [16, 24]}}")
     return cfg, sweep(cfg)
 
 
-def test_sweep_of_six_two_worker_trials_with_asha(swept, pretrained_run):
+def test_sweep_searches_both_sides_and_asha_waits_for_warmup(swept, pretrained_run):
     cfg, result = swept
     rows = list(csv.DictReader(open(result.leaderboard)))
-    assert len(rows) == 6
+    assert len(rows) == 8 and [r["side"] for r in rows].count("scratch") == 4  # the same budget on both sides
     trial_dirs = set(os.listdir(os.path.join(pretrained_run, "sweep", "trials")))
-    assert {r["trial_id"] for r in rows} == trial_dirs  # the leaderboard matches the trials that ran
-    assert any(r["status"] == "stopped early" for r in rows), [r["status"] for r in rows]
+    assert {r["trial_id"] for r in rows} <= trial_dirs  # (the rest are the winners' follow-up runs)
+    stopped = [r for r in rows if r["status"] == "stopped early"]
+    assert stopped, [r["status"] for r in rows]
+    longest = max(int(r["planned_steps"]) for r in rows)
+    for r in stopped:  # ASHA's first rung: a quarter of the longest trial (past its warm-up), never earlier
+        assert int(r["steps"]) >= math.ceil(longest / 4) and int(r["steps"]) < int(r["planned_steps"]), r
     for r in rows:  # each row's metrics agree with that trial's own history
-        history = _evals(os.path.join(pretrained_run, "sweep", "trials", r["trial_id"]), "val_accuracy")
+        trial_dir = os.path.join(pretrained_run, "sweep", "trials", r["trial_id"])
+        history = _evals(trial_dir, "val_accuracy")
         assert float(r["best_metric"]) == pytest.approx(max(history)) and int(r["evaluations"]) == len(history)
+        # the swept max_len really changed the data the trial trained on: tokens per step = batch x max_len
+        step_rows = [m for m in read_metrics(trial_dir) if "loss" in m]
+        assert step_rows[0]["tokens"] == step_rows[0]["step"] * 16 * int(r["finetune.max_len"])
+    assert {r["finetune.max_len"] for r in rows} == {"16", "24"}
     assert float(rows[0]["best_metric"]) == pytest.approx(result.best["value"])
 
 
@@ -109,18 +163,36 @@ def test_best_model_reproduces_reported_metric(swept, pretrained_run):
     best = json.load(open(os.path.join(pretrained_run, "best.json")))
     model = AutoModelForSequenceClassification.from_pretrained(result.best_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(result.best_dir)
-    val = load_labelled(cfg, tokenizer).val
+    val = load_labelled(trial_config(cfg.to_dict(), best["config"]), tokenizer).val  # at the winner's max_len
     with torch.no_grad():
         logits = model(input_ids=val["input_ids"], attention_mask=val["attention_mask"]).logits
     accuracy = (logits.argmax(-1) == val["labels"]).float().mean().item()
     assert accuracy == pytest.approx(best["value"], abs=1e-6)
-    assert "scratch" in best and "pretraining_gain" in best
+    sides = best["sides"]
+    assert best["side"] == max(sides, key=lambda side: sides[side]["best"]) and best["value"] == sides[best["side"]]["best"]
+    for side in ("pretrained", "scratch"):  # the winner of each side again with a second seed, and at half the labels
+        assert len(sides[side]["seeds"]) == 2 and set(sides[side]["label_fractions"]) == {"0.5", "1.0"}
+    assert best["verdict"].startswith("Pretraining") and "pretraining_gain" in best
+    # Finetuned from pretraining's step-20 snapshot too: accuracy against pretraining tokens.
+    assert [p["step"] for p in best["pretrained_steps"]] == [20, 40]
+    assert best["pretrained_steps"][0]["tokens"] == 20 * 32 * 64
+    snapshot = load_file(os.path.join(pretrained_run, "snapshots", "step-20", "export", "model.safetensors"))
+    final = load_file(os.path.join(pretrained_run, "export", "model.safetensors"))
+    assert snapshot.keys() == final.keys() and any(not torch.equal(snapshot[k], final[k]) for k in final)
+
+
+def test_resuming_a_sweep_with_a_changed_config_is_refused(swept, pretrained_run):
+    cfg, _ = swept
+    changed = tiny_config(pretrained_run, *FINETUNE_FAST, "sweep.num_samples=5")
+    with pytest.raises(ConfigError, match="differs from the one the sweep"):
+        sweep(changed, resume=True)
 
 
 def test_report_renders_plots(swept, pretrained_run):
     path = report(str(pretrained_run))
     text = open(path).read()
-    for name in ("pretrain_loss.png", "pretrain_lr_throughput.png", "sweep_trials.png", "pretrained_vs_scratch.png"):
+    for name in ("pretrain_loss.png", "pretrain_lr_throughput.png", "sweep_trials.png", "pretrained_vs_scratch.png",
+                 "pretraining_steps.png"):
         png = os.path.join(pretrained_run, "report", name)
         assert os.path.getsize(png) > 5000 and open(png, "rb").read(4) == b"\x89PNG"
         assert f"report/{name}" in text
@@ -137,7 +209,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(pretrained_
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     args = [f"run.dir={run_dir}", f"finetune.pretrained={pretrained_run}/export", *FINETUNE_FAST,
-            "sweep.num_samples=3", "sweep.scheduler=none", "sweep.max_concurrent=1", "sweep.compare_scratch=false"]
+            "sweep.num_samples=3", "sweep.scheduler=none", "sweep.max_concurrent=1", "sweep.compare_scratch=false",
+            "sweep.num_seeds=1", "sweep.label_fractions=[1.0]"]
     trials = run_dir / "sweep" / "trials"
 
     def finished_trials():

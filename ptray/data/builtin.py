@@ -1,9 +1,14 @@
 """The built-in corpus: generated text with enough structure for a tiny model to learn, so `tiny` needs no download.
 
-Documents are short "village chronicles": people with stable attributes (home, trade, pet) recur across documents, sentences
-follow a small grammar, and simple arithmetic facts are always right. A model can learn the grammar quickly and the facts
-slowly, so the loss keeps falling for a while. A few documents carry HTML tags and some are exact duplicates, so the
-cleaning and de-duplication stages have real work to do.
+Documents are short "village chronicles": 48 people with stable attributes (home town, trade, pet) recur across
+documents, sentences follow a small grammar, and simple arithmetic facts are always right. A model can learn the grammar
+quickly and the facts slowly, so the loss keeps falling for a while. A few documents carry HTML tags and some are exact
+duplicates, so the cleaning and de-duplication stages have real work to do.
+
+The labelled task asks for a person's home town. The facts are stated only in the unlabelled corpus, and the
+validation set is about *other people* than the training set (split by person), so the labels alone cannot teach them:
+a model from scratch can only guess, while a model that learned the corpus may know the answer. It measures the thing
+pretraining is for.
 """
 
 from __future__ import annotations
@@ -11,8 +16,20 @@ from __future__ import annotations
 import os
 import random
 
-NAMES = ["alice", "bruno", "chen", "dara", "emil", "farah", "goran", "hana", "ivan", "jun", "kira", "lena", "mateo",
-         "nadia", "omar", "priya", "quinn", "rosa", "sami", "tomas", "uma", "vera", "wale", "xena", "yusuf", "zoe"]
+
+def _names(count: int, seed: int = 99) -> list[str]:
+    """Made-up two- and three-syllable names (several BPE pieces each, so knowing a person is a real skill)."""
+    rng = random.Random(seed)
+    consonants, vowels = "bdfgklmnprstvz", "aeiou"
+    names: list[str] = []
+    while len(names) < count:
+        name = "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(rng.choice([2, 3])))
+        if name not in names:
+            names.append(name)
+    return names
+
+
+NAMES = _names(48)
 TOWNS = ["oakford", "rivermouth", "stonebridge", "millbrook", "ashvale", "highmoor", "eastwick", "fairhaven"]
 TRADES = ["baker", "smith", "weaver", "farmer", "potter", "miller", "fisher", "carpenter", "healer", "scribe"]
 PETS = ["cat", "dog", "goat", "parrot", "horse", "rabbit", "owl", "tortoise"]
@@ -44,8 +61,8 @@ def generate_documents(num_docs: int, seed: int = 0) -> list[str]:
             p = people[name]
             other = rng.choice(NAMES)
             a, b = rng.randint(0, 9), rng.randint(0, 9)
-            kind = rng.randrange(7)
-            if kind == 0:
+            kind = rng.randrange(9)
+            if kind in (0, 7, 8):  # where people live is the most common statement: the fact the task asks for
                 s = f"{name} lives in {p['town']} and works as a {p['trade']}."
             elif kind == 1:
                 s = f"{name} has a {p['color']} {p['pet']} that follows {name} everywhere."
@@ -85,36 +102,31 @@ def write_builtin_corpus(out_dir: str, num_docs: int, seed: int = 0, num_files: 
     return paths
 
 
-SENTENCE_KINDS = ["residence", "pet", "trade", "arithmetic", "travel", "colors", "reputation"]
+HOME_TOWN_PROMPTS = ["{name} lives in", "everyone knows where {name} lives: {name} lives in",
+                     "{name} the {trade} lives in", "the {pet} of {name} lives with {name} in"]
 
 
 def generate_labelled(num_examples: int, task: str, seed: int = 0) -> list[dict]:
-    """The built-in labelled task over the same world as the corpus.
+    """The built-in labelled task over the same world as the corpus; each example names its `person`, by which
+    `finetune` splits train from validation.
 
-    classification: a sentence of the corpus's grammar -> its kind (one of SENTENCE_KINDS, as a string label).
+    classification: a sentence that stops where a person's home town would follow -> the town (8 classes).
     sft: a question about a person -> the answer sentence (the facts are the corpus's facts).
     """
     rng = random.Random(seed + 1)
     people = _people(random.Random(1234))
     examples = []
     for _ in range(num_examples):
-        name, other = rng.choice(NAMES), rng.choice(NAMES)
+        name = rng.choice(NAMES)
         p = people[name]
         if task == "sft":
             if rng.random() < 0.5:
-                examples.append({"prompt": f"where does {name} live?", "response": f"{name} lives in {p['town']}."})
+                examples.append({"prompt": f"where does {name} live?", "response": f"{name} lives in {p['town']}.",
+                                 "person": name})
             else:
                 examples.append({"prompt": f"what pet does {name} have?",
-                                 "response": f"{name} has a {p['color']} {p['pet']}."})
+                                 "response": f"{name} has a {p['color']} {p['pet']}.", "person": name})
             continue
-        kind = rng.randrange(len(SENTENCE_KINDS))
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        text = [f"{name} lives in {p['town']}.",
-                f"{name} has a {p['color']} {p['pet']}.",
-                f"{name} the {p['trade']} sold {NUMBER_WORDS[a]} {rng.choice(THINGS)} to {other}.",
-                f"{NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]} is {NUMBER_WORDS[a + b]}, said {name}.",
-                f"{name} walked from {p['town']} to {people[other]['town']}.",
-                f"the {p['pet']} of {name} is {p['color']}.",
-                f"everyone knows that {name} is the best {p['trade']}."][kind]
-        examples.append({"text": text, "label": SENTENCE_KINDS[kind]})
+        text = rng.choice(HOME_TOWN_PROMPTS).format(name=name, trade=p["trade"], pet=p["pet"])
+        examples.append({"text": text, "label": p["town"], "person": name})
     return examples

@@ -1,0 +1,299 @@
+"""Finetuning options: pooling (last, mean, cls), method (full, head, lora), head_lr, label_smoothing and dropout.
+
+Pure functions first (tiny random GPT-2/Llama/BERT directories, no Ray), then two real 2-worker finetune runs on a tiny
+GPT-2 export: LoRA (only adapters and head change; the export is plain merged weights) and head-only with mean
+pooling and its own head learning rate (the body is exactly the pretrained one).
+
+    python -m pytest -q tests/test_finetune_methods.py
+"""
+
+import json
+import os
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, BertForMaskedLM,
+                          GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM)
+
+from conftest import tiny_config
+from ptray import engine as ds
+from ptray.config import load_config
+from ptray.data.tokenizer import load_tokenizer
+from ptray.errors import ConfigError
+from ptray.finetune import (FinetuneTask, LabelledData, MeanPooledClassifier, finetune, finetune_model, load_classifier,
+                            load_labelled, prepare_finetune)
+
+LABELS = {0: "a", 1: "b", 2: "c"}
+
+
+@pytest.fixture(scope="module")
+def random_models(tmp_path_factory):
+    """Randomly initialized 2-layer, width-64 language models of each family, saved like a pretraining export."""
+    root = tmp_path_factory.mktemp("random_models")
+    torch.manual_seed(0)
+    models = {
+        "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2, n_head=4,
+                                           bos_token_id=0, eos_token_id=0, pad_token_id=0)),
+        "llama": LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                              num_hidden_layers=2, num_attention_heads=4, bos_token_id=0,
+                                              eos_token_id=0, pad_token_id=0)),
+        "bert": BertForMaskedLM(BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=128, pad_token_id=0))}
+    for family, model in models.items():
+        model.save_pretrained(root / family)
+    return {family: str(root / family) for family in models}
+
+
+def _model(path, *overrides, seed=0):
+    torch.manual_seed(seed)
+    return finetune_model(load_config("tiny", list(overrides)), path, len(LABELS), LABELS).eval()
+
+
+def _batch():
+    """Three sequences, the first right-padded after 6 tokens (pad id 0, attention_mask 0)."""
+    ids = torch.randint(1, 128, (3, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[0, 6:], mask[0, 6:] = 0, 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_mean_pooling_averages_non_pad_tokens_and_round_trips(random_models, family, tmp_path):
+    last = _model(random_models[family])
+    mean = _model(random_models[family], "finetune.pooling=mean")
+    assert isinstance(mean, MeanPooledClassifier)
+    assert all(torch.equal(a, b) for a, b in zip(last.state_dict().values(), mean.model.state_dict().values()))
+    ids, mask = _batch()
+    with torch.no_grad():
+        pooled_logits, last_logits = mean(ids, mask).logits, last(input_ids=ids, attention_mask=mask).logits
+        hidden = last.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        average = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        expected = last.classifier(last.bert.pooler(average[:, None])) if family == "bert" else last.score(average)
+        assert torch.allclose(pooled_logits, expected, atol=1e-6)
+        assert not torch.allclose(pooled_logits, last_logits, atol=1e-3)  # same weights, other predictions
+        changed_pads = ids.clone()
+        changed_pads[0, 6:] = 5  # tokens the mask hides do not count
+        assert torch.allclose(mean(changed_pads, mask).logits, pooled_logits, atol=1e-6)
+
+    mean.save_pretrained(tmp_path)
+    assert json.load(open(tmp_path / "config.json"))["ptray_pooling"] == "mean"
+    loaded = load_classifier(str(tmp_path)).eval()
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()  # plain transformers: its own pooling
+    with torch.no_grad():
+        assert isinstance(loaded, MeanPooledClassifier) and torch.equal(loaded(ids, mask).logits, pooled_logits)
+        assert torch.allclose(plain(input_ids=ids, attention_mask=mask).logits, last_logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_head_lr_gets_its_own_param_groups(random_models, method):
+    model = _model(random_models["gpt2"], f"finetune.method={method}", "finetune.lr=1e-3", "finetune.head_lr=2e-2")
+    groups = ds.param_groups(model, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(groups, lr=1.0)
+    ds.set_lr(types.SimpleNamespace(optimizer=optimizer), 5e-4)  # the schedule's rate at some step
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    name_of = {id(p): n for n, p in trainable.items()}
+    seen = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = name_of[id(p)]
+            seen.append(name)
+            head = name.startswith(("score.", "base_model.model.score."))
+            assert group["lr"] == pytest.approx(1e-2 if head else 5e-4)
+            assert group["weight_decay"] == (0.1 if p.dim() >= 2 else 0.0)
+    assert sorted(seen) == sorted(trainable)  # every trainable tensor exactly once
+    assert any("lora_A" in n for n in seen) == (method == "lora")  # adapters train at finetune.lr, like the body
+
+    plain = _model(random_models["gpt2"])
+    groups = ds.param_groups(plain, weight_decay=0.1)
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0] and {g["lr_scale"] for g in groups} == {1.0}
+
+
+def test_head_method_freezes_all_but_the_head_and_dropout_overrides(random_models):
+    gpt2 = _model(random_models["gpt2"], "finetune.method=head", "finetune.dropout=0.25")
+    assert [n for n, p in gpt2.named_parameters() if p.requires_grad] == ["score.weight"]
+    assert (gpt2.config.resid_pdrop, gpt2.config.embd_pdrop, gpt2.config.attn_pdrop) == (0.25, 0.25, 0.25)
+    assert {m.p for m in gpt2.modules() if isinstance(m, torch.nn.Dropout)} == {0.25}
+    bert = _model(random_models["bert"], "finetune.method=head", "finetune.dropout=0.0")
+    assert {n.split(".")[-2] for n, p in bert.named_parameters() if p.requires_grad} == {"dense", "classifier"}
+    assert not any(p.requires_grad for p in bert.bert.encoder.parameters())
+    assert {m.p for m in bert.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}
+    kept = _model(random_models["bert"])  # -1: the pretrained model's own (BertConfig's default 0.1)
+    assert {m.p for m in kept.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
+
+
+def test_sft_lora_trains_only_adapters_and_merges_into_a_plain_causal_lm(random_models):
+    from ptray.finetune import merge_lora
+
+    model = _model(random_models["gpt2"], "finetune.task=sft", "finetune.method=lora", "finetune.lora_targets=[c_attn]")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".c_attn.lora_" in n for n in trainable)  # no head: the tied lm_head stays frozen
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)  # as if trained (B starts at zero)
+    ids = torch.randint(1, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        merged = merge_lora(model)
+        assert type(merged) is GPT2LMHeadModel and not any("lora" in k for k in merged.state_dict())
+        assert torch.allclose(merged(input_ids=ids).logits, adapted, atol=1e-5)
+
+
+def test_label_smoothing_in_the_training_loss_only():
+    cfg = load_config("tiny", ["finetune.label_smoothing=0.2", "cluster.num_workers=1", "finetune.micro_batch_size=4",
+                               "finetune.global_batch_size=4"])
+    generator = torch.Generator().manual_seed(0)
+
+    def examples(n):
+        return {"input_ids": torch.randint(0, 9, (n, 5), generator=generator),
+                "attention_mask": torch.ones(n, 5, dtype=torch.long), "labels": torch.randint(0, 3, (n,))}
+
+    task = FinetuneTask(cfg, LabelledData(train=examples(8), val=examples(4), id2label=LABELS), rank=0, world_size=1)
+    engine = lambda input_ids, attention_mask: types.SimpleNamespace(logits=input_ids[:, :3].float())  # noqa: E731
+    engine.device = torch.device("cpu")
+    train_batch = {k: v[:4] for k, v in task.train.items()}
+    logits, labels = train_batch["input_ids"][:, :3].float(), train_batch["labels"]
+    assert task.loss(engine, train_batch).item() == pytest.approx(
+        F.cross_entropy(logits, labels, label_smoothing=0.2).item())
+    assert task.loss(engine, train_batch).item() != pytest.approx(F.cross_entropy(logits, labels).item())
+    val_loss = F.cross_entropy(task.val["input_ids"][:, :3].float(), task.val["labels"]).item()
+    assert task.evaluate(engine)["val_loss"] == pytest.approx(val_loss)  # comparable across label_smoothing values
+
+
+@pytest.mark.parametrize("override,named", [
+    ("finetune.pooling=max", "finetune.pooling"), ("finetune.method=adapter", "finetune.method"),
+    ("finetune.lora_rank=0", "finetune.lora_rank"), ("finetune.lora_dropout=1.0", "finetune.lora_dropout"),
+    ("finetune.head_lr=-1", "finetune.head_lr"), ("finetune.label_smoothing=1.0", "finetune.label_smoothing"),
+    ("finetune.dropout=1.5", "finetune.dropout"), ("finetune.lora_targets=['']", "finetune.lora_targets")])
+def test_bad_values_name_the_key(override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config("tiny", [override])
+
+
+@pytest.mark.parametrize("override", ["finetune.pooling=mean", "finetune.head_lr=1e-2", "finetune.method=head",
+                                      "finetune.label_smoothing=0.1"])
+def test_classification_only_options_are_rejected_for_sft(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.") + ".*classification"):
+        load_config("tiny", ["finetune.task=sft", override])
+    load_config("tiny", ["finetune.task=sft", "finetune.method=lora"])  # LoRA adapters serve SFT too
+
+
+def test_lora_targets_must_name_linear_layers_in_the_worker_too(random_models):
+    with pytest.raises(ConfigError, match=r"finetune.lora_targets \['qkv'\].*q_proj"):
+        _model(random_models["llama"], "finetune.method=lora", "finetune.lora_targets=[qkv, o_proj]")
+    with pytest.raises(ConfigError, match="finetune.pooling=cls is not valid for the llama family"):
+        _model(random_models["llama"], "finetune.pooling=cls")
+    assert isinstance(_model(random_models["bert"], "finetune.pooling=cls"), torch.nn.Module)  # bert's own head
+
+
+# ---- real 2-worker runs on a pretrained export ---------------------------------------------------------------------
+
+# 200 examples, 1 epoch: ~10 steps of 16; one evaluation and checkpoint at the end, so the best is the final one.
+FINETUNE_FAST = ["finetune.builtin_examples=200", "finetune.epochs=1", "finetune.eval_every=1000"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(ray_local, tmp_path_factory):
+    """What `ptray pretrain --config tiny` exports, as of step 0: ptray's BPE tokenizer trained on the built-in corpus
+    and the tiny GPT-2 (2 layers, width 64), randomly initialized. Pretraining it would add minutes on 2 cores and
+    nothing these tests look at: they compare finetuned weights with whatever the starting weights are."""
+    from ptray.data.builtin import generate_documents
+    from ptray.data.tokenizer import train_bpe
+    from ptray.model import build_model, padded_vocab_size
+
+    export = str(tmp_path_factory.mktemp("pretrained") / "export")
+    cfg = tiny_config(export)
+    train_bpe(generate_documents(2000), vocab_size=cfg.data.vocab_size, out_dir=export)
+    tokenizer = load_tokenizer(export)
+    torch.manual_seed(0)
+    build_model(cfg.model, vocab_size=padded_vocab_size(len(tokenizer)), special_ids={
+        "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id, "mask": tokenizer.mask_token_id,
+    }).save_pretrained(export)
+    return export
+
+
+def _config(pretrained, run_dir, *overrides):
+    return tiny_config(run_dir, f"finetune.pretrained={pretrained}", *FINETUNE_FAST, *overrides)
+
+
+def _pretrained_weights(export):
+    return AutoModelForCausalLM.from_pretrained(export).state_dict()
+
+
+def _val_accuracy(model, cfg, export):
+    val = load_labelled(cfg, load_tokenizer(export)).val
+    with torch.no_grad():
+        logits = model.eval()(input_ids=val["input_ids"], attention_mask=val["attention_mask"]).logits
+    return (logits.argmax(-1) == val["labels"]).float().mean().item()
+
+
+def test_bad_family_options_stop_before_any_worker(pretrained, tmp_path, capsys):
+    from ptray.cli import main
+
+    with pytest.raises(ConfigError, match="finetune.pooling=cls is not valid for the gpt2 family"):
+        prepare_finetune(_config(pretrained, tmp_path, "finetune.pooling=cls"))
+    with pytest.raises(ConfigError, match=r"finetune.lora_targets \['q_proj'\] match no linear layer.*c_attn"):
+        prepare_finetune(_config(pretrained, tmp_path, "finetune.method=lora", "finetune.lora_targets=[q_proj]"))
+    code = main(["finetune", "--config", "tiny", f"run.dir={tmp_path}", f"finetune.pretrained={pretrained}",
+                 "finetune.method=lora", "finetune.lora_targets=[c_attn, qkv]"])
+    assert code == 2 and "finetune.lora_targets ['qkv']" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "finetune-classification" / "export")
+
+
+def test_lora_trains_adapters_and_head_and_exports_merged_weights(pretrained, tmp_path):
+    from ptray.engine import consolidated_state_dict
+
+    cfg = _config(pretrained, tmp_path, "finetune.method=lora", "finetune.lora_rank=4", "finetune.lr=1e-2",
+                  "finetune.dropout=0.1", "finetune.label_smoothing=0.1")
+    out = finetune(cfg)
+    base = _pretrained_weights(pretrained)
+
+    # In training only the adapters and the head's copy changed: every base weight is still the pretrained one.
+    trained = consolidated_state_dict(out["best"]["path"], zero_stage=cfg.deepspeed.zero_stage)
+    adapters = [k for k in trained if "lora_" in k]
+    assert adapters and all(trained[k].abs().max() > 0 for k in adapters if "lora_B" in k)  # B starts at 0
+    for key, value in trained.items():
+        if "lora_" in key or ".score." in key:
+            continue
+        assert torch.equal(value, base[key.removeprefix("base_model.model.").replace(".base_layer", "")]), key
+
+    # The export is a plain transformers model: pretrained weights plus a rank <= 4 update on the LoRA targets only.
+    export = os.path.join(tmp_path, "finetune-classification", "export")
+    model = AutoModelForSequenceClassification.from_pretrained(export)
+    assert model.config.resid_pdrop == 0.1 and not hasattr(model, "peft_config")
+    targets = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    merged = 0
+    for key, value in model.state_dict().items():
+        if key == "score.weight":
+            continue
+        if key.endswith(targets):
+            singular = torch.linalg.svdvals(value - base[key])
+            assert singular[0] > 0 and singular[4:].max() < 1e-4 * singular[0], key
+            merged += 1
+        else:
+            assert torch.equal(value, base[key]), key
+    assert merged == 4 * cfg.model.num_layers
+    assert _val_accuracy(model, cfg, export) == pytest.approx(out["best"]["metrics"]["val_accuracy"], abs=1e-6)
+
+
+def test_head_only_with_mean_pooling_and_head_lr(pretrained, tmp_path):
+    # The body's rate is negligible: the head moves only if it really trains at finetune.head_lr.
+    cfg = _config(pretrained, tmp_path, "finetune.method=head", "finetune.pooling=mean", "finetune.lr=1e-9",
+                  "finetune.head_lr=1e-2")
+    out = finetune(cfg)
+    export = os.path.join(tmp_path, "finetune-classification", "export")
+    assert json.load(open(os.path.join(export, "config.json")))["ptray_pooling"] == "mean"
+    model = load_classifier(export)
+    assert isinstance(model, MeanPooledClassifier)
+    exported, base = model.model.state_dict(), _pretrained_weights(pretrained)
+    assert all(torch.equal(value, base[key]) for key, value in exported.items() if key != "score.weight")
+    torch.manual_seed(cfg.run.seed)  # the head's initialization on the workers
+    id2label = load_labelled(cfg, load_tokenizer(export)).id2label
+    initial = finetune_model(cfg, pretrained, len(id2label), id2label).model.score.weight
+    assert (exported["score.weight"] - initial).abs().max() > 1e-3  # ~1e-8 had it trained at finetune.lr
+    assert _val_accuracy(model, cfg, export) == pytest.approx(out["best"]["metrics"]["val_accuracy"], abs=1e-6)
+    plain = AutoModelForSequenceClassification.from_pretrained(export).eval()  # loads; pools the last token
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert not torch.allclose(plain(input_ids=ids).logits, model(ids).logits)
