@@ -30,6 +30,7 @@ def _names(count: int, seed: int = 99) -> list[str]:
 
 
 NAMES = _names(48)
+CORPUS_VERSION = "v2"  # in the file names: a changed generator never reuses files an older one wrote
 TOWNS = ["oakford", "rivermouth", "stonebridge", "millbrook", "ashvale", "highmoor", "eastwick", "fairhaven"]
 TRADES = ["baker", "smith", "weaver", "farmer", "potter", "miller", "fisher", "carpenter", "healer", "scribe"]
 PETS = ["cat", "dog", "goat", "parrot", "horse", "rabbit", "owl", "tortoise"]
@@ -90,7 +91,7 @@ def write_builtin_corpus(out_dir: str, num_docs: int, seed: int = 0, num_files: 
     Files are written once and reused: a second call with the same arguments returns the existing files.
     """
     os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, f"builtin-{seed}-{num_docs}-{i:02d}.txt") for i in range(num_files)]
+    paths = [os.path.join(out_dir, f"builtin-{CORPUS_VERSION}-{seed}-{num_docs}-{i:02d}.txt") for i in range(num_files)]
     if all(os.path.exists(p) for p in paths):
         return paths
     docs = generate_documents(num_docs, seed)
