@@ -40,9 +40,10 @@ def ray_session(cfg: Config):
                             "is read from ~/.ray/auth_token or RAY_AUTH_TOKEN.") from None
     else:
         # Local test mode: Ray Train reserves whole CPUs for its workers and Ray Data may only use what is left, so
-        # advertise a couple of logical CPUs beyond the workers' share (threads are what actually share the cores).
+        # advertise a few logical CPUs beyond the workers' share (threads are what actually share the cores): on 2
+        # cores, 5 fit two concurrent sweep trials of 2 workers plus their drivers' 0.01 CPU each.
         needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
-        num_cpus = int(max(os.cpu_count() or 1, needed)) + 2
+        num_cpus = int(max(os.cpu_count() or 1, needed)) + 3
         # Concurrent sweep trials oversubscribe the cores, and a worker's start (importing torch and DeepSpeed) can
         # then take longer than Ray Train's 60 s default for starting a worker group.
         runtime_env["env_vars"].setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")

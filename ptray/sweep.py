@@ -45,6 +45,7 @@ from ptray.metrics import read_metrics
 from ptray.session import worker_scaling
 
 SIDES = ("pretrained", "scratch")
+TRIAL_CPUS = 0.01  # a Tune trial's own share: it only drives a TorchTrainer (0 is rejected)
 
 
 def search_space(cfg: Config) -> dict:
@@ -77,8 +78,8 @@ def max_concurrent_trials(cfg: Config) -> int:
     resources = ray.cluster_resources()
     if cfg.cluster.use_gpu:
         fit = resources.get("GPU", 0) // cfg.cluster.num_workers
-    else:
-        fit = resources.get("CPU", 0) // (cfg.cluster.num_workers * cfg.cluster.cpus_per_worker)
+    else:  # each trial also holds TRIAL_CPUS for its driver: without it the last trial's workers never fit
+        fit = resources.get("CPU", 0) // (cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + TRIAL_CPUS)
     return max(1, int(fit))  # sweep() has already checked with worker_scaling that one trial fits
 
 
@@ -198,7 +199,7 @@ def make_trial(base: dict, sets: LabelledSets, trials_dir: str, metric: str, mod
 def run_tune(cfg: Config, trainable, *, sweep_dir: str, name: str, param_space: dict, num_samples: int, search_alg,
              sched, resume: bool):
     """One Tune experiment in `<sweep_dir>/<name>`; resumed when asked and a saved state exists."""
-    trainable = tune.with_resources(trainable, {"cpu": 0.01})  # the trial only drives a TorchTrainer
+    trainable = tune.with_resources(trainable, {"cpu": TRIAL_CPUS})  # the trial only drives a TorchTrainer
     path = os.path.join(sweep_dir, name)
     if resume and tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=trainable, restart_errored=False, resume_unfinished=True)
