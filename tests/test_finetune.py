@@ -124,7 +124,7 @@ def test_bad_labelled_input(pretrained_run, tmp_path):
     with pytest.raises(DataError, match="finetune.group_field='author' is not a field"):
         prepare_finetune(tiny_config(pretrained_run, f"finetune.train_files=[{one_class}]", "finetune.group_field=author"))
     with pytest.raises(ConfigError, match="pretraining kept no checkpoint there"):
-        sweep(tiny_config(pretrained_run, "sweep.pretrained_steps=[20]"))
+        sweep(tiny_config(pretrained_run, "sweep.pretrained_steps=[10]"))  # pretraining kept only step 20
 
 
 @pytest.fixture(scope="module")
