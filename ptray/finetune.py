@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.train
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from ray.train import CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -94,7 +95,7 @@ def load_labelled(cfg: Config, tokenizer) -> LabelledData:
         val_rows = read_labelled_rows(ft.val_files, cfg)
         train_rows = rows
     else:
-        group = "person" if ft.train_files == ["builtin"] else ft.group_field  # the built-in task: by person
+        group = "group" if ft.train_files == ["builtin"] else ft.group_field  # the built-in task: by word / person
         if group and group not in rows[0]:
             raise DataError(f"finetune.group_field={group!r} is not a field of the labelled data (fields: "
                             f"{', '.join(rows[0])}); name the field that groups related examples, or set it to ''.")
@@ -212,7 +213,8 @@ def build_trainer(cfg: Config, data_ref: ray.ObjectRef, *, storage_path: str, na
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "data": data_ref, "run_dir": run_dir,
-                           "pretrained": pretrained_dir(cfg), "max_steps": finetune_steps(cfg.finetune, num_examples)},
+                           "pretrained": pretrained_dir(cfg), "max_steps": finetune_steps(cfg.finetune, num_examples),
+                           "keep_best": (metric, mode) if metric else None},
         scaling_config=worker_scaling(cfg),
         run_config=RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
@@ -454,7 +456,8 @@ class FinetuneTask:
         # Each rank gets an equal share, so every rank runs the same number of steps.
         per_rank = len(data.train["labels"]) // world_size // ft.micro_batch_size * ft.micro_batch_size
         self.train = {k: v[rank::world_size][:per_rank] for k, v in data.train.items()}
-        self.val = data.val  # small: every rank evaluates all of it, so every rank gets the same metrics
+        # Each rank evaluates its own share; `evaluate` sums the counts over ranks, so all ranks get the same metrics.
+        self.val = {k: v[rank::world_size] for k, v in data.val.items()}
         self.num_classes = len(data.id2label)
 
     def next_batch(self, state: ckpt.TrainerState) -> dict[str, torch.Tensor]:
@@ -482,38 +485,54 @@ class FinetuneTask:
                                ignore_index=IGNORE_INDEX)
 
     def evaluate(self, engine) -> dict[str, float]:
+        """Metrics over the whole validation set: each rank's share, summed over ranks (one all-reduce)."""
         micro = self.cfg.finetune.micro_batch_size
-        total_loss, total_weight, predictions = 0.0, 0, []
+        # [loss sum, weight, then per class: true positives, false positives, false negatives]
+        totals = torch.zeros(2 + 3 * self.num_classes, dtype=torch.float64)
         for i in range(0, len(self.val["labels"]), micro):
             batch = {k: v[i: i + micro].to(engine.device) for k, v in self.val.items()}
             logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             weight = len(batch["labels"]) if self.task == "classification" else \
                 int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            total_loss += self._loss(logits, batch["labels"]).item() * weight
-            total_weight += weight
+            totals[0] += self._loss(logits, batch["labels"]).item() * weight
+            totals[1] += weight
             if self.task == "classification":
-                predictions.append(logits.argmax(-1).cpu())
-        val_loss = total_loss / total_weight
+                totals[2:] += confusion_counts(logits.argmax(-1).cpu(), batch["labels"].cpu(), self.num_classes)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            totals = totals.to(engine.device)
+            dist.all_reduce(totals)
+            totals = totals.cpu()
+        val_loss = (totals[0] / totals[1]).item()
         if self.task == "sft":
             return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
-        accuracy, f1 = classification_metrics(torch.cat(predictions), self.val["labels"], self.num_classes)
+        accuracy, f1 = metrics_from_counts(totals[2:], int(totals[1]))
         return {"val_loss": val_loss, "val_accuracy": accuracy, "val_f1": f1}
 
     def probe_inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.val["input_ids"][:2], "attention_mask": self.val["attention_mask"][:2]}
 
 
-def classification_metrics(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[float, float]:
-    """(accuracy, macro-F1 over the classes present in labels or predictions)."""
-    accuracy = (predictions == labels).float().mean().item()
-    f1s = []
+def confusion_counts(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per class (true positives, false positives, false negatives), flattened: counts that sum over ranks."""
+    counts = torch.zeros(num_classes, 3, dtype=torch.float64)
     for c in range(num_classes):
-        tp = ((predictions == c) & (labels == c)).sum().item()
-        fp = ((predictions == c) & (labels != c)).sum().item()
-        fn = ((predictions != c) & (labels == c)).sum().item()
-        if tp + fp + fn:
-            f1s.append(2 * tp / (2 * tp + fp + fn))
-    return accuracy, sum(f1s) / len(f1s)
+        counts[c, 0] = ((predictions == c) & (labels == c)).sum()
+        counts[c, 1] = ((predictions == c) & (labels != c)).sum()
+        counts[c, 2] = ((predictions != c) & (labels == c)).sum()
+    return counts.flatten()
+
+
+def metrics_from_counts(counts: torch.Tensor, num_examples: int) -> tuple[float, float]:
+    """(accuracy, macro-F1 over the classes present in labels or predictions) from summed `confusion_counts`."""
+    tp, fp, fn = counts.view(-1, 3).unbind(-1)
+    present = (tp + fp + fn) > 0
+    f1 = (2 * tp / (2 * tp + fp + fn).clamp(min=1))[present]
+    return (tp.sum() / max(num_examples, 1)).item(), f1.mean().item()
+
+
+def classification_metrics(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[float, float]:
+    """(accuracy, macro-F1) of one set of predictions."""
+    return metrics_from_counts(confusion_counts(predictions, labels, num_classes), len(labels))
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -539,6 +558,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         activation_checkpointing=False))
     task = FinetuneTask(train_cfg, data, rank, world_size)
     num_params = sum(p.numel() for p in model.parameters())
-    fit(train_cfg, task, model, run_dir=loop_config["run_dir"], checkpoint_root=loop_config["run_dir"], tokens_per_step=ft.global_batch_size * ft.max_len,
-        flops_per_token=flops_per_token(model.config, num_params, ft.max_len), label="finetune")
+    fit(train_cfg, task, model, run_dir=loop_config["run_dir"], checkpoint_root=loop_config["run_dir"],
+        tokens_per_step=ft.global_batch_size * ft.max_len, label="finetune",
+        flops_per_token=flops_per_token(model.config, num_params, ft.max_len),
+        keep_best=tuple(loop_config["keep_best"]) if loop_config.get("keep_best") else None)
 

@@ -22,8 +22,8 @@ from ptray import engine as ds
 from ptray.config import load_config
 from ptray.data.tokenizer import load_tokenizer
 from ptray.errors import ConfigError
-from ptray.finetune import (FinetuneTask, LabelledData, MeanPooledClassifier, finetune, finetune_model, load_classifier,
-                            load_labelled, prepare_finetune)
+from ptray.finetune import (FinetuneTask, LabelledData, MeanPooledClassifier, confusion_counts, finetune, finetune_model,
+                            load_classifier, load_labelled, metrics_from_counts, prepare_finetune)
 
 LABELS = {0: "a", 1: "b", 2: "c"}
 
@@ -159,6 +159,25 @@ def test_label_smoothing_in_the_training_loss_only():
     assert task.loss(engine, train_batch).item() != pytest.approx(F.cross_entropy(logits, labels).item())
     val_loss = F.cross_entropy(task.val["input_ids"][:, :3].float(), task.val["labels"]).item()
     assert task.evaluate(engine)["val_loss"] == pytest.approx(val_loss)  # comparable across label_smoothing values
+
+
+def test_validation_counts_from_rank_shards_sum_to_the_whole_set_metrics():
+    # Each finetuning rank evaluates labels[rank::world_size]; the summed counts must give the single-process metrics.
+    generator = torch.Generator().manual_seed(0)
+    predictions, labels = torch.randint(0, 4, (101,), generator=generator), torch.randint(0, 4, (101,), generator=generator)
+    labels[labels == 3] = 2  # a class only predicted, never true: still counted in macro-F1
+    world = 3
+    summed = sum(confusion_counts(predictions[r::world], labels[r::world], 4) for r in range(world))
+    accuracy, f1 = metrics_from_counts(summed, len(labels))
+    assert accuracy == pytest.approx((predictions == labels).float().mean().item())
+    f1s = []
+    for c in range(4):
+        tp, fp = ((predictions == c) & (labels == c)).sum().item(), ((predictions == c) & (labels != c)).sum().item()
+        fn = ((predictions != c) & (labels == c)).sum().item()
+        f1s.append(2 * tp / (2 * tp + fp + fn))
+    assert f1 == pytest.approx(sum(f1s) / 4)
+    assert metrics_from_counts(confusion_counts(predictions[0::world], labels[0::world], 4), 34)[0] != \
+        pytest.approx(accuracy, abs=1e-9)  # one rank's share alone is a different number
 
 
 @pytest.mark.parametrize("override,named", [
