@@ -55,6 +55,8 @@ class TrainerState:
     world_size: int = 1
     skipped_steps: int = 0
     """Optimizer steps skipped because the loss was not finite."""
+    best_metric: float | None = None
+    """Finetuning: the best evaluation so far. Only an evaluation that beats it writes a checkpoint."""
 
 
 def write_trainer_state(state: TrainerState, checkpoint_dir: str) -> None:

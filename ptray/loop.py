@@ -70,7 +70,8 @@ def setup_worker(cfg: Config):
 
 
 def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkpoint_root: str, tokens_per_step: int,
-        flops_per_token: float, label: str, snapshot_steps: tuple[int, ...] = ()) -> None:
+        flops_per_token: float, label: str, snapshot_steps: tuple[int, ...] = (),
+        keep_best: tuple[str, str] | None = None) -> None:
     """Wrap `model` in DeepSpeed, resume from the newest good checkpoint under `checkpoint_root` if there is one, and
     train `cfg.pretrain.max_steps` steps.
 
@@ -79,6 +80,8 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkp
 
     `cfg.pretrain` holds the optimization settings of the stage (finetuning fills it from its own section).
     `tokens_per_step` counts sequence positions per optimizer step over all workers (padding included).
+    `keep_best=(metric, mode)`: write a checkpoint only when an evaluation improves `metric` (finetuning keeps just the
+    best one anyway); every other evaluation is still reported to Ray, without one, so schedulers see it.
     """
     from ptray import engine as ds  # imports DeepSpeed; after setup_worker set DS_ACCELERATOR
 
@@ -97,6 +100,19 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkp
         print(f"[{label}] {num_params:,} parameters, ZeRO-{cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision}, "
               f"{world_size} workers x {p.micro_batch_size} x {cfg.grad_accum_steps} accumulation, {p.max_steps} "
               f"steps; MFU against {peak_flops / 1e9:,.1f} GFLOP/s per worker ({peak_source})", flush=True)
+
+    def improves(metrics: dict) -> bool:
+        """Whether these metrics should be checkpointed (records a new best; the same on every rank)."""
+        if keep_best is None:
+            return True
+        name, mode = keep_best
+        value = metrics.get(name)
+        if value is None or not math.isfinite(value):
+            return False
+        if state.best_metric is None or (value > state.best_metric if mode == "max" else value < state.best_metric):
+            state.best_metric = value
+            return True
+        return False
 
     def save_checkpoint(metrics: dict, probe: dict | None = None) -> None:
         with tempfile.TemporaryDirectory() as checkpoint_dir:
@@ -119,6 +135,9 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkp
     window_loss = torch.zeros((), device=engine.device)
     window_fingerprint = 0  # which tokens were trained on (summed over ranks when logged)
     window_steps, window_updates, window_data_wait, window_start = 0, 0, 0.0, time.perf_counter()
+    window_paused = 0.0  # evaluation and checkpoint time inside the window: not training throughput
+    paused_total = {"eval": 0.0, "checkpoint": 0.0}  # over the run, for the closing time breakdown
+    fit_start = time.perf_counter()
     nonfinite_in_a_row = 0
     injected_nonfinite = steps_from_env("PTRAY_INJECT_NONFINITE_STEPS")  # a fault drill; empty in normal runs
     metrics: dict = {}
@@ -162,7 +181,7 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkp
             dist.all_reduce(window_loss)  # a sync point: the mean loss over ranks and the updated steps of this window
             fingerprint_sum = torch.tensor(window_fingerprint, dtype=torch.int64, device=engine.device)
             dist.all_reduce(fingerprint_sum)
-            elapsed = time.perf_counter() - window_start
+            elapsed = time.perf_counter() - window_start - window_paused
             tokens_per_s = window_steps * tokens_per_step / elapsed
             mean_loss = window_loss.item() / (world_size * window_updates) if window_updates else float("nan")
             metrics = {"step": state.step, "loss": mean_loss, "lr": lr,
@@ -177,6 +196,7 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkp
             window_loss.zero_()
             window_fingerprint = 0
             window_steps, window_updates, window_data_wait, window_start = 0, 0, 0.0, time.perf_counter()
+            window_paused = 0.0
 
         if nonfinite_in_a_row >= p.max_nonfinite_steps:
             # Stop without a checkpoint: the newest one is from before these steps. Returning (rather than raising)
@@ -190,6 +210,7 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkp
             return
 
         if (p.eval_every and state.step % p.eval_every == 0) or state.step == p.max_steps:
+            paused_start = time.perf_counter()
             engine.eval()
             with torch.no_grad():
                 val_metrics = task.evaluate(engine)
@@ -200,15 +221,28 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkp
                     log.write({"step": state.step, "tokens": state.tokens, **val_metrics})
                     print(f"step {state.step:>6}/{p.max_steps} | " +
                           " | ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()), flush=True)
-            window_start = time.perf_counter()  # don't count eval time as training throughput
+            window_paused += time.perf_counter() - paused_start
+            paused_total["eval"] += time.perf_counter() - paused_start
 
+        paused_start = time.perf_counter()
         if state.step in snapshot_steps:
             ds.save(engine, snapshot_dir(run_dir, state.step))  # collective; every rank writes its shards
-        if state.step == p.max_steps:
-            save_checkpoint(metrics, probe=probe_logits(engine, task.probe_inputs()))
-        elif state.step % p.ckpt_every == 0 and nonfinite_in_a_row == 0:  # never save mid-streak: keep the good one
-            save_checkpoint(metrics)
-            window_start = time.perf_counter()
+        at_end = state.step == p.max_steps
+        if at_end or (state.step % p.ckpt_every == 0 and nonfinite_in_a_row == 0):  # never mid-streak: keep the good one
+            if improves(metrics):
+                # The probe lets the export be verified; finetuning may export any kept checkpoint, not only the last.
+                probe = probe_logits(engine, task.probe_inputs()) if at_end or keep_best else None
+                save_checkpoint(metrics, probe=probe)
+            else:
+                ray.train.report(metrics)  # no better than the kept checkpoint: the metrics alone
+        window_paused += time.perf_counter() - paused_start
+        paused_total["checkpoint"] += time.perf_counter() - paused_start
+
+    if rank == 0:
+        total = time.perf_counter() - fit_start
+        training = total - sum(paused_total.values())
+        print(f"[{label}] {total:.1f} s in the loop: training {training:.1f} s, evaluation {paused_total['eval']:.1f} s, "
+              f"checkpoints {paused_total['checkpoint']:.1f} s", flush=True)
 
 
 def snapshot_dir(run_dir: str, step: int) -> str:
