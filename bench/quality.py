@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/ptray-quality")
     parser.add_argument("--steps", type=int, default=1500, help="pretraining steps (both sides)")
     parser.add_argument("--no-sweep", action="store_true", help="stop after the pretraining comparison")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the pretraining (both sides) that an earlier run left in --out; sweep only")
     parser.add_argument("overrides", nargs="*", help="ptray config overrides, applied to the `small` recipe")
     args = parser.parse_args()
     data = os.path.join(args.out, "data")
@@ -46,20 +48,25 @@ def main() -> None:
                                 *args.overrides])
     p, m = cfg.pretrain, cfg.model
     with ray_session(cfg):
-        pretrain(cfg)
-        ptray_curve = {r["step"]: r["val_ppl"] for r in read_metrics(cfg.run_dir) if "val_ppl" in r}
         bare_dir = os.path.join(args.out, "bare-export")
-        bare = bare_pretrain(cfg.prepared_dir, num_layers=m.num_layers, hidden_size=m.hidden_size,
-                             num_heads=m.num_heads, max_positions=m.max_positions, max_steps=p.max_steps,
-                             batch_size=p.global_batch_size, lr=p.lr, warmup_steps=p.warmup_steps,
-                             weight_decay=p.weight_decay, beta2=p.beta2, min_lr_ratio=p.min_lr_ratio,
-                             eval_every=p.eval_every, seed=cfg.run.seed, save_dir=bare_dir,
-                             num_val_rows=cfg.cluster.num_workers * p.eval_batches * p.micro_batch_size)
+        curve_file = os.path.join(args.out, "bare-curve.json")
+        if not (args.reuse and os.path.exists(os.path.join(cfg.run_dir, "export")) and os.path.exists(bare_dir)):
+            pretrain(cfg)
+            bare = bare_pretrain(cfg.prepared_dir, num_layers=m.num_layers, hidden_size=m.hidden_size,
+                                 num_heads=m.num_heads, max_positions=m.max_positions, max_steps=p.max_steps,
+                                 batch_size=p.global_batch_size, lr=p.lr, warmup_steps=p.warmup_steps,
+                                 weight_decay=p.weight_decay, beta2=p.beta2, min_lr_ratio=p.min_lr_ratio,
+                                 eval_every=p.eval_every, seed=cfg.run.seed, save_dir=bare_dir,
+                                 num_val_rows=cfg.cluster.num_workers * p.eval_batches * p.micro_batch_size)
+            with open(curve_file, "w") as f:
+                json.dump(bare["curve"], f)
+        ptray_curve = {r["step"]: r["val_ppl"] for r in read_metrics(cfg.run_dir) if "val_ppl" in r}
+        bare_curve = json.load(open(curve_file)) if os.path.exists(curve_file) else []
         print(f"\nreal data: {summary}")
         print(f"\npretraining: {m.num_layers} layers x {m.hidden_size}, {p.max_steps} steps of {p.global_batch_size} x "
               f"{cfg.data.seq_len} tokens, lr {p.lr}, warm-up {p.warmup_steps}; held-out perplexity")
         print(f"{'step':>6} {'ptray':>10} {'bare':>10} {'ratio':>7}")
-        for step, _, bare_ppl in bare["curve"]:
+        for step, _, bare_ppl in bare_curve:
             ours = ptray_curve.get(step)
             print(f"{step:>6} {ours or float('nan'):>10.2f} {bare_ppl:>10.2f} {(ours or float('nan')) / bare_ppl:>7.3f}")
         if args.no_sweep:
