@@ -203,7 +203,8 @@ class FinetuneConfig:
     """Held-out share of train_files (by content hash) when val_files is empty."""
     group_field: str = ""
     """Hold out whole groups by this field's value (an author, a user, a source document) rather than single
-    examples, so related examples never straddle the train/validation split. The built-in task groups by person."""
+    examples, so related examples never straddle the train/validation split. The built-in tasks group by word
+    (classification) or person (sft)."""
     text_field: str = "text"
     """classification: the text field."""
     label_field: str = "label"
@@ -453,9 +454,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"sweep.label_fractions holds {fraction}; each fraction of the labelled training set must "
                               "be in (0, 1], e.g. sweep.label_fractions=[0.1,0.3,1.0].")
     for step in cfg.sweep.pretrained_steps:
-        if not 0 < step < p.max_steps:
-            raise ConfigError(f"sweep.pretrained_steps holds {step}, but pretraining runs steps 1-{p.max_steps} (the "
-                              f"final step is always finetuned); give steps in 1-{p.max_steps - 1}.")
+        if step <= 0:
+            raise ConfigError(f"sweep.pretrained_steps holds {step}; give optimizer steps of pretraining, >= 1.")
     if cfg.sweep.num_seeds < 1:
         raise ConfigError(f"sweep.num_seeds must be >= 1 (the swept run counts as one), got {cfg.sweep.num_seeds}.")
     if cfg.sweep.grace_period < 0 or cfg.sweep.reduction_factor < 2:
@@ -653,3 +653,14 @@ def resolved(cfg: Config) -> Config:
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=cfg.run_dir),
                               data=dataclasses.replace(cfg.data, prepared_dir=cfg.prepared_dir))
     return cfg
+
+
+def check_pretrained_steps(cfg: Config) -> None:
+    """Before a pipeline pretrains: every sweep.pretrained_steps must fall inside pretraining (checked here, not at load,
+    so shortening pretraining for a `ptray pretrain` alone needs no other change)."""
+    max_steps = cfg.pretrain.max_steps
+    for step in cfg.sweep.pretrained_steps:
+        if not 0 < step < max_steps:
+            raise ConfigError(f"sweep.pretrained_steps holds {step}, but pretraining runs steps 1-{max_steps} (the "
+                              f"final step is always finetuned); give steps in 1-{max_steps - 1}, or "
+                              "sweep.pretrained_steps=[] to finetune from the final model only.")

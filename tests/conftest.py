@@ -13,7 +13,8 @@ def tiny_config(run_dir, *overrides: str):
     """The built-in `tiny` config, writing into `run_dir`, with a smaller built-in corpus for speed."""
     from ptray.config import load_config
 
-    return load_config("tiny", [f"run.dir={run_dir}", "data.builtin_docs=4000", *overrides])
+    # Tests pretrain for tens of steps, not tiny's 300: no snapshots at steps 100 and 200 unless a test asks.
+    return load_config("tiny", [f"run.dir={run_dir}", "data.builtin_docs=4000", "sweep.pretrained_steps=[]", *overrides])
 
 
 @pytest.fixture(scope="module")

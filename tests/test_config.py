@@ -1,5 +1,6 @@
 """Config loading, overrides and validation: pure functions, no Ray."""
 
+import os
 import subprocess
 import sys
 
@@ -115,11 +116,19 @@ def test_search_space_and_searchers_map_to_tune():
     ("sweep.num_seeds=0", "sweep.num_seeds must be >= 1"),
     ("sweep.grace_period=-1", "sweep.grace_period must be >= 0"),
     ("sweep.pretrained_steps=[0]", "sweep.pretrained_steps holds 0"),
-    ("sweep.pretrained_steps=[300]", "sweep.pretrained_steps holds 300"),
 ])
 def test_sweep_option_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("tiny", [override])
+
+
+def test_pretrained_steps_must_fall_inside_pretraining_before_a_pipeline_starts(tmp_path):
+    from ptray.pipeline import pipeline
+
+    shortened = load_config("tiny", [f"run.dir={tmp_path}", "pretrain.max_steps=150"])  # a pretrain alone may do this
+    with pytest.raises(ConfigError, match=r"sweep.pretrained_steps holds 200, but pretraining runs steps 1-150"):
+        pipeline(shortened)  # before any work: nothing prepared, no Ray needed
+    assert not os.listdir(tmp_path)
 
 
 def test_asha_grace_is_a_quarter_of_the_longest_trial_never_inside_warmup():

@@ -1,14 +1,18 @@
 """The built-in corpus: generated text with enough structure for a tiny model to learn, so `tiny` needs no download.
 
-Documents are short "village chronicles": 48 people with stable attributes (home town, trade, pet) recur across
-documents, sentences follow a small grammar, and simple arithmetic facts are always right. A model can learn the grammar
-quickly and the facts slowly, so the loss keeps falling for a while. A few documents carry HTML tags and some are exact
-duplicates, so the cleaning and de-duplication stages have real work to do.
+Documents are short "village chronicles" about a made-up world: 48 people with stable attributes (home town, trade,
+pet) recur across documents, sentences follow a small grammar, and simple arithmetic facts are always right. A few
+documents carry HTML tags and some are exact duplicates, so the cleaning and de-duplication stages have real work to do.
 
-The labelled task asks for a person's home town. The facts are stated only in the unlabelled corpus, and the
-validation set is about *other people* than the training set (split by person), so the labels alone cannot teach them:
-a model from scratch can only guess, while a model that learned the corpus may know the answer. It measures the thing
-pretraining is for.
+Every town, trade, animal, colour and kind of goods is a made-up word (16 of each, from one syllable generator), so
+nothing but its use in the corpus tells what kind of thing a word names.
+
+The labelled tasks ask what only the unlabelled corpus teaches, and hold out whole groups, so labels alone cannot:
+- classification: what kind of thing a word names (town, trade, animal, colour, goods). The validation words never
+  occur in the training examples (the split is by word): a model from scratch can only guess, while a model that
+  learned the corpus has seen each word used like the others of its kind. Language models pick this up early.
+- sft: a person's home town or pet, split by person. The facts themselves are learned late: a 2-layer model of width
+  64 knows few of them after 300 steps.
 """
 
 from __future__ import annotations
@@ -30,21 +34,25 @@ def _names(count: int, seed: int = 99) -> list[str]:
 
 
 NAMES = _names(48)
-CORPUS_VERSION = "v2"  # in the file names: a changed generator never reuses files an older one wrote
-TOWNS = ["oakford", "rivermouth", "stonebridge", "millbrook", "ashvale", "highmoor", "eastwick", "fairhaven"]
-TRADES = ["baker", "smith", "weaver", "farmer", "potter", "miller", "fisher", "carpenter", "healer", "scribe"]
-PETS = ["cat", "dog", "goat", "parrot", "horse", "rabbit", "owl", "tortoise"]
-COLORS = ["red", "blue", "green", "yellow", "white", "black", "brown", "grey"]
-THINGS = ["bread", "rope", "cloth", "pots", "flour", "fish", "chairs", "tea", "apples", "honey"]
+CORPUS_VERSION = "v3"  # in the file names: a changed generator never reuses files an older one wrote
+_WORDS = [w for w in _names(200, seed=7) if w not in NAMES][:80]
+TOWNS, TRADES, PETS, COLORS, THINGS = (_WORDS[i * 16:(i + 1) * 16] for i in range(5))
+CATEGORIES = {"town": TOWNS, "trade": TRADES, "animal": PETS, "colour": COLORS, "goods": THINGS}
+"""The classification task's labels and their words."""
 WEATHER = ["rain", "sun", "snow", "wind", "fog"]
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
                 "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen"]
 
 
 def _people(rng: random.Random) -> dict[str, dict[str, str]]:
-    # Stable facts: the same person always lives in the same town, has the same trade and pet.
-    return {n: {"town": rng.choice(TOWNS), "trade": rng.choice(TRADES), "pet": rng.choice(PETS),
-                "color": rng.choice(COLORS)} for n in NAMES}
+    """Stable facts: the same person always lives in the same town, has the same trade and pet. Each word is given to
+    the same number of people (48 / 16 = 3), so every word of the world occurs in the corpus."""
+    def dealt(words: list[str]) -> list[str]:
+        order = [words[i % len(words)] for i in range(len(NAMES))]
+        rng.shuffle(order)
+        return order
+    towns, trades, pets, colors = dealt(TOWNS), dealt(TRADES), dealt(PETS), dealt(COLORS)
+    return {n: {"town": towns[i], "trade": trades[i], "pet": pets[i], "color": colors[i]} for i, n in enumerate(NAMES)}
 
 
 def generate_documents(num_docs: int, seed: int = 0) -> list[str]:
@@ -103,31 +111,32 @@ def write_builtin_corpus(out_dir: str, num_docs: int, seed: int = 0, num_files: 
     return paths
 
 
-HOME_TOWN_PROMPTS = ["{name} lives in", "everyone knows where {name} lives: {name} lives in",
-                     "{name} the {trade} lives in", "the {pet} of {name} lives with {name} in"]
+WORD_PROMPTS = ["{word}", "we spoke of {word}", "the word was {word}", "she wrote down {word}"]
+"""Frames that never occur in the corpus, the word last (what last-token pooling reads)."""
 
 
 def generate_labelled(num_examples: int, task: str, seed: int = 0) -> list[dict]:
-    """The built-in labelled task over the same world as the corpus; each example names its `person`, by which
-    `finetune` splits train from validation.
+    """The built-in labelled task over the same world as the corpus. Each example names its `group` (a word, or a
+    person for sft), by which `finetune` splits train from validation.
 
-    classification: a sentence that stops where a person's home town would follow -> the town (8 classes).
+    classification: a word in a neutral frame -> what kind of thing it names (5 classes, balanced).
     sft: a question about a person -> the answer sentence (the facts are the corpus's facts).
     """
     rng = random.Random(seed + 1)
     people = _people(random.Random(1234))
     examples = []
     for _ in range(num_examples):
-        name = rng.choice(NAMES)
-        p = people[name]
         if task == "sft":
+            name = rng.choice(NAMES)
+            p = people[name]
             if rng.random() < 0.5:
                 examples.append({"prompt": f"where does {name} live?", "response": f"{name} lives in {p['town']}.",
-                                 "person": name})
+                                 "group": name})
             else:
                 examples.append({"prompt": f"what pet does {name} have?",
-                                 "response": f"{name} has a {p['color']} {p['pet']}.", "person": name})
+                                 "response": f"{name} has a {p['color']} {p['pet']}.", "group": name})
             continue
-        text = rng.choice(HOME_TOWN_PROMPTS).format(name=name, trade=p["trade"], pet=p["pet"])
-        examples.append({"text": text, "label": p["town"], "person": name})
+        category = rng.choice(list(CATEGORIES))
+        word = rng.choice(CATEGORIES[category])
+        examples.append({"text": rng.choice(WORD_PROMPTS).format(word=word), "label": category, "group": word})
     return examples
