@@ -151,7 +151,8 @@ def test_resume_on_another_world_size_continues_the_loss(prepared_dir, uninterru
         assert abs(resumed[step]["loss"] - expected[step]["loss"]) <= 1e-4 * expected[step]["loss"], step
 
 
-@pytest.mark.parametrize("zero_stage,workers,new_workers", [(0, 2, 1), (1, 2, 1), (3, 4, 2)])
+# Stage 1 shares stage 2's path (partitioned optimizer state through a universal checkpoint), tested above.
+@pytest.mark.parametrize("zero_stage,workers,new_workers", [(0, 2, 1), (3, 4, 2)])
 def test_every_zero_stage_resumes_on_another_world_size(prepared_dir, tmp_path, zero_stage, workers, new_workers):
     """ZeRO-2 2 -> 1 is tested above against the 16-step run; here each other stage gets its own 8-step run."""
     args = _ptray_args(tmp_path, prepared_dir) + [f"deepspeed.zero_stage={zero_stage}", "pretrain.max_steps=8",
