@@ -505,7 +505,7 @@ class FinetuneTask:
         val_loss = (totals[0] / totals[1]).item()
         if self.task == "sft":
             return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
-        accuracy, f1 = metrics_from_counts(totals[2:], int(totals[1]))
+        accuracy, f1 = metrics_from_counts(totals[2:])
         return {"val_loss": val_loss, "val_accuracy": accuracy, "val_f1": f1}
 
     def probe_inputs(self) -> dict[str, torch.Tensor]:
@@ -522,17 +522,12 @@ def confusion_counts(predictions: torch.Tensor, labels: torch.Tensor, num_classe
     return counts.flatten()
 
 
-def metrics_from_counts(counts: torch.Tensor, num_examples: int) -> tuple[float, float]:
+def metrics_from_counts(counts: torch.Tensor) -> tuple[float, float]:
     """(accuracy, macro-F1 over the classes present in labels or predictions) from summed `confusion_counts`."""
     tp, fp, fn = counts.view(-1, 3).unbind(-1)
     present = (tp + fp + fn) > 0
     f1 = (2 * tp / (2 * tp + fp + fn).clamp(min=1))[present]
-    return (tp.sum() / max(num_examples, 1)).item(), f1.mean().item()
-
-
-def classification_metrics(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[float, float]:
-    """(accuracy, macro-F1) of one set of predictions."""
-    return metrics_from_counts(confusion_counts(predictions, labels, num_classes), len(labels))
+    return (tp.sum() / (tp + fn).sum().clamp(min=1)).item(), f1.mean().item()  # every example is a tp or an fn
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -561,5 +556,5 @@ def train_loop_per_worker(loop_config: dict) -> None:
     fit(train_cfg, task, model, run_dir=loop_config["run_dir"], checkpoint_root=loop_config["run_dir"],
         tokens_per_step=ft.global_batch_size * ft.max_len, label="finetune",
         flops_per_token=flops_per_token(model.config, num_params, ft.max_len),
-        keep_best=tuple(loop_config["keep_best"]) if loop_config.get("keep_best") else None)
+        keep_best=loop_config["keep_best"])
 

@@ -7,6 +7,7 @@ reported to Ray Train, and resume from the latest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -138,6 +139,16 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkp
     window_paused = 0.0  # evaluation and checkpoint time inside the window: not training throughput
     paused_total = {"eval": 0.0, "checkpoint": 0.0}  # over the run, for the closing time breakdown
     fit_start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(kind: str):
+        """Time spent inside is left out of the window's throughput and counted as `kind` in the breakdown."""
+        nonlocal window_paused
+        start = time.perf_counter()
+        yield
+        window_paused += time.perf_counter() - start
+        paused_total[kind] += time.perf_counter() - start
+
     nonfinite_in_a_row = 0
     injected_nonfinite = steps_from_env("PTRAY_INJECT_NONFINITE_STEPS")  # a fault drill; empty in normal runs
     metrics: dict = {}
@@ -210,33 +221,29 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkp
             return
 
         if (p.eval_every and state.step % p.eval_every == 0) or state.step == p.max_steps:
-            paused_start = time.perf_counter()
-            engine.eval()
-            with torch.no_grad():
-                val_metrics = task.evaluate(engine)
-            engine.train()
-            if val_metrics:
-                metrics = {**metrics, **val_metrics, "step": state.step, "tokens": state.tokens}
-                if log:
-                    log.write({"step": state.step, "tokens": state.tokens, **val_metrics})
-                    print(f"step {state.step:>6}/{p.max_steps} | " +
-                          " | ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()), flush=True)
-            window_paused += time.perf_counter() - paused_start
-            paused_total["eval"] += time.perf_counter() - paused_start
+            with paused("eval"):
+                engine.eval()
+                with torch.no_grad():
+                    val_metrics = task.evaluate(engine)
+                engine.train()
+                if val_metrics:
+                    metrics = {**metrics, **val_metrics, "step": state.step, "tokens": state.tokens}
+                    if log:
+                        log.write({"step": state.step, "tokens": state.tokens, **val_metrics})
+                        print(f"step {state.step:>6}/{p.max_steps} | " +
+                              " | ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()), flush=True)
 
-        paused_start = time.perf_counter()
-        if state.step in snapshot_steps:
-            ds.save(engine, snapshot_dir(run_dir, state.step))  # collective; every rank writes its shards
-        at_end = state.step == p.max_steps
-        if at_end or (state.step % p.ckpt_every == 0 and nonfinite_in_a_row == 0):  # never mid-streak: keep the good one
-            if improves(metrics):
-                # The probe lets the export be verified; finetuning may export any kept checkpoint, not only the last.
-                probe = probe_logits(engine, task.probe_inputs()) if at_end or keep_best else None
-                save_checkpoint(metrics, probe=probe)
-            else:
-                ray.train.report(metrics)  # no better than the kept checkpoint: the metrics alone
-        window_paused += time.perf_counter() - paused_start
-        paused_total["checkpoint"] += time.perf_counter() - paused_start
+        with paused("checkpoint"):
+            if state.step in snapshot_steps:
+                ds.save(engine, snapshot_dir(run_dir, state.step))  # collective; every rank writes its shards
+            at_end = state.step == p.max_steps
+            if at_end or (state.step % p.ckpt_every == 0 and nonfinite_in_a_row == 0):  # never mid-streak
+                if improves(metrics):
+                    # The probe lets the export be verified; finetuning may export any kept checkpoint.
+                    probe = probe_logits(engine, task.probe_inputs()) if at_end or keep_best else None
+                    save_checkpoint(metrics, probe=probe)
+                else:
+                    ray.train.report(metrics)  # no better than the kept checkpoint: the metrics alone
 
     if rank == 0:
         total = time.perf_counter() - fit_start
