@@ -199,8 +199,12 @@ def prepare_finetune(cfg: Config) -> tuple[ray.ObjectRef, LabelledData]:
 
 
 def finetune_steps(ft, num_train_examples: int) -> int:
-    """Optimizer steps of a finetune run: epochs x full global batches per epoch (at least one)."""
-    return ft.epochs * max(1, num_train_examples // ft.global_batch_size)
+    """Optimizer steps of a finetune run: epochs x global batches per epoch (the last one of an epoch may be partial)."""
+    return ft.epochs * steps_per_epoch(ft.global_batch_size, num_train_examples)
+
+
+def steps_per_epoch(global_batch_size: int, num_train_examples: int) -> int:
+    return max(1, math.ceil(num_train_examples / global_batch_size))
 
 
 def build_trainer(cfg: Config, data_ref: ray.ObjectRef, *, storage_path: str, name: str, num_examples: int,
@@ -452,35 +456,61 @@ class FinetuneTask:
 
     def __init__(self, cfg: Config, data: LabelledData, rank: int, world_size: int):
         self.cfg, self.task = cfg, cfg.finetune.task
-        ft = cfg.finetune
-        # Each rank gets an equal share, so every rank runs the same number of steps.
-        per_rank = len(data.train["labels"]) // world_size // ft.micro_batch_size * ft.micro_batch_size
-        self.train = {k: v[rank::world_size][:per_rank] for k, v in data.train.items()}
+        self.rank, self.world_size = rank, world_size
+        # Every rank holds the whole training set and takes its own part of each global batch (see next_batch).
+        self.train = data.train
         # Each rank evaluates its own share; `evaluate` sums the counts over ranks, so all ranks get the same metrics.
         self.val = {k: v[rank::world_size] for k, v in data.val.items()}
         self.num_classes = len(data.id2label)
+        self._order: tuple[int, torch.Tensor] | None = None
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The examples' order in an epoch: depends only on (seed, epoch), so a resumed run continues it exactly."""
+        if self._order is None or self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.cfg.run.seed * 1000 + epoch)
+            self._order = (epoch, torch.randperm(len(self.train["labels"]), generator=generator))
+        return self._order[1]
 
     def next_batch(self, state: ckpt.TrainerState) -> dict[str, torch.Tensor]:
-        micro = self.cfg.finetune.micro_batch_size
-        num_batches = len(self.train["labels"]) // micro
-        if state.batches_in_epoch >= num_batches:
+        """This rank's next micro-batch. An epoch is ceil(N / global batch) steps over one global order of all N
+        examples, so every example is seen once per epoch; the last global batch is padded with weight-0 rows."""
+        ft = self.cfg.finetune
+        num_examples, micro = len(self.train["labels"]), ft.micro_batch_size
+        accum = ft.global_batch_size // (self.world_size * micro)
+        if state.batches_in_epoch >= steps_per_epoch(ft.global_batch_size, num_examples) * accum:
             state.epoch += 1
             state.batches_in_epoch = 0
-        # The order of an epoch depends only on (seed, epoch): resuming mid-epoch continues the same order.
-        order = torch.randperm(len(self.train["labels"]), generator=torch.Generator().manual_seed(
-            self.cfg.run.seed * 1000 + state.epoch))
-        index = order[state.batches_in_epoch * micro: (state.batches_in_epoch + 1) * micro]
+        step, micro_step = divmod(state.batches_in_epoch, accum)
         state.batches_in_epoch += 1
-        return {k: v[index] for k, v in self.train.items()}
+        # A global batch is laid out rank by rank, then micro-step by micro-step.
+        start = step * ft.global_batch_size + (self.rank * accum + micro_step) * micro
+        positions = torch.arange(start, start + micro)
+        real = positions < num_examples
+        batch = {k: v[self.epoch_order(state.epoch)[positions.clamp(max=num_examples - 1)]]
+                 for k, v in self.train.items()}
+        # DeepSpeed averages the micro-batch losses over ranks and accumulation steps; weighting each real example by
+        # world x accum / (real examples in this global batch) makes that the mean over the real examples.
+        real_in_step = min(ft.global_batch_size, num_examples - step * ft.global_batch_size)
+        batch["weight"] = real.float() * (self.world_size * accum / real_in_step)
+        if self.task == "sft":
+            batch["labels"][~real] = IGNORE_INDEX
+        return batch
 
     def loss(self, engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return self._loss(logits, batch["labels"], label_smoothing=self.cfg.finetune.label_smoothing)
-
-    def _loss(self, logits, labels, label_smoothing: float = 0.0):
         if self.task == "classification":
-            return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+            per_example = F.cross_entropy(logits.float(), batch["labels"], reduction="none",
+                                          label_smoothing=self.cfg.finetune.label_smoothing)
+            return (per_example * batch["weight"]).sum()
+        if not (batch["labels"][:, 1:] != IGNORE_INDEX).any():
+            return logits.sum() * 0.0  # a micro-batch of padding only: still a backward pass, like every rank's
+        return self._loss(logits, batch["labels"])
+
+    def _loss(self, logits, labels):
+        """The mean loss of a batch (evaluation, and SFT training: the mean over its answer tokens)."""
+        if self.task == "classification":
+            return F.cross_entropy(logits.float(), labels)
         return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
                                ignore_index=IGNORE_INDEX)
 

@@ -8,21 +8,32 @@ import time
 
 import torch
 
-# Dense bf16 peak FLOP/s per GPU (no sparsity), from the vendors' datasheets.
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
-                  "V100": 125e12, "T4": 65e12}
+# Dense (no sparsity) bf16 peak FLOP/s of one GPU from the vendors' datasheets, keyed by the exact name CUDA reports
+# (`torch.cuda.get_device_name()`): variants of one chip differ (an H100 PCIe is 756 TFLOP/s, an SXM 989).
+GPU_PEAK_FLOPS = {
+    "NVIDIA B200": 2250e12,
+    "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12, "NVIDIA GH200 480GB": 989e12,
+    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 SXM5 80GB": 989e12, "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA L40S": 362e12, "NVIDIA L40": 181e12, "NVIDIA L4": 121e12, "NVIDIA A10": 125e12,
+}
 
 
 def peak_flops_per_worker(use_gpu: bool, configured: float = 0.0) -> tuple[float, str]:
-    """(peak FLOP/s of one worker's device, where the figure comes from)."""
+    """(peak FLOP/s of one worker's device, where the figure comes from: logged beside the MFU).
+
+    `pretrain.peak_flops_per_worker` wins; then the datasheet figure of a GPU known by its exact name; otherwise a
+    measured matmul rate (a practical peak, below the datasheet's)."""
     if configured > 0:
-        return configured, "configured"
+        return configured, "pretrain.peak_flops_per_worker"
     if use_gpu and torch.cuda.is_available():
         name = torch.cuda.get_device_name()
-        for key, flops in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return flops, f"{name} datasheet bf16"
-        return measured_matmul_flops(torch.device("cuda"), torch.bfloat16), f"{name} measured bf16 matmul"
+        if name in GPU_PEAK_FLOPS:
+            return GPU_PEAK_FLOPS[name], f"{name} datasheet dense bf16"
+        return measured_matmul_flops(torch.device("cuda"), torch.bfloat16), \
+            f"{name} measured bf16 matmul (not in ptray's datasheet table: set pretrain.peak_flops_per_worker)"
     return measured_matmul_flops(torch.device("cpu"), torch.float32), "measured fp32 CPU matmul"
 
 

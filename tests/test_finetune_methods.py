@@ -7,6 +7,7 @@ pooling and its own head learning rate (the body is exactly the pretrained one).
     python -m pytest -q tests/test_finetune_methods.py
 """
 
+import dataclasses
 import json
 import os
 import types
@@ -18,12 +19,13 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM)
 
 from conftest import tiny_config
+from ptray import checkpoint as ckpt
 from ptray import engine as ds
 from ptray.config import load_config
 from ptray.data.tokenizer import load_tokenizer
 from ptray.errors import ConfigError
 from ptray.finetune import (FinetuneTask, LabelledData, MeanPooledClassifier, confusion_counts, finetune, finetune_model,
-                            load_classifier, load_labelled, metrics_from_counts, prepare_finetune)
+                            finetune_steps, load_classifier, load_labelled, metrics_from_counts, prepare_finetune)
 
 LABELS = {0: "a", 1: "b", 2: "c"}
 
@@ -152,13 +154,43 @@ def test_label_smoothing_in_the_training_loss_only():
     task = FinetuneTask(cfg, LabelledData(train=examples(8), val=examples(4), id2label=LABELS), rank=0, world_size=1)
     engine = lambda input_ids, attention_mask: types.SimpleNamespace(logits=input_ids[:, :3].float())  # noqa: E731
     engine.device = torch.device("cpu")
-    train_batch = {k: v[:4] for k, v in task.train.items()}
+    train_batch = task.next_batch(ckpt.TrainerState())
     logits, labels = train_batch["input_ids"][:, :3].float(), train_batch["labels"]
     assert task.loss(engine, train_batch).item() == pytest.approx(
         F.cross_entropy(logits, labels, label_smoothing=0.2).item())
     assert task.loss(engine, train_batch).item() != pytest.approx(F.cross_entropy(logits, labels).item())
     val_loss = F.cross_entropy(task.val["input_ids"][:, :3].float(), task.val["labels"]).item()
     assert task.evaluate(engine)["val_loss"] == pytest.approx(val_loss)  # comparable across label_smoothing values
+
+
+def test_every_labelled_example_is_seen_once_per_epoch_and_the_step_loss_is_their_mean():
+    # 37 examples, 2 ranks x micro-batch 4 x 2 accumulation steps = 16 per step: 3 steps per epoch, the last one padded.
+    cfg = load_config("tiny", ["cluster.num_workers=2", "finetune.micro_batch_size=4", "finetune.global_batch_size=16"])
+    n, world, accum = 37, 2, 2
+    train = {"input_ids": torch.arange(n)[:, None].repeat(1, 3), "attention_mask": torch.ones(n, 3, dtype=torch.long),
+             "labels": torch.arange(n) % 3}
+    data = LabelledData(train=train, val=train, id2label=LABELS)
+    tasks = [FinetuneTask(cfg, data, rank=r, world_size=world) for r in range(world)]
+    states = [ckpt.TrainerState(world_size=world) for _ in range(world)]
+    assert finetune_steps(dataclasses.replace(cfg.finetune, epochs=2), n) == 2 * 3
+    engine = lambda input_ids, attention_mask: types.SimpleNamespace(  # noqa: E731
+        logits=torch.stack([input_ids[:, 0].float() / n, -input_ids[:, 0].float() / n, torch.zeros(len(input_ids))], 1))
+    engine.device = torch.device("cpu")
+    epochs = []
+    for _ in range(2):
+        seen = []
+        for step in range(3):
+            batches = [task.next_batch(state) for task, state in zip(tasks, states) for _ in range(accum)]
+            real = torch.cat([b["input_ids"][:, 0][b["weight"] > 0] for b in batches])
+            seen += real.tolist()
+            # DeepSpeed averages the micro-batch losses over ranks x accumulation: that must be the real examples' mean
+            averaged = sum(task.loss(engine, b) for task, b in zip([t for t in tasks for _ in range(accum)], batches))
+            logits = engine(train["input_ids"][real], None).logits
+            assert averaged / (world * accum) == pytest.approx(F.cross_entropy(logits, train["labels"][real]).item())
+        assert sorted(seen) == list(range(n))  # each example exactly once, none dropped
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]  # a fresh order every epoch
+    assert states[0].epoch == 1
 
 
 def test_validation_counts_from_rank_shards_sum_to_the_whole_set_metrics():

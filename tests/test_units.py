@@ -114,3 +114,21 @@ def test_trained_tokenizer_loads_with_auto_tokenizer(tmp_path):
     assert tok.decode(ids) == "the cat sat"
     assert len(tok) <= 300
     assert load_tokenizer(str(tmp_path / "tok")).eos_token_id == tok.eos_token_id
+
+
+@pytest.mark.parametrize("device_name,peak", [("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12),
+                                              ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
+                                              ("NVIDIA A100-SXM4-40GB", 312e12), ("NVIDIA L40S", 362e12),
+                                              ("NVIDIA L4", 121e12)])
+def test_gpu_peak_flops_by_exact_device_name(monkeypatch, device_name, peak):
+    from ptray import metrics
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: device_name)
+    monkeypatch.setattr(metrics, "measured_matmul_flops", lambda *a, **k: 1.0)
+    flops, source = metrics.peak_flops_per_worker(use_gpu=True)
+    assert flops == peak and device_name in source and "datasheet" in source
+    assert metrics.peak_flops_per_worker(use_gpu=True, configured=5e14) == (5e14, "pretrain.peak_flops_per_worker")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 Future Edition")
+    flops, source = metrics.peak_flops_per_worker(use_gpu=True)  # unknown variant: measured, and says how to override
+    assert flops == 1.0 and "pretrain.peak_flops_per_worker" in source
