@@ -354,6 +354,42 @@ SWEEPABLE = ["run.seed"] + [f"finetune.{f.name}" for f in dataclasses.fields(Fin
 DATA_KEYS = ("finetune.max_len", "finetune.train_fraction")  # change the tokenized data a trial sees
 
 
+# Every numeric key's allowed interval ("[" / "]" include the bound, "(" / ")" exclude it), checked at load time before
+# any work starts. For an integer key "(0, inf)" means >= 1.
+RANGES = {
+    "run.seed": "[0, inf)",
+    "cluster.num_workers": "(0, inf)", "cluster.cpus_per_worker": "(0, inf)", "cluster.max_failures": "[-1, inf)",
+    "cluster.wait_for_nodes_s": "[0, inf)",
+    "data.min_chars": "[0, inf)", "data.val_fraction": "[0, 1)", "data.seq_len": "(0, inf)",
+    "data.vocab_size": "(0, inf)", "data.tokenizer_train_docs": "(0, inf)", "data.rows_per_shard": "(0, inf)",
+    "data.rows_per_group": "(0, inf)", "data.shuffle_window_rows": "(0, inf)", "data.builtin_docs": "(0, inf)",
+    "model.num_layers": "(0, inf)", "model.hidden_size": "(0, inf)", "model.num_heads": "(0, inf)",
+    "model.num_kv_heads": "[0, inf)", "model.intermediate_size": "[0, inf)", "model.max_positions": "(0, inf)",
+    "model.vocab_size": "[0, inf)", "model.dropout": "[0, 1)", "model.rope_theta": "(0, inf)",
+    "pretrain.max_steps": "(0, inf)", "pretrain.global_batch_size": "(0, inf)", "pretrain.micro_batch_size": "(0, inf)",
+    "pretrain.lr": "(0, inf)", "pretrain.min_lr_ratio": "[0, 1]", "pretrain.warmup_steps": "[0, inf)",
+    "pretrain.decay_fraction": "(0, 1]",
+    "pretrain.weight_decay": "[0, inf)", "pretrain.beta1": "[0, 1)", "pretrain.beta2": "[0, 1)",
+    "pretrain.grad_clip": "[0, inf)", "pretrain.mlm_probability": "(0, 1)", "pretrain.eval_every": "[0, inf)",
+    "pretrain.eval_batches": "(0, inf)", "pretrain.log_every": "(0, inf)", "pretrain.ckpt_every": "(0, inf)",
+    "pretrain.num_to_keep": "(0, inf)", "pretrain.max_nonfinite_steps": "(0, inf)",
+    "pretrain.peak_flops_per_worker": "[0, inf)",
+    "finetune.val_fraction": "(0, 1)", "finetune.max_len": "(0, inf)", "finetune.epochs": "(0, inf)",
+    "finetune.lr": "(0, inf)", "finetune.weight_decay": "[0, inf)", "finetune.warmup_ratio": "[0, 1)",
+    "finetune.global_batch_size": "(0, inf)", "finetune.micro_batch_size": "(0, inf)",
+    "finetune.freeze_layers": "[0, inf)", "finetune.train_fraction": "(0, 1]", "finetune.eval_every": "(0, inf)",
+    "finetune.builtin_examples": "(0, inf)", "finetune.lora_rank": "(0, inf)", "finetune.lora_alpha": "(0, inf)",
+    "finetune.lora_dropout": "[0, 1)", "finetune.head_lr": "[0, inf)", "finetune.label_smoothing": "[0, 1)",
+    "sweep.num_samples": "(0, inf)", "sweep.grace_period": "[0, inf)", "sweep.reduction_factor": "[2, inf)",
+    "sweep.max_concurrent": "[0, inf)", "sweep.num_seeds": "(0, inf)",
+}
+
+
+def _in_interval(value: float, interval: str) -> bool:
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    return (low <= value if interval[0] == "[" else low < value) and (value <= high if interval[-1] == "]" else value < high)
+
+
 def validate(cfg: Config) -> Config:
     """Check values and cross-field rules; raise ConfigError with the key and the fix."""
     for key, allowed in CHOICES.items():
@@ -361,17 +397,13 @@ def validate(cfg: Config) -> Config:
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, allowed))}.")
-    positive = ["cluster.num_workers", "cluster.cpus_per_worker", "data.seq_len", "data.vocab_size",
-                "data.rows_per_shard", "data.rows_per_group", "data.shuffle_window_rows", "model.num_layers", "model.hidden_size", "model.num_heads",
-                "model.max_positions", "pretrain.max_steps", "pretrain.global_batch_size",
-                "pretrain.micro_batch_size", "pretrain.log_every", "pretrain.ckpt_every", "pretrain.num_to_keep",
-                "pretrain.eval_batches", "pretrain.max_nonfinite_steps"]
-    for key in positive:
+    for key, interval in RANGES.items():
         section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) <= 0:
-            raise ConfigError(f"{key} must be > 0, got {getattr(getattr(cfg, section), name)!r}.")
-    if not 0 <= cfg.data.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}.")
+        value = getattr(getattr(cfg, section), name)
+        if not _in_interval(value, interval):
+            low, high = interval[1:-1].split(", ")
+            allowed = f"{'>=' if interval[0] == '[' else '>'} {low}" if high == "inf" else f"in {interval}"
+            raise ConfigError(f"{key} must be {allowed}, got {value!r}.")
     if not cfg.data.train_files:
         raise ConfigError("data.train_files is empty; give corpus paths or globs, e.g. data.train_files=[corpus/*.txt].")
     for key, path in [("run.storage_path", cfg.run.storage_path), ("data.prepared_dir", cfg.data.prepared_dir),
@@ -408,38 +440,20 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1.")
     if ds.precision == "fp16" and not cfg.cluster.use_gpu:
         raise ConfigError("deepspeed.precision=fp16 needs GPUs (cluster.use_gpu=true); use bf16 or fp32 on CPU.")
-    if p.schedule == "wsd" and not 0 < p.decay_fraction <= 1:
-        raise ConfigError(f"pretrain.decay_fraction must be in (0, 1] for the wsd schedule, got {p.decay_fraction}.")
     ft = cfg.finetune
-    for key in ("max_len", "epochs", "global_batch_size", "micro_batch_size", "eval_every", "builtin_examples"):
-        if getattr(ft, key) <= 0:
-            raise ConfigError(f"finetune.{key} must be > 0, got {getattr(ft, key)!r}.")
-    if not 0 < ft.train_fraction <= 1:
-        raise ConfigError(f"finetune.train_fraction must be in (0, 1], got {ft.train_fraction}.")
     if ft.global_batch_size % (cfg.cluster.num_workers * ft.micro_batch_size):
         raise ConfigError(
             f"finetune.global_batch_size={ft.global_batch_size} is not divisible by cluster.num_workers x "
             f"finetune.micro_batch_size = {cfg.cluster.num_workers * ft.micro_batch_size}.")
-    if ft.freeze_layers < 0:
-        raise ConfigError(f"finetune.freeze_layers must be >= 0, got {ft.freeze_layers}.")
     for key, allowed in (("pooling", ("last", "mean", "cls")), ("method", ("full", "head", "lora"))):
         if getattr(ft, key) not in allowed:
             raise ConfigError(f"finetune.{key}={getattr(ft, key)!r} is not valid; choose one of {', '.join(allowed)}.")
-    if ft.lora_rank <= 0 or ft.lora_alpha <= 0:
-        raise ConfigError(f"finetune.lora_rank and finetune.lora_alpha must be > 0, got {ft.lora_rank} and "
-                          f"{ft.lora_alpha} (e.g. finetune.lora_rank=8 finetune.lora_alpha=16).")
     if not all(isinstance(t, str) and t.strip(".") for t in ft.lora_targets):
         raise ConfigError(f"finetune.lora_targets={ft.lora_targets} must be module-name suffixes such as c_attn or "
                           "attn.c_proj ([] for the family's defaults).")
-    for key, low, high in (("lora_dropout", 0, 1), ("label_smoothing", 0, 1)):
-        if not low <= getattr(ft, key) < high:
-            raise ConfigError(f"finetune.{key} must be in [{low}, {high}), got {getattr(ft, key)}.")
     if ft.dropout != -1 and not 0 <= ft.dropout < 1:
         raise ConfigError(f"finetune.dropout must be in [0, 1), or -1 to keep the pretrained model's, got "
                           f"{ft.dropout}.")
-    if ft.head_lr < 0 or (ft.head_lr and ft.lr <= 0):
-        raise ConfigError(f"finetune.head_lr must be >= 0 (0: the head trains at finetune.lr) and needs "
-                          f"finetune.lr > 0, got head_lr={ft.head_lr}, lr={ft.lr}.")
     if ft.task == "sft":  # these act on the classification head, which SFT has none of
         for key, neutral in (("pooling", "last"), ("head_lr", 0.0), ("label_smoothing", 0.0)):
             if getattr(ft, key) != neutral:
@@ -456,13 +470,6 @@ def validate(cfg: Config) -> Config:
     for step in cfg.sweep.pretrained_steps:
         if step <= 0:
             raise ConfigError(f"sweep.pretrained_steps holds {step}; give optimizer steps of pretraining, >= 1.")
-    if cfg.sweep.num_seeds < 1:
-        raise ConfigError(f"sweep.num_seeds must be >= 1 (the swept run counts as one), got {cfg.sweep.num_seeds}.")
-    if cfg.sweep.grace_period < 0 or cfg.sweep.reduction_factor < 2:
-        raise ConfigError("sweep.grace_period must be >= 0 (0: a quarter of the run) and sweep.reduction_factor >= 2, "
-                          f"got {cfg.sweep.grace_period} and {cfg.sweep.reduction_factor}.")
-    if not 0 < p.mlm_probability < 1:
-        raise ConfigError(f"pretrain.mlm_probability must be in (0, 1), got {p.mlm_probability}.")
     return cfg
 
 

@@ -1,5 +1,6 @@
 """Config loading, overrides and validation: pure functions, no Ray."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from ptray.config import builtin_config_names, load_config, resolved
+from ptray.config import Config, builtin_config_names, load_config, resolved
 from ptray.errors import ConfigError
 
 
@@ -111,9 +112,15 @@ def test_search_space_and_searchers_map_to_tune():
 
 
 @pytest.mark.parametrize("override, message", [
+    ("run.seed=-1", "run.seed must be >= 0, got -1"), ("pretrain.lr=0", "pretrain.lr must be > 0"),
+    ("finetune.lr=-1e-3", "finetune.lr must be > 0"), ("finetune.warmup_ratio=1", r"finetune.warmup_ratio must be in \[0, 1\)"),
+    ("sweep.num_samples=0", "sweep.num_samples must be > 0"), ("pretrain.beta2=1.0", "pretrain.beta2 must be in"),
+    ("cluster.max_failures=-2", "cluster.max_failures must be >= -1"), ("model.dropout=1", "model.dropout must be in"),
+    ("pretrain.warmup_steps=-5", "pretrain.warmup_steps must be >= 0"), ("data.min_chars=-1", "data.min_chars"),
+    ("finetune.val_fraction=0", r"finetune.val_fraction must be in \(0, 1\)"),
     ("sweep.label_fractions=[0.1,1.5]", "sweep.label_fractions holds 1.5"),
     ("sweep.label_fractions=[0]", "sweep.label_fractions holds 0"),
-    ("sweep.num_seeds=0", "sweep.num_seeds must be >= 1"),
+    ("sweep.num_seeds=0", "sweep.num_seeds must be > 0"),
     ("sweep.grace_period=-1", "sweep.grace_period must be >= 0"),
     ("sweep.pretrained_steps=[0]", "sweep.pretrained_steps holds 0"),
 ])
@@ -140,3 +147,12 @@ def test_asha_grace_is_a_quarter_of_the_longest_trial_never_inside_warmup():
     assert grace_steps(load_config("tiny", ["sweep.grace_period=30"]), 100, 10) == 30
     with pytest.raises(ConfigError, match="sweep.grace_period=100 optimizer steps is not shorter than the longest"):
         grace_steps(load_config("tiny", ["sweep.grace_period=100"]), 100, 10)
+
+
+def test_every_numeric_key_has_a_checked_range():
+    from ptray.config import CHOICES, RANGES
+
+    numeric = {f"{section.name}.{f.name}" for section in dataclasses.fields(Config)
+               for f in dataclasses.fields(section.default_factory) if f.type in ("int", "float")}
+    unchecked = numeric - set(RANGES) - set(CHOICES) - {"finetune.dropout"}  # (-1: keep the model's; checked apart)
+    assert not unchecked, f"add these to config.RANGES: {sorted(unchecked)}"
