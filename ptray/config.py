@@ -409,6 +409,8 @@ def validate(cfg: Config) -> Config:
     for key, path in [("run.storage_path", cfg.run.storage_path), ("data.prepared_dir", cfg.data.prepared_dir),
                       *[("data.train_files", f) for f in cfg.data.train_files]]:
         storage.check_uri(path, key)
+    if os.path.exists(cfg.run.dir) and not os.path.isdir(cfg.run.dir):
+        raise ConfigError(f"run.dir={cfg.run.dir!r} is a file, not a directory; choose another run.dir.")
     if storage.is_uri(cfg.run.dir):
         raise ConfigError(f"run.dir={cfg.run.dir!r} must be a local or mounted directory (it holds logs and the "
                           "export); put checkpoints in object storage with run.storage_path=s3://... instead.")

@@ -178,6 +178,10 @@ def check_pretrained(cfg: Config, tokenizer_dir: str) -> AutoConfig:
     if cfg.finetune.task == "sft" and hf.model_type == "bert":
         raise ConfigError(f"finetune.task=sft needs a causal LM, but {path!r} is a bert (masked LM) model; use "
                           "finetune.task=classification or a gpt2/llama export.")
+    positions = getattr(hf, "n_positions", None) or getattr(hf, "max_position_embeddings", None)
+    if positions and cfg.finetune.max_len > positions:
+        raise ConfigError(f"finetune.max_len={cfg.finetune.max_len} exceeds the {positions} positions of the model in "
+                          f"{path!r}; lower finetune.max_len to at most {positions}.")
     tokenizer = load_tokenizer(tokenizer_dir)
     if len(tokenizer) > hf.vocab_size:
         raise ConfigError(f"the tokenizer in {tokenizer_dir!r} has {len(tokenizer)} tokens but the model in {path!r} "

@@ -8,6 +8,8 @@ import time
 
 import torch
 
+from ptray.errors import DataError
+
 # Dense (no sparsity) bf16 peak FLOP/s of one GPU from the vendors' datasheets, keyed by the exact name CUDA reports
 # (`torch.cuda.get_device_name()`): variants of one chip differ (an H100 PCIe is 756 TFLOP/s, an SXM 989).
 GPU_PEAK_FLOPS = {
@@ -61,9 +63,9 @@ class MetricsLog:
     def __init__(self, run_dir: str, resume_step: int):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         if os.path.exists(self.path):
-            rows = [json.loads(line) for line in open(self.path) if line.strip()]
+            rows, torn = _read_rows(self.path)
             kept = [r for r in rows if r.get("step", 0) <= resume_step]
-            if len(kept) != len(rows):
+            if len(kept) != len(rows) or torn:
                 with open(self.path + ".tmp", "w") as f:
                     f.writelines(json.dumps(r) + "\n" for r in kept)
                 os.replace(self.path + ".tmp", self.path)
@@ -75,7 +77,23 @@ class MetricsLog:
 
 def read_metrics(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, "metrics.jsonl")
-    return [json.loads(line) for line in open(path) if line.strip()] if os.path.exists(path) else []
+    return _read_rows(path)[0] if os.path.exists(path) else []
+
+
+def _read_rows(path: str) -> tuple[list[dict], bool]:
+    """(rows, whether the last line was torn). A process killed mid-write leaves half a final line: that row is
+    dropped (its step is logged again after resume). A bad line anywhere else means the file was damaged."""
+    lines = [line for line in open(path) if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise DataError(f"{path} line {i + 1} is not JSON; the metrics log was modified. Restore it or move it "
+                                "away (training resumes without it).") from None
+            return rows, True
+    return rows, False
 
 
 def progress_line(row: dict, max_steps: int) -> str:

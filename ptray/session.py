@@ -93,7 +93,10 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
                         "itself: use host:6379 (or ray://host:10001), or submit the job with "
                         f"`ray job submit --address {address} ...`.")
     parsed = urllib.parse.urlsplit(address if "://" in address else f"ray://{address}")
-    host, port = parsed.hostname, parsed.port or (10001 if address.startswith("ray://") else 6379)
+    try:
+        host, port = parsed.hostname, parsed.port or (10001 if address.startswith("ray://") else 6379)
+    except ValueError as e:  # e.g. a port above 65535
+        raise UserError(f"--address {address!r} is not a valid host:port ({e}). {fix}") from None
     try:
         socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError as e:

@@ -90,6 +90,25 @@ def list_files(directory: str, suffix: str = "") -> list[str]:
     return [f"{scheme}://{p}" for p in found]
 
 
+def total_size(paths: list[str]) -> int:
+    """Bytes in these files (local or object store)."""
+    total = 0
+    for path in paths:
+        fs, inner = filesystem_for(path)
+        total += fs.get_file_info(inner).size or 0
+    return total
+
+
+def sha256(path: str) -> str:
+    """Hex SHA-256 of a file's bytes, streamed (local or object store)."""
+    digest = hashlib.sha256()
+    fs, inner = filesystem_for(path)
+    with fs.open_input_stream(inner) as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def list_dirs(directory: str) -> list[str]:
     """Names of the immediate subdirectories of `directory` ([] if it does not exist)."""
     fs, inner = filesystem_for(directory)

@@ -282,6 +282,8 @@ def _val_accuracy(model, cfg, export):
 def test_bad_family_options_stop_before_any_worker(pretrained, tmp_path, capsys):
     from ptray.cli import main
 
+    with pytest.raises(ConfigError, match="finetune.max_len=4096 exceeds the 128 positions of the model"):
+        prepare_finetune(_config(pretrained, tmp_path, "finetune.max_len=4096"))
     with pytest.raises(ConfigError, match="finetune.pooling=cls is not valid for the gpt2 family"):
         prepare_finetune(_config(pretrained, tmp_path, "finetune.pooling=cls"))
     with pytest.raises(ConfigError, match=r"finetune.lora_targets \['q_proj'\] match no linear layer.*c_attn"):

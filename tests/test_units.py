@@ -1,5 +1,6 @@
 """Pure functions: cleaning, packing, masking, schedules, file expansion, tokenizer training. No Ray."""
 
+import json
 import os
 
 import numpy as np
@@ -132,3 +133,17 @@ def test_gpu_peak_flops_by_exact_device_name(monkeypatch, device_name, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 Future Edition")
     flops, source = metrics.peak_flops_per_worker(use_gpu=True)  # unknown variant: measured, and says how to override
     assert flops == 1.0 and "pretrain.peak_flops_per_worker" in source
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_a_damaged_middle_line_is_an_error(tmp_path):
+    from ptray.metrics import MetricsLog, read_metrics
+
+    rows = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "lo')
+    assert read_metrics(tmp_path) == rows  # killed mid-write: the half row is ignored
+    log = MetricsLog(str(tmp_path), resume_step=2)  # resume rewrites the file without it, then appends
+    log.write({"step": 3, "loss": 1.2})
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(DataError, match="line 2 is not JSON"):
+        read_metrics(tmp_path)

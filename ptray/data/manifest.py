@@ -24,6 +24,8 @@ class Shard:
     """Relative to the prepared directory."""
     num_rows: int
     num_tokens: int
+    sha256: str = ""
+    """Of the file's bytes: the same corpus and config give the same shards, byte for byte."""
 
 
 @dataclass
@@ -46,6 +48,8 @@ class Manifest:
     """Relative to the prepared directory."""
     rows_per_group: int = 256
     """Rows per Parquet row group of the packed shards: the unit the training reader shuffles and reads."""
+    content_hash: str = ""
+    """SHA-256 over the shards' own hashes, in manifest order: equal for two prepares of the same corpus and config."""
 
     @property
     def num_train_rows(self) -> int:

@@ -14,6 +14,10 @@ Output layout (`data.prepared_dir`, default `<run.dir>/data`; a local directory 
       val/*.parquet
     manifest.json                     written last: names the version, its shards (in order) and row counts
 
+The same corpus and config give byte-identical shards (on a cluster of the same size, which decides how files are split
+into read tasks): Ray Data runs with `preserve_order`, documents are hash-partitioned into a number of blocks set by the
+corpus size, and the manifest records each shard's SHA-256 and a hash over all of them.
+
 Writing the manifest is the commit: it is one file (one object on object stores), so readers see the previous prepared
 data or the new one, never a mix, and nothing needs renaming (object stores cannot rename). Older versions are
 deleted after the commit; a failed prepare deletes its own version and leaves the previous data untouched.
@@ -21,6 +25,8 @@ deleted after the commit; a failed prepare deletes its own version and leaves th
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import re
 import tempfile
@@ -66,6 +72,8 @@ def prepare(cfg: Config) -> Manifest:
     files = corpus_files(cfg)
     print(f"[prepare] {len(files)} corpus files -> {root}", flush=True)
     stage_s = {}  # wall time per stage, printed at the end
+    execution = ray.data.DataContext.get_current().execution_options
+    preserve_order, execution.preserve_order = execution.preserve_order, True  # else blocks finish in any order
     try:
         num_docs = _write_clean_docs(cfg, files, storage.join(root, "docs"))
         stage_s["clean+dedup"] = time.perf_counter() - started
@@ -100,11 +108,14 @@ def prepare(cfg: Config) -> Manifest:
             eos_id=end_of_document_id(tokenizer), pad_id=tokenizer.pad_token_id, mask_id=tokenizer.mask_token_id,
             source_files=files, train=shards["train"], val=shards["val"], num_docs=num_docs,
             num_doc_tokens=doc_tokens, num_dropped_tokens=dropped, tokenizer_dir=f"{version}/tokenizer",
-            rows_per_group=rows_per_group(cfg))
+            rows_per_group=rows_per_group(cfg),
+            content_hash=hashlib.sha256("".join(s.sha256 for s in shards["train"] + shards["val"]).encode()).hexdigest())
         write_manifest(manifest, out_dir)  # the commit
     except BaseException:
         storage.delete_dir(root)
         raise
+    finally:
+        execution.preserve_order = preserve_order
     for old in _versions(out_dir) - {version}:
         storage.delete_dir(storage.join(out_dir, old))
     elapsed = time.perf_counter() - started
@@ -141,8 +152,9 @@ def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> dict[str,
                        val_fraction=d.val_fraction, seed=cfg.run.seed))
     # Hash-partition by content: equal documents land in the same block (for dedup), and every block is a uniform
     # sample of the whole corpus. Sorting each block by a seeded key then shuffles the documents before packing, the
-    # same way on every run, so packed rows mix the corpus instead of following one file or book.
-    num_blocks = max(2, int(ray.cluster_resources().get("CPU", 2)))
+    # same way on every run, so packed rows mix the corpus instead of following one file or book. The number of blocks
+    # follows the corpus size (about 64 MiB of raw text each), not the cluster, so the order is the same everywhere.
+    num_blocks = min(1024, max(2, math.ceil(storage.total_size(files) / (64 << 20))))
     docs = docs.repartition(num_blocks, keys=["doc_hash"]).map_batches(
         shuffle_block, batch_format="numpy", batch_size=None, fn_kwargs={"dedup": d.dedup, "seed": cfg.run.seed})
     docs.write_parquet(docs_dir, partition_cols=["split"])
@@ -184,5 +196,5 @@ def _write_packed_split(cfg: Config, out_dir: str, version: str, split: str,
         if stats.num_rows:
             relative = f"{version}/{split}/{path.rsplit('/', 1)[1]}"
             shards.append(Shard(path=relative, num_rows=stats.num_rows,
-                                num_tokens=stats.num_rows * (cfg.data.seq_len + 1)))
+                                num_tokens=stats.num_rows * (cfg.data.seq_len + 1), sha256=storage.sha256(path)))
     return shards, doc_tokens, dropped
