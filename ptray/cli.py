@@ -7,6 +7,7 @@
     ptray pipeline --config tiny [key=value ...]
     ptray report   RUN_DIR
     ptray config show tiny [key=value ...]
+    ptray config docs                      # the configuration reference, as in README.md
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ptray.config import load_config, resolved
+from ptray.config import load_config, reference_tables, resolved
 from ptray.errors import UserError
 
 
@@ -38,9 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     p = show.add_parser("show", help="print the resolved YAML of a config")
     p.add_argument("config", help="built-in config name or YAML path")
     p.add_argument("overrides", nargs="*")
+    show.add_parser("docs", help="print the configuration reference (every key, default, meaning) as Markdown")
     args = parser.parse_args(argv)
 
     try:
+        if args.command == "config" and args.action == "docs":
+            print(reference_tables(), end="")
+            return 0
         if args.command == "config":
             print(resolved(load_config(args.config, args.overrides)).to_yaml(), end="")
             return 0

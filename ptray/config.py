@@ -73,6 +73,9 @@ class DataConfig:
     """Collapse runs of whitespace to one space and trim."""
     min_chars: int = 20
     """Drop documents shorter than this after cleaning (0 keeps all non-empty ones)."""
+    max_bad_fraction: float = 0.01
+    """JSONL/Parquet records whose text field is missing, null or not a string are skipped and counted; prepare stops
+    when more than this fraction of all records are such (0: any one stops it)."""
     dedup: bool = True
     """Drop exact duplicate documents (after cleaning)."""
     val_fraction: float = 0.01
@@ -360,7 +363,7 @@ RANGES = {
     "run.seed": "[0, inf)",
     "cluster.num_workers": "(0, inf)", "cluster.cpus_per_worker": "(0, inf)", "cluster.max_failures": "[-1, inf)",
     "cluster.wait_for_nodes_s": "[0, inf)",
-    "data.min_chars": "[0, inf)", "data.val_fraction": "[0, 1)", "data.seq_len": "(0, inf)",
+    "data.min_chars": "[0, inf)", "data.max_bad_fraction": "[0, 1]", "data.val_fraction": "[0, 1)", "data.seq_len": "(0, inf)",
     "data.vocab_size": "(0, inf)", "data.tokenizer_train_docs": "(0, inf)", "data.rows_per_shard": "(0, inf)",
     "data.rows_per_group": "(0, inf)", "data.shuffle_window_rows": "(0, inf)", "data.builtin_docs": "(0, inf)",
     "model.num_layers": "(0, inf)", "model.hidden_size": "(0, inf)", "model.num_heads": "(0, inf)",
@@ -673,3 +676,32 @@ def check_pretrained_steps(cfg: Config) -> None:
             raise ConfigError(f"sweep.pretrained_steps holds {step}, but pretraining runs steps 1-{max_steps} (the "
                               f"final step is always finetuned); give steps in 1-{max_steps - 1}, or "
                               "sweep.pretrained_steps=[] to finetune from the final model only.")
+
+
+def reference_tables() -> str:
+    """The README's configuration reference (`ptray config docs`): one Markdown table per section, from the defaults
+    and the field docstrings above, so the README cannot drift from the code."""
+    import ast
+
+    docs = {}
+    for node in ast.parse(Path(__file__).read_text()).body:
+        if isinstance(node, ast.ClassDef):
+            for stmt, after in zip(node.body, node.body[1:]):
+                if isinstance(stmt, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+                    docs[(node.name, stmt.target.id)] = " ".join(after.value.value.split())
+    lines = []
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory
+        lines += [f"**`{section.name}`**", "", "| key | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            value = getattr(cls(), f.name)
+            if isinstance(value, dict) and value:
+                shown = "(see tiny.yaml)"
+            elif isinstance(value, list):
+                shown = "[" + ", ".join(map(str, value)) + "]"
+            else:
+                shown = '""' if value == "" else str(value)
+            doc = docs.get((cls.__name__, f.name), "").replace("|", "\\|")
+            lines.append(f"| `{section.name}.{f.name}` | `{shown}` | {doc} |")
+        lines.append("")
+    return "\n".join(lines)

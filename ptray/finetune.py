@@ -19,7 +19,6 @@ import os
 
 import numpy as np
 import pyarrow.csv as pacsv
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import ray
 import ray.train
@@ -74,14 +73,23 @@ def read_labelled_rows(patterns: list[str], cfg: Config) -> list[dict]:
         try:
             with fs.open_input_file(path) as handle:
                 if f.endswith(".parquet"):
-                    table = pq.read_table(handle)
+                    rows += pq.read_table(handle).to_pylist()
                 elif f.endswith(".csv"):
-                    table = pacsv.read_csv(handle)
-                else:
-                    table = pajson.read_json(handle)
+                    rows += pacsv.read_csv(handle).to_pylist()
+                else:  # parsed per line: Arrow's reader rejects a file whose field changes type between records
+                    for number, line in enumerate(handle.read().decode("utf-8").splitlines(), 1):
+                        if line.strip():
+                            try:
+                                rows.append(json.loads(line))
+                            except json.JSONDecodeError as e:
+                                raise DataError(f"labelled file {f} line {number} is not JSON ({e.msg}).") from None
+        except DataError:
+            raise
         except Exception as e:
             raise DataError(f"cannot read labelled file {f}: {e}. Use .jsonl, .csv or .parquet.") from None
-        rows += table.to_pylist()
+    if any(not isinstance(r, dict) for r in rows):
+        raise DataError(f"the labelled files {patterns} hold records that are not JSON objects; each line must be one "
+                        "object with the text and label fields.")
     return rows
 
 
@@ -114,6 +122,12 @@ def load_labelled(cfg: Config, tokenizer) -> LabelledData:
             which = "finetune.text_field / finetune.label_field" if ft.task == "classification" else \
                 "finetune.prompt_field / finetune.response_field"
             raise DataError(f"the labelled data has no field {name!r} (fields: {', '.join(rows[0])}); set {which}.")
+    text_fields = fields[:1] if ft.task == "classification" else fields
+    for split, part in (("training", train_rows), ("validation", val_rows)):
+        bad = [i for i, r in enumerate(part) if not all(isinstance(r.get(f), str) and r[f].strip() for f in text_fields)]
+        if bad:
+            raise DataError(f"{len(bad)} of {len(part)} {split} examples have no text in {' / '.join(text_fields)} "
+                            f"(first: {str(part[bad[0]])[:120]}); fix or remove them.")
     if ft.train_fraction < 1:  # a seeded subset, for "how much labelled data does pretraining save"
         rng = np.random.default_rng(cfg.run.seed)
         keep = np.sort(rng.permutation(len(train_rows))[: max(1, int(len(train_rows) * ft.train_fraction))])

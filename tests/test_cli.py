@@ -6,7 +6,7 @@ import sys
 
 from transformers import AutoModelForCausalLM
 
-from ptray.config import Config, builtin_config_names
+from ptray.config import Config, builtin_config_names, reference_tables
 import dataclasses
 
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
@@ -42,6 +42,8 @@ def test_bad_corpus_glob_exits_2_with_the_pattern(tmp_path):
 
 def test_readme_documents_every_config_key_and_builtin_config():
     readme = open(README).read()
+    # The reference is generated (`ptray config docs`): a changed default or docstring must reach the README.
+    assert reference_tables() in readme, "README's configuration reference is stale: paste `ptray config docs` into it"
     for section in dataclasses.fields(Config):
         for f in dataclasses.fields(section.default_factory):
             assert f"`{section.name}.{f.name}`" in readme, f"{section.name}.{f.name} missing from README"

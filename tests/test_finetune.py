@@ -119,6 +119,11 @@ def test_bad_labelled_input(pretrained_run, tmp_path):
     no_label.write_text("\n".join(json.dumps({"text": f"example {i}", "y": i % 2}) for i in range(20)))
     with pytest.raises(DataError, match="no field 'label'"):
         prepare_finetune(tiny_config(pretrained_run, f"finetune.train_files=[{no_label}]"))
+    gaps = tmp_path / "gaps.jsonl"  # text missing or not a string in later records, not only the first
+    gaps.write_text("\n".join(json.dumps({"text": f"example {i}" if i % 7 else {"nested": i}, "label": "ab"[i % 2]})
+                               for i in range(1, 40)))
+    with pytest.raises(DataError, match=r"\d+ of \d+ training examples have no text in text \(first: .*nested"):
+        prepare_finetune(tiny_config(pretrained_run, f"finetune.train_files=[{gaps}]", "finetune.group_field="))
     with pytest.raises(ConfigError, match="no pretrained model"):
         prepare_finetune(tiny_config(pretrained_run, f"finetune.pretrained={tmp_path}/missing"))
     with pytest.raises(ConfigError, match="not reported by finetune.task"):

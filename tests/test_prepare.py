@@ -25,7 +25,11 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     txt = _docs(300, "text") + ["tiny", ""] + _docs(20, "text")  # 20 exact duplicates, one short doc, one blank
     (root / "a.txt").write_text("\n".join(txt) + "\n")
-    (root / "b.jsonl").write_text("\n".join(json.dumps({"body": f"<b>{d}</b>"}) for d in _docs(200, "json")) + "\n")
+    jsonl = [json.dumps({"body": f"<b>{d}</b>"}) for d in _docs(200, "json")]
+    # Two records without usable text (2 of 722, under data.max_bad_fraction): skipped and counted, and a nested
+    # value among strings must not break the reader.
+    jsonl[50:50] = [json.dumps({"body": {"nested": "not text"}}), json.dumps({"title": "no body field"})]
+    (root / "b.jsonl").write_text("\n".join(jsonl) + "\n")
     pq.write_table(pa.table({"body": _docs(200, "parquet")}), root / "c.parquet")
     return root
 
@@ -119,6 +123,19 @@ def test_bad_inputs_fail_with_clear_errors(ray_local, tmp_path):
         prepare(tiny_config(tmp_path / "r3", f"data.train_files=[{tmp_path}/other.jsonl]"))
     with pytest.raises(DataError, match="matched no"):
         prepare(tiny_config(tmp_path / "r4", f"data.train_files=[{tmp_path}/nothing/*.txt]"))
+    bad = {"latin1.txt": ("caf\xe9 ol\xe9\n".encode("latin-1"), r"latin1.txt line 1 is not UTF-8 text.*iconv"),
+           "image.txt": (b"GIF89a\0\0\x80\xff", r"image.txt line 1 holds NUL bytes: a binary file"),
+           "torn.jsonl": (b'{"text": "a fine first record"}\n{"text": "cut off\n', r"torn.jsonl line 2 is not JSON"),
+           "mixed.jsonl": (b'{"text": "a fine record here"}\n{"text": ["a", "list"]}\n',
+                           r"1 of 2 corpus records have no usable text in field 'text' \(e.g. \S*mixed.jsonl line 2: "
+                           r"a list in field 'text'\): more than data.max_bad_fraction=0.01")}
+    for name, (content, message) in bad.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DataError, match=message):
+            prepare(tiny_config(tmp_path / "r5", f"data.train_files=[{tmp_path}/{name}]"))
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "numbers.parquet")
+    with pytest.raises(DataError, match="column 'text' holds int64, not text"):
+        prepare(tiny_config(tmp_path / "r6", f"data.train_files=[{tmp_path}/numbers.parquet]"))
     assert not list(tmp_path.glob("r*/data/*"))  # failed prepares leave nothing behind
 
 

@@ -44,7 +44,7 @@ from ptray.data.builtin import write_builtin_corpus
 from ptray.data.clean import clean_batch, shuffle_block
 from ptray.data.manifest import Manifest, Shard, read_manifest, write_manifest
 from ptray.data.pack import tokenize_and_pack
-from ptray.data.readers import expand_files, read_corpus
+from ptray.data.readers import check_records, expand_files, read_corpus
 from ptray.data.tokenizer import copy_tokenizer, end_of_document_id, load_tokenizer, tokenizer_hash, train_bpe
 from ptray.errors import DataError
 
@@ -145,6 +145,7 @@ def ensure_prepared(cfg: Config) -> Manifest:
 
 def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> dict[str, int]:
     d = cfg.data
+    check_records(files, d.text_field, d.max_bad_fraction)
     docs = read_corpus(files, d.text_field).map_batches(
         clean_batch, batch_format="numpy", batch_size=1024,
         fn_kwargs=dict(normalize_unicode=d.normalize_unicode, strip_html=d.strip_html,

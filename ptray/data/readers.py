@@ -11,6 +11,7 @@ import glob
 import json
 import os
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
@@ -67,53 +68,131 @@ def _expand_uri(pattern: str) -> list[str]:
     return [f"{scheme}://{f}" for f in found]
 
 
-def check_readable(files: list[str], text_field: str) -> None:
-    """Fail early, naming the file, on corrupt Parquet footers or a missing text field (cheap: footers and first lines)."""
-    for f in files:
-        fs, path = filesystem_for(f)
-        try:
-            if f.lower().endswith(PARQUET_EXTENSIONS):
-                with fs.open_input_file(path) as handle:
-                    schema = pq.read_schema(handle)
-                if text_field not in schema.names:
-                    raise DataError(f"{f} has no column {text_field!r} (columns: {', '.join(schema.names)}); "
-                                    f"set data.text_field to the column that holds the text.")
-            elif f.lower().endswith(JSONL_EXTENSIONS):
-                with fs.open_input_stream(path) as handle:
-                    first = handle.read(1 << 20).split(b"\n", 1)[0].strip()
-                if first:
-                    row = json.loads(first)
-                    if not isinstance(row, dict) or text_field not in row:
-                        keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-                        raise DataError(f"{f}: first record has no field {text_field!r} (has: {keys}); "
-                                        f"set data.text_field to the field that holds the text.")
-        except DataError:
-            raise
-        except Exception as e:
-            raise DataError(f"cannot read corpus file {f}: {e}. The file is unreadable or corrupt; fix or remove it.") from None
+def check_records(files: list[str], text_field: str, max_bad_fraction: float) -> None:
+    """Read every record of every file once, one Ray task per file, before any work starts: a file that is not UTF-8
+    text, a JSONL line that is not JSON, a Parquet text column that is not strings is an error naming the file and
+    line; records without usable text are counted, and more than `max_bad_fraction` of them is an error."""
+    scans = ray.get([_scan_file.remote(f, text_field) for f in files])
+    for scan in scans:
+        if scan["error"]:
+            raise DataError(scan["error"])
+    records, bad = sum(s["records"] for s in scans), sum(s["bad"] for s in scans)
+    if not bad:
+        return
+    example = next(s["example"] for s in scans if s["bad"])
+    summary = (f"{bad:,} of {records:,} corpus records have no usable text in field {text_field!r} (e.g. {example})")
+    if bad > max_bad_fraction * records:
+        raise DataError(f"{summary}: more than data.max_bad_fraction={max_bad_fraction}. Set data.text_field to the "
+                        "field that holds the text, fix the records, or raise data.max_bad_fraction to skip them.")
+    print(f"[prepare] skipping {summary}", flush=True)
+
+
+@ray.remote(num_cpus=0.5)
+def _scan_file(path: str, text_field: str) -> dict:
+    """{records, bad, example, error} for one corpus file (see check_records)."""
+    scan = {"records": 0, "bad": 0, "example": "", "error": ""}
+    fs, inner = filesystem_for(path)
+    try:
+        if path.lower().endswith(PARQUET_EXTENSIONS):
+            with fs.open_input_file(inner) as handle:
+                parquet = pq.ParquetFile(handle)
+                names = parquet.schema_arrow.names
+                if text_field not in names:
+                    scan["error"] = (f"{path} has no column {text_field!r} (columns: {', '.join(names)}); set "
+                                     "data.text_field to the column that holds the text.")
+                    return scan
+                kind = parquet.schema_arrow.field(text_field).type
+                if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+                    scan["error"] = (f"{path}: column {text_field!r} holds {kind}, not text; set data.text_field to "
+                                     "a string column.")
+                    return scan
+                column = parquet.metadata.schema.names.index(text_field)
+                scan["records"] = parquet.metadata.num_rows
+                for g in range(parquet.metadata.num_row_groups):
+                    stats = parquet.metadata.row_group(g).column(column).statistics
+                    nulls = stats.null_count if stats is not None and stats.has_null_count else 0
+                    scan["bad"] += nulls
+                    if nulls and not scan["example"]:
+                        scan["example"] = f"{path}: null values in row group {g}"
+            return scan
+        is_jsonl = path.lower().endswith(JSONL_EXTENSIONS)
+        for number, line in enumerate(_lines(fs, inner), 1):
+            if b"\0" in line:
+                scan["error"] = (f"{path} line {number} holds NUL bytes: a binary file, not text. Remove it from "
+                                 "data.train_files.")
+                return scan
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                scan["error"] = (f"{path} line {number} is not UTF-8 text ({e.reason} at byte {e.start}). Text in "
+                                 "another encoding: convert it (e.g. iconv -f latin1 -t utf-8); a binary file: remove "
+                                 "it from data.train_files.")
+                return scan
+            if not text.strip():
+                continue
+            scan["records"] += 1
+            if not is_jsonl:
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as e:
+                scan["error"] = f"{path} line {number} is not JSON ({e.msg}); JSONL files hold one JSON object per line."
+                return scan
+            value = record.get(text_field) if isinstance(record, dict) else None
+            if not isinstance(value, str):
+                scan["bad"] += 1
+                if not scan["example"]:
+                    what = ("no field" if not isinstance(record, dict) or text_field not in record
+                            else f"a {type(value).__name__} in field")
+                    scan["example"] = f"{path} line {number}: {what} {text_field!r}"
+    except OSError as e:
+        scan["error"] = f"cannot read corpus file {path}: {e}. The file is unreadable or corrupt; fix or remove it."
+    except Exception as e:  # a corrupt Parquet footer and the like
+        scan["error"] = f"cannot read corpus file {path}: {e}. The file is unreadable or corrupt; fix or remove it."
+    return scan
+
+
+def _lines(fs, path: str, chunk_bytes: int = 8 << 20):
+    """A file's lines as bytes, streamed."""
+    rest = b""
+    with fs.open_input_stream(path) as handle:
+        while chunk := handle.read(chunk_bytes):
+            *lines, rest = (rest + chunk).split(b"\n")
+            yield from lines
+    if rest:
+        yield rest
 
 
 def read_corpus(files: list[str], text_field: str) -> ray.data.Dataset:
-    """One Ray Dataset with a `text` column over all files, read lazily and streamed."""
-    check_readable(files, text_field)
+    """One Ray Dataset with a `text` column over all files, read lazily and streamed. Records without usable text
+    have a null `text` (cleaning drops them; `check_records` has counted them)."""
     by_kind = {
         "text": [f for f in files if f.lower().endswith(TEXT_EXTENSIONS)],
         "jsonl": [f for f in files if f.lower().endswith(JSONL_EXTENSIONS)],
         "parquet": [f for f in files if f.lower().endswith(PARQUET_EXTENSIONS)],
     }
-    parts = []  # (dataset, column holding the text)
+    parts = []
     if by_kind["text"]:
-        parts.append((ray.data.read_text(by_kind["text"], drop_empty_lines=True), "text"))
+        parts.append(ray.data.read_text(by_kind["text"], drop_empty_lines=True))
     if by_kind["jsonl"]:
-        parts.append((ray.data.read_json(by_kind["jsonl"], lines=True), text_field))
+        # Lines parsed here rather than by Arrow's JSON reader, which fails a whole block when one record's field
+        # has another type (a nested object among strings).
+        parts.append(ray.data.read_text(by_kind["jsonl"], drop_empty_lines=True).map_batches(
+            _json_text, batch_format="pyarrow", fn_kwargs={"field": text_field}))
     if by_kind["parquet"]:
-        parts.append((ray.data.read_parquet(by_kind["parquet"]), text_field))
-    # One Arrow `text` column per part, so the union has a single schema and block type.
-    parts = [ds.map_batches(_text_column, batch_format="pyarrow", fn_kwargs={"field": field}) for ds, field in parts]
+        parts.append(ray.data.read_parquet(by_kind["parquet"], columns=[text_field]).map_batches(
+            _parquet_text, batch_format="pyarrow", fn_kwargs={"field": text_field}))
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
-def _text_column(table, *, field: str):
-    import pyarrow as pa
+def _json_text(table: pa.Table, *, field: str) -> pa.Table:
+    texts = []
+    for line in table["text"].to_pylist():
+        record = json.loads(line)
+        value = record.get(field) if isinstance(record, dict) else None
+        texts.append(value if isinstance(value, str) else None)
+    return pa.table({"text": pa.array(texts, pa.string())})
 
+
+def _parquet_text(table: pa.Table, *, field: str) -> pa.Table:
     return pa.table({"text": table[field].cast(pa.string())})
