@@ -68,9 +68,11 @@ class DataConfig:
     normalize_unicode: bool = True
     """Apply Unicode NFKC normalization."""
     strip_html: bool = True
-    """Remove HTML tags and unescape entities."""
+    """Remove the tags of real HTML elements (and comments) and then unescape entities; other text with < and > (code,
+    maths) is kept as it is."""
     collapse_whitespace: bool = True
-    """Collapse runs of whitespace to one space and trim."""
+    """Collapse runs of spaces and tabs to one space and trim; line breaks are kept, blank-line runs become one
+    paragraph break."""
     min_chars: int = 20
     """Drop documents shorter than this after cleaning (0 keeps all non-empty ones)."""
     max_bad_fraction: float = 0.01

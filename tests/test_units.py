@@ -19,8 +19,21 @@ from ptray.loop import lr_at
 
 def test_clean_text_stages_can_be_switched():
     raw = "<p>Caf\u00e9 \uff21  &amp;\n\n  tea</p>"
-    assert clean_text(raw, normalize_unicode=True, strip_html=True, collapse_whitespace=True) == "Café A & tea"
+    assert clean_text(raw, normalize_unicode=True, strip_html=True, collapse_whitespace=True) == "Café A &\n\ntea"
     assert clean_text(raw, normalize_unicode=False, strip_html=False, collapse_whitespace=False) == raw
+
+
+@pytest.mark.parametrize("text", ["if (a < b && c > d) return x;", "std::vector<int> v; #include <stdio.h>",
+                                  "0 < x < 1 and y > 2", "see https://example.com/?a=1&para=2 for details",
+                                  "first paragraph\n\nsecond paragraph,\nwith a line break"])
+def test_cleaning_keeps_code_maths_urls_and_paragraphs(text):
+    assert clean_text(text, normalize_unicode=True, strip_html=True, collapse_whitespace=True) == text
+
+
+def test_cleaning_removes_real_markup_and_extra_spacing():
+    raw = '<!-- nav --><DIV class="x">A &lt;tag&gt;  and\ttabs</div>\n \n\n\n<br/>next  line \nend'
+    assert clean_text(raw, normalize_unicode=True, strip_html=True, collapse_whitespace=True) == \
+        "A <tag> and tabs\n\nnext line\nend"
 
 
 def test_clean_batch_drops_short_docs_and_splits_by_hash():

@@ -9,17 +9,29 @@ import unicodedata
 
 import numpy as np
 
-_TAG = re.compile(r"<[^>]{0,200}>")
-_WHITESPACE = re.compile(r"\s+")
+# Tags of real HTML elements only (and comments, doctypes), so code and maths keep their < and >: `a < b > c`,
+# `vector<int>` and `<stdio.h>` are text, not markup.
+_HTML_ELEMENTS = ("a abbr address article aside audio b blockquote body br button caption center cite code col "
+                  "dd del details div dl dt em embed fieldset figcaption figure font footer form h1 h2 h3 h4 h5 h6 "
+                  "head header hr html i iframe img input ins kbd label li link main meta nav noscript ol option p "
+                  "pre q s samp script section select small source span strike strong style sub summary sup table "
+                  "tbody td textarea tfoot th thead title tr tt u ul var video wbr").split()
+_TAG = re.compile(r"<!--.*?-->|<!DOCTYPE[^<>]*>|</?(?:" + "|".join(_HTML_ELEMENTS) + r")(?:\s[^<>]{0,500})?/?>",
+                  re.IGNORECASE | re.DOTALL)
+_SPACES = re.compile(r"[^\S\n]+")  # whitespace other than newlines
+_BLANK_LINES = re.compile(r" ?\n[\s]*\n\s*")  # a paragraph break, however it was spaced
+_LINE_BREAK = re.compile(r" ?\n ?")
 
 
 def clean_text(text: str, *, normalize_unicode: bool, strip_html: bool, collapse_whitespace: bool) -> str:
     if normalize_unicode:
         text = unicodedata.normalize("NFKC", text)
     if strip_html:
-        text = html.unescape(_TAG.sub(" ", text))
-    if collapse_whitespace:
-        text = _WHITESPACE.sub(" ", text).strip()
+        stripped = _TAG.sub(" ", text)
+        if stripped != text:  # entities only where there was markup: "&para=2" in a plain-text URL stays
+            text = html.unescape(stripped)
+    if collapse_whitespace:  # runs of spaces and tabs -> one space; line and paragraph breaks are kept
+        text = _LINE_BREAK.sub("\n", _BLANK_LINES.sub("\n\n", _SPACES.sub(" ", text))).strip()
     return text
 
 
