@@ -57,6 +57,9 @@ class TrainerState:
     """Optimizer steps skipped because the loss was not finite."""
     best_metric: float | None = None
     """Finetuning: the best evaluation so far. Only an evaluation that beats it writes a checkpoint."""
+    bound_to: dict = dataclasses.field(default_factory=dict)
+    """Pretraining: what the checkpoint cannot be resumed without (model shape, ZeRO stage, precision, tokenizer,
+    prepared data); the driver compares it with the new config before a rerun starts (`pretrain.check_resume`)."""
 
 
 def write_trainer_state(state: TrainerState, checkpoint_dir: str) -> None:

@@ -72,7 +72,7 @@ def setup_worker(cfg: Config):
 
 def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkpoint_root: str, tokens_per_step: int,
         flops_per_token: float, label: str, snapshot_steps: tuple[int, ...] = (),
-        keep_best: tuple[str, str] | None = None) -> None:
+        keep_best: tuple[str, str] | None = None, bound_to: dict | None = None) -> None:
     """Wrap `model` in DeepSpeed, resume from the newest good checkpoint under `checkpoint_root` if there is one, and
     train `cfg.pretrain.max_steps` steps.
 
@@ -83,6 +83,7 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkp
     `tokens_per_step` counts sequence positions per optimizer step over all workers (padding included).
     `keep_best=(metric, mode)`: write a checkpoint only when an evaluation improves `metric` (finetuning keeps just the
     best one anyway); every other evaluation is still reported to Ray, without one, so schedulers see it.
+    `bound_to` is saved with every checkpoint: what it cannot be resumed without (see `pretrain.resume_key`).
     """
     from ptray import engine as ds  # imports DeepSpeed; after setup_worker set DS_ACCELERATOR
 
@@ -91,6 +92,7 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkp
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     num_params = sum(t.numel() for t in model.parameters())
     engine, state = start_engine(cfg, model, checkpoint_root, rank, world_size, label)
+    state.bound_to = bound_to or {}
     if state.world_size != world_size:  # finetuning's data position counts per-worker batches, so rescale it
         state.batches_in_epoch = state.batches_in_epoch * state.world_size // world_size
         state.world_size = world_size

@@ -12,6 +12,7 @@ Re-running the same command (same run.name / run.dir) resumes from the latest ch
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -56,12 +57,14 @@ def pretrain(cfg: Config) -> PretrainResult:
     verify_shards(manifest, prepared_dir)
     vocab_size = check_model_fits_data(cfg, manifest, prepared_dir)
     run_dir = cfg.run_dir
+    bound_to = resume_key(cfg, manifest)
+    check_resume(bound_to, storage.join(storage_path, "train"), run_dir)  # before config.yaml is replaced
     save_config(cfg, run_dir)
 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "manifest": dataclasses.asdict(manifest),
-                           "prepared_dir": prepared_dir, "run_dir": run_dir, "vocab_size": vocab_size,
+                           "prepared_dir": prepared_dir, "run_dir": run_dir, "vocab_size": vocab_size, "bound_to": bound_to,
                            "checkpoint_root": storage.join(storage_path, "train")},
         scaling_config=scaling,
         run_config=RunConfig(name="train", storage_path=storage_path,
@@ -90,6 +93,31 @@ def pretrain(cfg: Config) -> PretrainResult:
           f"export {export_dir}", flush=True)
     return PretrainResult(run_dir=run_dir, export_dir=export_dir, checkpoint_dir=result.checkpoint.path,
                           metrics=result.metrics)
+
+
+def resume_key(cfg: Config, manifest: Manifest) -> dict:
+    """What a pretraining checkpoint is bound to: the model's shape, how DeepSpeed laid out its state, and the data
+    (tokenizer and prepared rows). Optimization settings (lr, steps, batch) and the world size may change on resume."""
+    key = {f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()}
+    key.update({"deepspeed.zero_stage": cfg.deepspeed.zero_stage, "deepspeed.precision": cfg.deepspeed.precision,
+                "pretrain.objective": cfg.pretrain.objective, "data.seq_len": manifest.seq_len,
+                "tokenizer": manifest.tokenizer_hash, "prepared data": manifest.content_hash})
+    return key
+
+
+def check_resume(key: dict, checkpoint_root: str, run_dir: str) -> None:
+    """Refuse to resume checkpoints of another model, layout or data: DeepSpeed would fail deep inside a worker, or,
+    worse, continue on other data without a word."""
+    newest = ckpt.candidates(checkpoint_root)[:1]
+    if not newest or not storage.exists(storage.join(newest[0], ckpt.TRAINER_STATE)):
+        return
+    saved = json.loads(storage.read_text(storage.join(newest[0], ckpt.TRAINER_STATE))).get("bound_to") or {}
+    changed = [f"{name} {saved[name]!r} -> {value!r}" for name, value in key.items()
+               if name in saved and saved[name] != value and "" not in (saved[name], value)]  # "": not recorded
+    if changed:
+        raise ConfigError(f"{run_dir} holds checkpoints ({newest[0]}) that this configuration cannot resume: "
+                          f"{'; '.join(changed)}. Use another run.dir (or run.name) for a new run, or restore those "
+                          "settings (and data) to resume this one.")
 
 
 def special_ids(manifest: Manifest) -> dict[str, int | None]:
@@ -225,4 +253,4 @@ def train_loop_per_worker(loop_config: dict) -> None:
     fit(cfg, task, model, run_dir=loop_config["run_dir"], checkpoint_root=loop_config["checkpoint_root"],
         tokens_per_step=cfg.pretrain.global_batch_size * manifest.seq_len,
         flops_per_token=flops_per_token(model.config, num_params(model), cfg.data.seq_len), label="pretrain",
-        snapshot_steps=tuple(cfg.sweep.pretrained_steps))
+        snapshot_steps=tuple(cfg.sweep.pretrained_steps), bound_to=loop_config["bound_to"])

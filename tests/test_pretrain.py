@@ -92,7 +92,14 @@ def test_rerun_resumes_from_latest_checkpoint(zero2_run, prepared_dir):
     before = read_metrics(first.run_dir)
     cfg2 = tiny_config(first.run_dir, f"data.prepared_dir={prepared_dir}", "pretrain.max_steps=40",
                        "pretrain.ckpt_every=15", "deepspeed.zero_stage=2", *FAST)
-    second = pretrain(cfg2)
+    config_yaml = open(os.path.join(first.run_dir, "config.yaml")).read()
+    for changed, named in [("model.hidden_size=128", "model.hidden_size 64 -> 128"),
+                           ("deepspeed.zero_stage=3", "deepspeed.zero_stage 2 -> 3")]:
+        with pytest.raises(ConfigError, match=f"holds checkpoints .* that this configuration cannot resume: {named}"):
+            pretrain(tiny_config(first.run_dir, f"data.prepared_dir={prepared_dir}", "pretrain.max_steps=40",
+                                 "deepspeed.zero_stage=2", *FAST, changed))
+    assert open(os.path.join(first.run_dir, "config.yaml")).read() == config_yaml  # the run's record is untouched
+    second = pretrain(cfg2)  # longer training, same model and data: resumes
     after = read_metrics(second.run_dir)
     assert after[: len(before)] == before  # history up to step 30 untouched: nothing was retrained
     steps = [r["step"] for r in after if "loss" in r]
