@@ -130,6 +130,26 @@ def test_trained_tokenizer_loads_with_auto_tokenizer(tmp_path):
     assert load_tokenizer(str(tmp_path / "tok")).eos_token_id == tok.eos_token_id
 
 
+def test_a_tokenizer_without_pad_token_pads_with_eos_for_classification(tmp_path):
+    # GPT-2's own tokenizer has no pad token; classification batches must still pad (with EOS, as in transformers).
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from ptray.config import load_config
+    from ptray.finetune import _encode_classification
+
+    backend = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "a": 1, "b": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>").save_pretrained(tmp_path / "gpt2ish")
+    tokenizer = load_tokenizer(str(tmp_path / "gpt2ish"))
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == 0
+    ft = load_config("tiny", ["finetune.max_len=4"]).finetune
+    encoded = _encode_classification([{"text": "a b", "label": "x"}, {"text": "b", "label": "y"}], tokenizer, ft,
+                                     {"x": 0, "y": 1})
+    assert encoded["input_ids"].tolist() == [[1, 2, 0, 0], [2, 0, 0, 0]]
+    assert encoded["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]]
+
+
 @pytest.mark.parametrize("device_name,peak", [("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12),
                                               ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
                                               ("NVIDIA A100-SXM4-40GB", 312e12), ("NVIDIA L40S", 362e12),

@@ -70,6 +70,8 @@ def load_tokenizer(path: str):
                           "save_pretrained writes.") from None
     if end_of_document_id(tokenizer) is None:
         raise ConfigError(f"tokenizer {path!r} has no eos or sep token to separate packed documents; add one.")
+    if tokenizer.pad_token is None:  # GPT-2's own tokenizer has none: pad with EOS, as transformers users do
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
     return tokenizer
 
 
