@@ -103,24 +103,19 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise UserError(f"cannot reach the Ray cluster at {address!r} ({host}:{port}: {e.strerror or e}). {fix}") from None
 
 
-def worker_scaling(cfg: Config) -> ScalingConfig:
-    """The workers' ScalingConfig, after checking the cluster can ever place them.
+def worker_scaling(cfg: Config, driver_cpus: float = 0.0) -> ScalingConfig:
+    """The workers' ScalingConfig, after checking the cluster can ever place them, beside `driver_cpus` held by what
+    drives them (a sweep trial's own share).
 
-    Ray would otherwise wait silently for resources that do not exist (GPUs on a CPU cluster). An autoscaling cluster
-    gets `cluster.wait_for_nodes_s` to grow.
+    Ray would otherwise wait silently for resources that do not exist (GPUs on a CPU cluster, or 2 workers x 1 CPU
+    plus a trial's 0.01 CPU on a 2-CPU head). An autoscaling cluster gets `cluster.wait_for_nodes_s` to grow.
     """
     c = cfg.cluster
     bundle = {"CPU": c.cpus_per_worker, **({"GPU": 1.0} if c.use_gpu else {})}
     deadline = time.monotonic() + c.wait_for_nodes_s
     while True:
         nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-        per_node = [int(min(node.get(k, 0.0) // v for k, v in bundle.items())) for node in nodes]
-        if c.placement_strategy == "STRICT_SPREAD":
-            placeable = sum(1 for n in per_node if n > 0)
-        elif c.placement_strategy == "STRICT_PACK":
-            placeable = max(per_node, default=0)
-        else:
-            placeable = sum(per_node)
+        placeable = placeable_workers(nodes, bundle, c.placement_strategy, driver_cpus)
         if placeable >= c.num_workers:
             return ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
                                  resources_per_worker={"CPU": c.cpus_per_worker},
@@ -130,8 +125,27 @@ def worker_scaling(cfg: Config) -> ScalingConfig:
         time.sleep(5)
     have = ", ".join(f"node {i}: {node.get('CPU', 0):g} CPU, {node.get('GPU', 0):g} GPU" for i, node in enumerate(nodes))
     need = " + ".join(f"{v:g} {k}" for k, v in bundle.items())
+    driver = f", beside {driver_cpus:g} CPU for each sweep trial itself" if driver_cpus else ""
     raise ConfigError(
         f"the cluster cannot place {c.num_workers} workers of {need} each with placement "
-        f"{c.placement_strategy} (it fits {placeable}; {have}). Lower cluster.num_workers or "
-        f"cluster.cpus_per_worker{', set cluster.use_gpu=false' if c.use_gpu else ''}, use another "
+        f"{c.placement_strategy}{driver} (it fits {placeable}; {have}). Lower cluster.num_workers or "
+        f"cluster.cpus_per_worker (e.g. cluster.cpus_per_worker=0.9 leaves room for a trial){', set cluster.use_gpu=false' if c.use_gpu else ''}, use another "
         "cluster.placement_strategy, add nodes, or give an autoscaling cluster time with cluster.wait_for_nodes_s.")
+
+
+def placeable_workers(nodes: list[dict], bundle: dict, strategy: str, driver_cpus: float = 0.0) -> int:
+    """How many worker bundles these nodes' resources hold under a placement strategy, with `driver_cpus` taken from
+    whichever node leaves the most room."""
+    best = 0
+    for driver_node in range(len(nodes)) if driver_cpus else [None]:
+        per_node = []
+        for i, node in enumerate(nodes):
+            free = {k: node.get(k, 0.0) - (driver_cpus if k == "CPU" and i == driver_node else 0.0) for k in bundle}
+            per_node.append(int(min(max(free[k], 0.0) // v for k, v in bundle.items())))
+        if strategy == "STRICT_SPREAD":
+            best = max(best, sum(1 for n in per_node if n > 0))
+        elif strategy == "STRICT_PACK":
+            best = max(best, max(per_node, default=0))
+        else:
+            best = max(best, sum(per_node))
+    return best

@@ -238,7 +238,7 @@ def sweep(cfg: Config, resume: bool = False) -> SweepResult:
     if s.metric not in METRICS[cfg.finetune.task]:
         raise ConfigError(f"sweep.metric={s.metric!r} is not reported by finetune.task={cfg.finetune.task!r}; "
                           f"choose one of {', '.join(METRICS[cfg.finetune.task])}.")
-    worker_scaling(cfg)  # fail fast if one trial's workers can never be placed
+    worker_scaling(cfg, driver_cpus=TRIAL_CPUS)  # fail fast if one trial (its workers and itself) can never fit
     check_pretrained(cfg, pretrained_dir(cfg))
     for step in s.pretrained_steps:
         snapshot_export(cfg, step)  # before any trial runs

@@ -180,3 +180,17 @@ def test_a_torn_last_metrics_line_is_dropped_and_a_damaged_middle_line_is_an_err
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(DataError, match="line 2 is not JSON"):
         read_metrics(tmp_path)
+
+
+def test_a_sweep_trial_must_fit_beside_its_own_cpu_share():
+    # Issue 12: on a 2-CPU head, 2 workers x 1 CPU fit, but not beside the trial's own 0.01 CPU: Ray waited forever.
+    from ptray.session import placeable_workers
+
+    head = [{"CPU": 2.0}]
+    assert placeable_workers(head, {"CPU": 1.0}, "PACK") == 2
+    assert placeable_workers(head, {"CPU": 1.0}, "PACK", driver_cpus=0.01) == 1
+    assert placeable_workers(head, {"CPU": 0.9}, "PACK", driver_cpus=0.01) == 2
+    two_nodes = [{"CPU": 2.0}, {"CPU": 1.0}]  # the trial takes its share where it costs no worker
+    assert placeable_workers(two_nodes, {"CPU": 1.0}, "PACK", driver_cpus=0.01) == 2
+    assert placeable_workers(two_nodes, {"CPU": 1.0}, "STRICT_PACK", driver_cpus=0.01) == 2
+    assert placeable_workers(two_nodes, {"CPU": 1.0, "GPU": 1.0}, "PACK") == 0
