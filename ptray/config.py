@@ -183,7 +183,8 @@ class DeepSpeedConfig:
     zero_stage: int = 2
     """ZeRO stage: 0 (DDP), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)."""
     precision: str = "fp32"
-    """fp32, bf16 or fp16 (loss-scaled)."""
+    """fp32, bf16 or fp16 (loss-scaled). bf16 keeps fp32 master weights and, with ZeRO stages 1-3, accumulates gradients
+    in fp32 (DeepSpeed's data_types.grad_accum_dtype)."""
     offload_optimizer: bool = False
     """Keep optimizer states in CPU memory (stages 1-3)."""
     offload_params: bool = False

@@ -36,6 +36,9 @@ def deepspeed_config(cfg: Config) -> dict:
         "zero_optimization": zero,
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
+        # bf16 keeps 8 bits of mantissa: summing micro-batch gradients in it loses the small ones, so ZeRO (stages
+        # 1-3) accumulates them in fp32. DeepSpeed has no fp32 accumulation without ZeRO: stage 0 sums in bf16.
+        "data_types": {"grad_accum_dtype": "fp32" if ds.precision == "bf16" and ds.zero_stage > 0 else None},
         # torch's AdamW is fine with offloaded states; DeepSpeed otherwise insists on its compiled CPU Adam.
         "zero_force_ds_cpu_optimizer": not ds.torch_adam,
         "zero_allow_untested_optimizer": True,

@@ -89,3 +89,14 @@ def test_a_skipped_update_leaves_weights_and_adam_state_unchanged(zero_stage, pr
     _optimizer_step(engine, batches[1])  # the next clean step updates again
     assert not all(torch.equal(a, b) for a, b in zip(_optimizer_state(engine), before))
     assert _eval_loss(engine, batches[2]) != loss_before
+
+
+@pytest.mark.parametrize("zero_stage,precision,accumulate_in", [(2, "bf16", "fp32"), (3, "bf16", "fp32"),
+                                                                 (1, "bf16", "fp32"), (0, "bf16", None),
+                                                                 (2, "fp32", None)])
+def test_bf16_accumulates_gradients_in_fp32_under_zero(zero_stage, precision, accumulate_in):
+    from ptray.config import load_config
+    from ptray.engine import deepspeed_config
+
+    cfg = load_config("tiny", [f"deepspeed.zero_stage={zero_stage}", f"deepspeed.precision={precision}"])
+    assert deepspeed_config(cfg)["data_types"]["grad_accum_dtype"] == accumulate_in
