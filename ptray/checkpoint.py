@@ -73,14 +73,20 @@ def read_trainer_state(checkpoint_dir: str) -> TrainerState:
 
 
 def save_rng(checkpoint_dir: str, rank: int, node_id: str) -> None:
-    torch.save({"torch": torch.get_rng_state(), "node_id": node_id}, os.path.join(checkpoint_dir, f"rng_rank{rank}.pt"))
+    """This rank's random streams: CPU, and every CUDA device's (dropout on GPU draws from those)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    torch.save({"torch": torch.get_rng_state(), "cuda": cuda, "node_id": node_id},
+               os.path.join(checkpoint_dir, f"rng_rank{rank}.pt"))
 
 
 def load_rng(checkpoint_dir: str, rank: int) -> bool:
     path = os.path.join(checkpoint_dir, f"rng_rank{rank}.pt")
     if not os.path.exists(path):
         return False  # a different world size: this rank has no saved stream
-    torch.set_rng_state(torch.load(path, weights_only=False)["torch"])
+    saved = torch.load(path, weights_only=False)
+    torch.set_rng_state(saved["torch"])
+    if saved.get("cuda") and torch.cuda.is_available() and len(saved["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(saved["cuda"])
     return True
 
 

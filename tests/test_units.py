@@ -194,3 +194,22 @@ def test_a_sweep_trial_must_fit_beside_its_own_cpu_share():
     assert placeable_workers(two_nodes, {"CPU": 1.0}, "PACK", driver_cpus=0.01) == 2
     assert placeable_workers(two_nodes, {"CPU": 1.0}, "STRICT_PACK", driver_cpus=0.01) == 2
     assert placeable_workers(two_nodes, {"CPU": 1.0, "GPU": 1.0}, "PACK") == 0
+
+
+def test_checkpoint_rng_holds_every_cuda_device_state(monkeypatch, tmp_path):
+    # No GPU here: CUDA's RNG calls are stood in for, to check the states are saved and restored with the CPU one.
+    from ptray.checkpoint import load_rng, save_rng
+
+    states = [torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([3, 4], dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    torch.manual_seed(5)
+    save_rng(str(tmp_path), rank=1, node_id="n")
+    expected = torch.rand(3)
+    torch.manual_seed(6)
+    assert load_rng(str(tmp_path), rank=1) and not load_rng(str(tmp_path), rank=0)
+    assert torch.equal(torch.rand(3), expected)
+    assert [t.tolist() for t in restored] == [[1, 2], [3, 4]]
