@@ -7,7 +7,7 @@ import re
 import pytest
 import yaml
 
-from ptray.config import load_config
+from ptray.config import builtin_config_names, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = sorted(glob.glob(f"{REPO}/cluster/**/*.yaml", recursive=True) + glob.glob(f"{REPO}/jobs/*.yaml"))
@@ -59,8 +59,15 @@ def test_cluster_launcher_config_matches_rays_schema():
     validate_config(prepare_config(config))  # what `ray up` does before launching
     for source in config["file_mounts"].values():
         assert os.path.exists(os.path.join(REPO, source))
-    assert any(t.get("node_config", {}).get("InstanceType", "").startswith(("p4", "p5", "g5", "g6"))
-               for t in config["available_node_types"].values()), "a GPU worker node type"
+    gpu_types = [t for t in config["available_node_types"].values()
+                 if t.get("node_config", {}).get("InstanceType", "").startswith(("p4d.24", "p5.48"))]  # 8 GPUs each
+    assert gpu_types, "a GPU worker node type"
+    for node_type in gpu_types:  # an image with NVIDIA drivers and CUDA, not a bare Ubuntu
+        assert "nvidia-driver-gpu" in node_type["node_config"]["ImageId"]
+    largest = max(load_config(name).cluster.num_workers for name in builtin_config_names()
+                  if load_config(name).cluster.use_gpu)
+    capacity = 8 * min(config["max_workers"], max(t["max_workers"] for t in gpu_types))
+    assert capacity >= largest, f"the cluster tops out at {capacity} GPUs; a shipped config asks for {largest}"
 
 
 def test_kuberay_manifests_have_gpu_workers_shared_storage_and_a_valid_job():
