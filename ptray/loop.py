@@ -13,6 +13,7 @@ import math
 import os
 import tempfile
 import time
+import uuid
 from typing import Protocol
 
 import ray
@@ -24,7 +25,7 @@ from ray.train import Checkpoint
 from ptray import checkpoint as ckpt
 from ptray import storage
 from ptray.config import Config, PretrainConfig
-from ptray.errors import TrainingStopped
+from ptray.errors import TrainingStopped, UserError
 from ptray.metrics import MetricsLog, peak_flops_per_worker, progress_line, read_metrics
 
 
@@ -91,6 +92,7 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkp
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     num_params = sum(t.numel() for t in model.parameters())
+    check_shared(checkpoint_root, rank, world_size, ray.get_runtime_context().get_node_id())
     engine, state = start_engine(cfg, model, checkpoint_root, rank, world_size, label)
     state.bound_to = bound_to or {}
     if state.world_size != world_size:  # finetuning's data position counts per-worker batches, so rescale it
@@ -271,6 +273,32 @@ def raise_if_stopped(run_dir: str, checkpoint: Checkpoint | None, label: str) ->
     raise TrainingStopped(f"{label}: {rows[-1]['stopped']}. Nothing was exported; {kept}. Lower {label}.lr or raise "
                           "the warmup (or look at the data at that position), then run the same command again: it "
                           "resumes from the last good checkpoint.")
+
+
+def check_shared(path: str, rank: int, world_size: int, node_id: str) -> None:
+    """Every rank writes its checkpoint shard under `path`: on several nodes that directory must be one shared file
+    system. Rank 0 writes a token there and every rank looks for it (collective; object storage needs no check)."""
+    if storage.is_uri(path) or world_size == 1:
+        return
+    token = [uuid.uuid4().hex if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    probe = os.path.join(path, f".ptray-shared-check-{token[0]}")
+    if rank == 0:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write(node_id)
+    dist.barrier()
+    seen = [None] * world_size
+    dist.all_gather_object(seen, (os.path.exists(probe), node_id))
+    dist.barrier()
+    if rank == 0:
+        os.remove(probe)
+    blind = sorted({node for visible, node in seen if not visible})
+    if blind:
+        raise UserError(f"{path} is not shared between the nodes: workers on node(s) {', '.join(blind)} do not see "
+                        "what rank 0 writes there, so checkpoints would be split across machines. Put run.dir (or "
+                        "run.storage_path) on a file system every node mounts (NFS, EFS, a ReadWriteMany volume), or "
+                        "set run.storage_path to object storage (s3://...).")
 
 
 def start_engine(cfg: Config, model: torch.nn.Module, checkpoint_root: str, rank: int, world_size: int,

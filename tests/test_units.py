@@ -213,3 +213,31 @@ def test_checkpoint_rng_holds_every_cuda_device_state(monkeypatch, tmp_path):
     assert load_rng(str(tmp_path), rank=1) and not load_rng(str(tmp_path), rank=0)
     assert torch.equal(torch.rand(3), expected)
     assert [t.tolist() for t in restored] == [[1, 2], [3, 4]]
+
+
+def _shared_check_worker(rank, root, store, results):
+    import torch.distributed as dist
+
+    from ptray.errors import UserError
+    from ptray.loop import check_shared
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    # One shared directory, then "another node": rank 1 sees a different directory at the same path.
+    for case, path in (("shared", f"{root}/a"), ("not shared", f"{root}/{'ab'[rank]}")):
+        try:
+            check_shared(path, rank, 2, node_id=f"node-{rank}")
+            results[(case, rank)] = "ok"
+        except UserError as e:
+            results[(case, rank)] = str(e)
+    dist.destroy_process_group()
+
+
+def test_checkpoint_directory_must_be_shared_by_every_node(tmp_path):
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_shared_check_worker, args=(str(tmp_path), str(tmp_path / "store"), results), nprocs=2)
+    assert results[("shared", 0)] == results[("shared", 1)] == "ok"
+    assert not [n for n in os.listdir(tmp_path / "a") if n.startswith(".ptray-shared")]  # the token is removed
+    for rank in (0, 1):  # every rank stops, naming the node that cannot see rank 0's files
+        assert "is not shared between the nodes: workers on node(s) node-1" in results[("not shared", rank)]
