@@ -152,12 +152,11 @@ def test_resume_on_another_world_size_continues_the_loss(prepared_dir, uninterru
 
 
 # Stage 1 shares stage 2's path (partitioned optimizer state through a universal checkpoint), tested above.
-@pytest.mark.parametrize("zero_stage,workers,new_workers", [(0, 2, 1), (3, 4, 2)])
+@pytest.mark.parametrize("zero_stage,workers,new_workers", [(0, 2, 1), (3, 2, 1)])
 def test_every_zero_stage_resumes_on_another_world_size(prepared_dir, tmp_path, zero_stage, workers, new_workers):
     """ZeRO-2 2 -> 1 is tested above against the 16-step run; here each other stage gets its own 8-step run."""
     args = _ptray_args(tmp_path, prepared_dir) + [f"deepspeed.zero_stage={zero_stage}", "pretrain.max_steps=8",
-                                                  "pretrain.ckpt_every=4", "cluster.cpus_per_worker=0.5",
-                                                  "finetune.micro_batch_size=4"]  # 4 workers must divide it too
+                                                  "pretrain.ckpt_every=4"]
     first = subprocess.run(args + [f"cluster.num_workers={workers}"], capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     expected = _train_rows(tmp_path)
