@@ -241,11 +241,14 @@ class FinetuneConfig:
     """Steps between evaluations; each is reported to Tune (ASHA decides on these) with a checkpoint."""
     builtin_examples: int = 2000
     """Examples in the built-in labelled task."""
-    pooling: str = "last"
-    """classification: what the head reads. last: the last non-pad token (GPT-2/Llama's own head; bert's own head
-    always reads the first token, so on bert `last` is the same as `cls`); mean: the mean of the final hidden states
-    over the non-pad tokens (recorded as `ptray_pooling: mean` in the export's config.json; plain transformers would
-    read one token, `ptray.finetune.load_classifier` averages); cls: the first token (bert only)."""
+    pooling: str = "mean"
+    """classification: what the head reads. mean: the mean of the final hidden states over the non-pad tokens (the
+    export loads so with `AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True)` or
+    `ptray.finetune.load_classifier`; without trust_remote_code transformers reads one token); last: the last non-pad
+    token (GPT-2/Llama's own head, plain transformers; on bert the same as cls); cls: the first token (bert only).
+    mean is the default: a small or briefly pretrained causal model spreads what it knows of a text over every
+    position, and its last token alone is a weak summary (real text, 4-layer GPT-2 after 600 steps: 0.66 accuracy
+    with mean against 0.55 with last)."""
     method: str = "full"
     """full (train every weight), head (only the new classification head; the rest stays as pretrained) or lora
     (LoRA adapters on finetune.lora_targets plus, for classification, the whole head; merged into the export)."""
@@ -463,7 +466,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"finetune.dropout must be in [0, 1), or -1 to keep the pretrained model's, got "
                           f"{ft.dropout}.")
     if ft.task == "sft":  # these act on the classification head, which SFT has none of
-        for key, neutral in (("pooling", "last"), ("head_lr", 0.0), ("label_smoothing", 0.0)):
+        for key, neutral in (("pooling", "mean"), ("head_lr", 0.0), ("label_smoothing", 0.0)):
             if getattr(ft, key) != neutral:
                 raise ConfigError(f"finetune.{key}={getattr(ft, key)!r} applies to finetune.task=classification only; "
                                   f"with task=sft leave it at {neutral!r}.")

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pyarrow.csv as pacsv
@@ -32,6 +33,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.pytorch_utils import Conv1D
 
 from ptray import checkpoint as ckpt
+from ptray import hf_mean_pooling
 from ptray.config import Config, from_dict, save_config, with_absolute_paths
 from ptray.data.builtin import generate_labelled
 from ptray.data.clean import doc_hash, is_validation
@@ -394,9 +396,10 @@ class MeanPooledClassifier(torch.nn.Module):
     """finetune.pooling=mean: a transformers *ForSequenceClassification model (possibly LoRA-wrapped) whose own head
     reads the mean of the final hidden states over the non-pad tokens (`attention_mask`) instead of one token.
 
-    It saves as that plain model with `ptray_pooling: mean` in config.json; load an export with
-    `MeanPooledClassifier.from_pretrained(path)` (or `load_classifier`). Plain transformers loads the same weights
-    but pools its own way (GPT-2/Llama: the last token; bert: the first), so its predictions differ.
+    It saves as that plain model with `ptray_pooling: mean` in config.json and the same pooling as transformers
+    remote code (`ptray/hf_mean_pooling.py`): load an export with `load_classifier(path)`, or in plain transformers
+    with `AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True)`. Without that flag
+    transformers pools its own way (GPT-2/Llama: the last token; bert: the first), so its predictions differ.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -416,9 +419,14 @@ class MeanPooledClassifier(torch.nn.Module):
         return SequenceClassifierOutput(logits=hf.score(pooled))  # GPT-2/Llama: score
 
     def save_pretrained(self, path: str, **kwargs) -> None:
+        """The plain model, plus `hf_mean_pooling.py` and an `auto_map` naming its class, so that transformers loads
+        it mean-pooled with `trust_remote_code=True`."""
         assert self.model is transformers_model(self.model), "merge LoRA adapters before saving (merge_lora)"
         self.config.ptray_pooling = "mean"
+        self.config.auto_map = {"AutoModelForSequenceClassification":
+                                f"ptray_mean_pooling.{hf_mean_pooling.CLASSES[self.config.model_type].__name__}"}
         self.model.save_pretrained(path, **kwargs)
+        shutil.copyfile(hf_mean_pooling.__file__, os.path.join(path, "ptray_mean_pooling.py"))
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> "MeanPooledClassifier":

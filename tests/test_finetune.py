@@ -59,7 +59,8 @@ def test_classification_finetune_improves_and_exports(pretrained_run, tmp_path):
     out = finetune(cfg)
     accuracy = _evals(out["train_dir"], "val_accuracy")
     assert max(accuracy) > 0.6 and max(accuracy) > accuracy[0], accuracy  # 3 classes: chance is ~0.33
-    model = AutoModelForSequenceClassification.from_pretrained(os.path.join(pretrained_run, "finetune-classification", "export"))
+    model = AutoModelForSequenceClassification.from_pretrained(
+        os.path.join(pretrained_run, "finetune-classification", "export"), trust_remote_code=True)  # as trained: mean
     assert set(model.config.id2label.values()) == {"bread", "rope", "fish"}
     assert out["best"]["metrics"]["val_accuracy"] == max(accuracy)
     # Rerunning with another learning rate is a new run, never the older run's results returned again.
@@ -171,7 +172,7 @@ def test_sweep_searches_both_sides_and_asha_waits_for_warmup(swept, pretrained_r
 def test_best_model_reproduces_reported_metric(swept, pretrained_run):
     cfg, result = swept
     best = json.load(open(os.path.join(pretrained_run, "best.json")))
-    model = AutoModelForSequenceClassification.from_pretrained(result.best_dir).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(result.best_dir, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(result.best_dir)
     val = load_labelled(trial_config(cfg.to_dict(), best["config"]), tokenizer).val  # at the winner's max_len
     with torch.no_grad():

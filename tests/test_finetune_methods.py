@@ -63,7 +63,7 @@ def _batch():
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
 def test_mean_pooling_averages_non_pad_tokens_and_round_trips(random_models, family, tmp_path):
-    last = _model(random_models[family])
+    last = _model(random_models[family], "finetune.pooling=last")
     mean = _model(random_models[family], "finetune.pooling=mean")
     assert isinstance(mean, MeanPooledClassifier)
     assert all(torch.equal(a, b) for a, b in zip(last.state_dict().values(), mean.model.state_dict().values()))
@@ -83,14 +83,19 @@ def test_mean_pooling_averages_non_pad_tokens_and_round_trips(random_models, fam
     assert json.load(open(tmp_path / "config.json"))["ptray_pooling"] == "mean"
     loaded = load_classifier(str(tmp_path)).eval()
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()  # plain transformers: its own pooling
+    remote = AutoModelForSequenceClassification.from_pretrained(tmp_path, trust_remote_code=True).eval()
     with torch.no_grad():
         assert isinstance(loaded, MeanPooledClassifier) and torch.equal(loaded(ids, mask).logits, pooled_logits)
         assert torch.allclose(plain(input_ids=ids, attention_mask=mask).logits, last_logits, atol=1e-6)
+        # the export's own code (auto_map): plain transformers, mean-pooled as trained
+        assert type(remote).__name__.startswith("MeanPooled")
+        assert torch.allclose(remote(input_ids=ids, attention_mask=mask).logits, pooled_logits, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_head_lr_gets_its_own_param_groups(random_models, method):
-    model = _model(random_models["gpt2"], f"finetune.method={method}", "finetune.lr=1e-3", "finetune.head_lr=2e-2")
+    model = _model(random_models["gpt2"], f"finetune.method={method}", "finetune.lr=1e-3", "finetune.head_lr=2e-2",
+                   "finetune.pooling=last")  # parameter names of the plain model (mean pooling wraps it)
     groups = ds.param_groups(model, weight_decay=0.1)
     optimizer = torch.optim.AdamW(groups, lr=1.0)
     ds.set_lr(types.SimpleNamespace(optimizer=optimizer), 5e-4)  # the schedule's rate at some step
@@ -107,17 +112,17 @@ def test_head_lr_gets_its_own_param_groups(random_models, method):
     assert sorted(seen) == sorted(trainable)  # every trainable tensor exactly once
     assert any("lora_A" in n for n in seen) == (method == "lora")  # adapters train at finetune.lr, like the body
 
-    plain = _model(random_models["gpt2"])
+    plain = _model(random_models["gpt2"], "finetune.pooling=last")
     groups = ds.param_groups(plain, weight_decay=0.1)
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0] and {g["lr_scale"] for g in groups} == {1.0}
 
 
 def test_head_method_freezes_all_but_the_head_and_dropout_overrides(random_models):
-    gpt2 = _model(random_models["gpt2"], "finetune.method=head", "finetune.dropout=0.25")
+    gpt2 = _model(random_models["gpt2"], "finetune.method=head", "finetune.dropout=0.25", "finetune.pooling=last")
     assert [n for n, p in gpt2.named_parameters() if p.requires_grad] == ["score.weight"]
     assert (gpt2.config.resid_pdrop, gpt2.config.embd_pdrop, gpt2.config.attn_pdrop) == (0.25, 0.25, 0.25)
     assert {m.p for m in gpt2.modules() if isinstance(m, torch.nn.Dropout)} == {0.25}
-    bert = _model(random_models["bert"], "finetune.method=head", "finetune.dropout=0.0")
+    bert = _model(random_models["bert"], "finetune.method=head", "finetune.dropout=0.0", "finetune.pooling=cls")
     assert {n.split(".")[-2] for n, p in bert.named_parameters() if p.requires_grad} == {"dense", "classifier"}
     assert not any(p.requires_grad for p in bert.bert.encoder.parameters())
     assert {m.p for m in bert.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}
@@ -222,7 +227,7 @@ def test_bad_values_name_the_key(override, named):
         load_config("tiny", [override])
 
 
-@pytest.mark.parametrize("override", ["finetune.pooling=mean", "finetune.head_lr=1e-2", "finetune.method=head",
+@pytest.mark.parametrize("override", ["finetune.pooling=last", "finetune.head_lr=1e-2", "finetune.method=head",
                                       "finetune.label_smoothing=0.1"])
 def test_classification_only_options_are_rejected_for_sft(override):
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.") + ".*classification"):
@@ -309,11 +314,12 @@ def test_lora_trains_adapters_and_head_and_exports_merged_weights(pretrained, tm
     for key, value in trained.items():
         if "lora_" in key or ".score." in key:
             continue
-        assert torch.equal(value, base[key.removeprefix("base_model.model.").replace(".base_layer", "")]), key
+        plain_key = key.removeprefix("model.").removeprefix("base_model.model.")  # mean pooling's wrapper, peft's
+        assert torch.equal(value, base[plain_key.replace(".base_layer", "")]), key
 
     # The export is a plain transformers model: pretrained weights plus a rank <= 4 update on the LoRA targets only.
     export = os.path.join(tmp_path, "finetune-classification", "export")
-    model = AutoModelForSequenceClassification.from_pretrained(export)
+    model = AutoModelForSequenceClassification.from_pretrained(export, trust_remote_code=True)  # mean-pooled
     assert model.config.resid_pdrop == 0.1 and not hasattr(model, "peft_config")
     targets = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
     merged = 0
