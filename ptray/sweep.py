@@ -278,7 +278,7 @@ def sweep(cfg: Config, resume: bool = False) -> SweepResult:
                       os.path.join(sweep_dir, "leaderboard.csv"))
 
     followups = run_followups(cfg, sides, sets, sweep_dir, trials_dir, concurrent, resume)
-    summary = summarize(cfg, sides, followups)
+    summary = summarize(cfg, sides, followups, num_val=len(sets.data.val["labels"]))
     winner_side = summary["side"]
     winner = sides[winner_side]["winner"]
     best = best_checkpoint(os.path.join(trials_dir, winner["trial_id"]), s.metric, s.mode)
@@ -365,8 +365,12 @@ def run_followups(cfg: Config, sides: dict, sets: LabelledSets, sweep_dir: str, 
     return out
 
 
-def summarize(cfg: Config, sides: dict, followups: list[dict]) -> dict:
-    """Each side's best, seed spread and label-fraction points; which side wins; one plain sentence of verdict."""
+def summarize(cfg: Config, sides: dict, followups: list[dict], num_val: int = 0) -> dict:
+    """Each side's best, seed spread and label-fraction points; which side wins; one plain sentence of verdict.
+
+    The verdict calls a difference a gain or a loss only beyond the noise: the larger of the two sides' seed spreads
+    and, for an accuracy on `num_val` validation examples, twice the standard error of the difference of two such
+    accuracies (sampling noise of the validation set, which one seed cannot show)."""
     s = cfg.sweep
     better = max if s.mode == "max" else min
     out = {"sides": {}}
@@ -395,17 +399,20 @@ def summarize(cfg: Config, sides: dict, followups: list[dict]) -> dict:
     pre, scr = out["sides"]["pretrained"], out["sides"]["scratch"]
     gain = pre["seed_mean"] - scr["seed_mean"] if s.mode == "max" else scr["seed_mean"] - pre["seed_mean"]
     noise = max(pre["seed_std"], scr["seed_std"])
-    out["pretraining_gain"] = gain
-    if gain > noise and gain > 0:
+    if num_val and s.metric in ("val_accuracy", "val_f1"):
+        p, q = pre["seed_mean"], scr["seed_mean"]
+        noise = max(noise, 2 * math.sqrt((p * (1 - p) + q * (1 - q)) / num_val))
+    out["pretraining_gain"], out["noise"] = gain, noise
+    if gain > noise:
         verdict = "Pretraining helped"
-    elif gain < -noise and gain < 0:
+    elif gain < -noise:
         verdict = "Pretraining hurt"
     else:
-        verdict = "Pretraining made no difference beyond seed noise"
+        verdict = f"Pretraining made no clear difference (within the noise, ±{noise:.4f})"
+    seeds = f"{len(pre['seeds'])} seed{'s' if len(pre['seeds']) > 1 else ''}"
     out["verdict"] = (f"{verdict}: {s.metric} {pre['seed_mean']:.4f} ± {pre['seed_std']:.4f} from the pretrained model "
                       f"vs {scr['seed_mean']:.4f} ± {scr['seed_std']:.4f} from scratch (each side's own best "
-                      f"configuration over {len(pre['seeds'])} seeds; best single trials {pre['best']:.4f} vs "
-                      f"{scr['best']:.4f}).")
+                      f"configuration over {seeds}; best single trials {pre['best']:.4f} vs {scr['best']:.4f}).")
     return out
 
 

@@ -241,3 +241,18 @@ def test_checkpoint_directory_must_be_shared_by_every_node(tmp_path):
     assert not [n for n in os.listdir(tmp_path / "a") if n.startswith(".ptray-shared")]  # the token is removed
     for rank in (0, 1):  # every rank stops, naming the node that cannot see rank 0's files
         assert "is not shared between the nodes: workers on node(s) node-1" in results[("not shared", rank)]
+
+
+@pytest.mark.parametrize("pretrained,scratch,verdict", [(0.5453, 0.5440, "no clear difference (within the noise, ±0.05"),
+                                                        (0.66, 0.54, "Pretraining helped"),
+                                                        (0.50, 0.62, "Pretraining hurt")])
+def test_the_verdict_names_a_gain_only_beyond_validation_noise(pretrained, scratch, verdict):
+    # One seed per side shows no spread; 750 validation examples still put ~±0.05 of sampling noise on a difference.
+    from ptray.config import load_config
+    from ptray.sweep import summarize
+
+    cfg = load_config("tiny", ["sweep.num_seeds=1", "sweep.label_fractions=[1.0]", "sweep.pretrained_steps=[]"])
+    sides = {side: {"winner": {"best_metric": value, "trial_id": side, "config": {}}}
+             for side, value in (("pretrained", pretrained), ("scratch", scratch))}
+    summary = summarize(cfg, sides, followups=[], num_val=750)
+    assert verdict in summary["verdict"] and "over 1 seed;" in summary["verdict"]
