@@ -106,6 +106,13 @@ def test_search_space_and_searchers_map_to_tune():
     assert {space["finetune.freeze_layers"].sample() for _ in range(200)} == {0, 1, 2}  # inclusive bounds
     assert isinstance(searcher(cfg, 2), BasicVariantGenerator)
     optuna_cfg = load_config("tiny", ["sweep.searcher=optuna"])
+    from ptray.sweep import configured_point
+
+    first = configured_point(load_config("tiny", ["finetune.lr=5e-4"]))  # the untuned run is the first trial
+    assert first == {"finetune.lr": 5e-4, "finetune.freeze_layers": 0}
+    assert searcher(load_config("tiny", ["finetune.lr=5e-4"]), 2)._points_to_evaluate == [first]
+    assert configured_point(load_config("tiny", ["finetune.lr=1e-5"])) is None  # outside the space: not forced in
+    assert configured_point(cfg) is None  # a grid space enumerates its points anyway
     limited = searcher(optuna_cfg, 3)
     assert isinstance(limited, ConcurrencyLimiter) and limited.max_concurrent == 3
     assert type(limited.searcher).__name__ == "OptunaSearch"
