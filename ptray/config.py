@@ -301,7 +301,8 @@ class SweepConfig:
     tells a real difference from noise."""
     label_fractions: list[float] = field(default_factory=lambda: [1.0])
     """Fractions of the labelled training set at which each side's winner is also trained, e.g. [0.1, 0.3, 1.0]: the
-    curve that shows whether pretraining cuts the labels needed."""
+    curve that shows whether pretraining cuts the labels needed. A fraction f trains epochs / f epochs, about the
+    optimizer steps of the full-label run."""
     pretrained_steps: list[int] = field(default_factory=list)
     """Pretraining steps, e.g. [50, 100], whose weights pretraining keeps (`<run.dir>/snapshots/step-N/export`) and
     the sweep also finetunes with the pretrained winner's configuration: accuracy against pretraining tokens, which

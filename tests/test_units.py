@@ -256,3 +256,16 @@ def test_the_verdict_names_a_gain_only_beyond_validation_noise(pretrained, scrat
              for side, value in (("pretrained", pretrained), ("scratch", scratch))}
     summary = summarize(cfg, sides, followups=[], num_val=750)
     assert verdict in summary["verdict"] and "over 1 seed;" in summary["verdict"]
+
+
+def test_label_fraction_runs_keep_the_step_budget():
+    from ptray.finetune import finetune_steps
+    from ptray.config import load_config
+    from ptray.sweep import fraction_plan
+
+    ft = load_config("tiny", ["finetune.epochs=2"]).finetune
+    plan = fraction_plan({"finetune.lr": 1e-3}, 0.1, ft.epochs)
+    assert plan == {"finetune.lr": 1e-3, "finetune.train_fraction": 0.1, "finetune.epochs": 20}
+    full, tenth = finetune_steps(ft, 1800), finetune_steps(ft.__class__(**{**vars(ft), "epochs": 20}), 180)
+    assert abs(tenth - full) <= 20  # about the same optimizer steps with a tenth of the examples
+    assert fraction_plan({"finetune.epochs": 3}, 0.25, 2)["finetune.epochs"] == 12  # a swept epochs value wins
