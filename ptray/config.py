@@ -247,8 +247,8 @@ class FinetuneConfig:
     `ptray.finetune.load_classifier`; without trust_remote_code transformers reads one token); last: the last non-pad
     token (GPT-2/Llama's own head, plain transformers; on bert the same as cls); cls: the first token (bert only).
     mean is the default: a small or briefly pretrained causal model spreads what it knows of a text over every
-    position, and its last token alone is a weak summary (real text, 4-layer GPT-2 after 600 steps: 0.66 accuracy
-    with mean against 0.55 with last)."""
+    position, and its last token alone is a weak summary (real text, 4-layer GPT-2 pretrained 600 steps, untuned
+    finetuning: 0.660 with mean, 0.624 with last; 0.620 either way from scratch)."""
     method: str = "full"
     """full (train every weight), head (only the new classification head; the rest stays as pretrained) or lora
     (LoRA adapters on finetune.lora_targets plus, for classification, the whole head; merged into the export)."""
