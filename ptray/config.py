@@ -370,7 +370,8 @@ RANGES = {
     "run.seed": "[0, inf)",
     "cluster.num_workers": "(0, inf)", "cluster.cpus_per_worker": "(0, inf)", "cluster.max_failures": "[-1, inf)",
     "cluster.wait_for_nodes_s": "[0, inf)",
-    "data.min_chars": "[0, inf)", "data.max_bad_fraction": "[0, 1]", "data.val_fraction": "[0, 1)", "data.seq_len": "(0, inf)",
+    "data.min_chars": "[0, inf)", "data.max_bad_fraction": "[0, 1]", "data.val_fraction": "[0, 1)",
+    "data.seq_len": "(0, inf)",
     "data.vocab_size": "(0, inf)", "data.tokenizer_train_docs": "(0, inf)", "data.rows_per_shard": "(0, inf)",
     "data.rows_per_group": "(0, inf)", "data.shuffle_window_rows": "(0, inf)", "data.builtin_docs": "(0, inf)",
     "model.num_layers": "(0, inf)", "model.hidden_size": "(0, inf)", "model.num_heads": "(0, inf)",
@@ -397,7 +398,8 @@ RANGES = {
 
 def _in_interval(value: float, interval: str) -> bool:
     low, high = (float(bound) for bound in interval[1:-1].split(","))
-    return (low <= value if interval[0] == "[" else low < value) and (value <= high if interval[-1] == "]" else value < high)
+    above_low = low <= value if interval[0] == "[" else low < value
+    return above_low and (value <= high if interval[-1] == "]" else value < high)
 
 
 def validate(cfg: Config) -> Config:
@@ -694,7 +696,8 @@ def reference_tables() -> str:
     for node in ast.parse(Path(__file__).read_text()).body:
         if isinstance(node, ast.ClassDef):
             for stmt, after in zip(node.body, node.body[1:]):
-                if isinstance(stmt, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+                if (isinstance(stmt, ast.AnnAssign) and isinstance(after, ast.Expr)
+                        and isinstance(after.value, ast.Constant)):
                     docs[(node.name, stmt.target.id)] = " ".join(after.value.value.split())
     lines = []
     for section in dataclasses.fields(Config):

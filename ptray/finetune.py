@@ -126,7 +126,8 @@ def load_labelled(cfg: Config, tokenizer) -> LabelledData:
             raise DataError(f"the labelled data has no field {name!r} (fields: {', '.join(rows[0])}); set {which}.")
     text_fields = fields[:1] if ft.task == "classification" else fields
     for split, part in (("training", train_rows), ("validation", val_rows)):
-        bad = [i for i, r in enumerate(part) if not all(isinstance(r.get(f), str) and r[f].strip() for f in text_fields)]
+        bad = [i for i, r in enumerate(part)
+               if not all(isinstance(r.get(f), str) and r[f].strip() for f in text_fields)]
         if bad:
             raise DataError(f"{len(bad)} of {len(part)} {split} examples have no text in {' / '.join(text_fields)} "
                             f"(first: {str(part[bad[0]])[:120]}); fix or remove them.")
@@ -219,7 +220,7 @@ def prepare_finetune(cfg: Config) -> tuple[ray.ObjectRef, LabelledData]:
 
 
 def finetune_steps(ft, num_train_examples: int) -> int:
-    """Optimizer steps of a finetune run: epochs x global batches per epoch (the last one of an epoch may be partial)."""
+    """Optimizer steps of a finetune run: epochs x global batches per epoch (an epoch's last one may be partial)."""
     return ft.epochs * steps_per_epoch(ft.global_batch_size, num_train_examples)
 
 

@@ -64,7 +64,8 @@ def pretrain(cfg: Config) -> PretrainResult:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "manifest": dataclasses.asdict(manifest),
-                           "prepared_dir": prepared_dir, "run_dir": run_dir, "vocab_size": vocab_size, "bound_to": bound_to,
+                           "prepared_dir": prepared_dir, "run_dir": run_dir, "vocab_size": vocab_size,
+                           "bound_to": bound_to,
                            "checkpoint_root": storage.join(storage_path, "train")},
         scaling_config=scaling,
         run_config=RunConfig(name="train", storage_path=storage_path,

@@ -129,7 +129,8 @@ def worker_scaling(cfg: Config, driver_cpus: float = 0.0) -> ScalingConfig:
     raise ConfigError(
         f"the cluster cannot place {c.num_workers} workers of {need} each with placement "
         f"{c.placement_strategy}{driver} (it fits {placeable}; {have}). Lower cluster.num_workers or "
-        f"cluster.cpus_per_worker (e.g. cluster.cpus_per_worker=0.9 leaves room for a trial){', set cluster.use_gpu=false' if c.use_gpu else ''}, use another "
+        "cluster.cpus_per_worker (e.g. cluster.cpus_per_worker=0.9 leaves room for a trial)"
+        f"{', set cluster.use_gpu=false' if c.use_gpu else ''}, use another "
         "cluster.placement_strategy, add nodes, or give an autoscaling cluster time with cluster.wait_for_nodes_s.")
 
 

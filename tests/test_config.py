@@ -120,7 +120,8 @@ def test_search_space_and_searchers_map_to_tune():
 
 @pytest.mark.parametrize("override, message", [
     ("run.seed=-1", "run.seed must be >= 0, got -1"), ("pretrain.lr=0", "pretrain.lr must be > 0"),
-    ("finetune.lr=-1e-3", "finetune.lr must be > 0"), ("finetune.warmup_ratio=1", r"finetune.warmup_ratio must be in \[0, 1\)"),
+    ("finetune.lr=-1e-3", "finetune.lr must be > 0"),
+    ("finetune.warmup_ratio=1", r"finetune.warmup_ratio must be in \[0, 1\)"),
     ("sweep.num_samples=0", "sweep.num_samples must be > 0"), ("pretrain.beta2=1.0", "pretrain.beta2 must be in"),
     ("cluster.max_failures=-2", "cluster.max_failures must be >= -1"), ("model.dropout=1", "model.dropout must be in"),
     ("pretrain.warmup_steps=-5", "pretrain.warmup_steps must be >= 0"), ("data.min_chars=-1", "data.min_chars"),

@@ -243,7 +243,8 @@ def test_checkpoint_directory_must_be_shared_by_every_node(tmp_path):
         assert "is not shared between the nodes: workers on node(s) node-1" in results[("not shared", rank)]
 
 
-@pytest.mark.parametrize("pretrained,scratch,verdict", [(0.5453, 0.5440, "no clear difference (within the noise, ±0.05"),
+@pytest.mark.parametrize("pretrained,scratch,verdict", [(0.5453, 0.5440,
+                                                         "no clear difference (within the noise, ±0.05"),
                                                         (0.66, 0.54, "Pretraining helped"),
                                                         (0.50, 0.62, "Pretraining hurt")])
 def test_the_verdict_names_a_gain_only_beyond_validation_noise(pretrained, scratch, verdict):

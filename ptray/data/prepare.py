@@ -109,7 +109,8 @@ def prepare(cfg: Config) -> Manifest:
             source_files=files, train=shards["train"], val=shards["val"], num_docs=num_docs,
             num_doc_tokens=doc_tokens, num_dropped_tokens=dropped, tokenizer_dir=f"{version}/tokenizer",
             rows_per_group=rows_per_group(cfg),
-            content_hash=hashlib.sha256("".join(s.sha256 for s in shards["train"] + shards["val"]).encode()).hexdigest())
+            content_hash=hashlib.sha256("".join(s.sha256 for s in shards["train"] + shards["val"]).encode())
+            .hexdigest())
         write_manifest(manifest, out_dir)  # the commit
     except BaseException:
         storage.delete_dir(root)

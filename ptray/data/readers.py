@@ -136,7 +136,8 @@ def _scan_file(path: str, text_field: str) -> dict:
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as e:
-                scan["error"] = f"{path} line {number} is not JSON ({e.msg}); JSONL files hold one JSON object per line."
+                scan["error"] = (f"{path} line {number} is not JSON ({e.msg}); JSONL files hold one JSON object "
+                                 "per line.")
                 return scan
             value = record.get(text_field) if isinstance(record, dict) else None
             if not isinstance(value, str):
