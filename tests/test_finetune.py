@@ -16,7 +16,8 @@ from conftest import tiny_config
 from ptray.config import load_config
 from ptray.data.builtin import CATEGORIES
 from ptray.errors import ConfigError, DataError
-from ptray.finetune import finetune, freeze, load_labelled, prepare_finetune
+from ptray.data.tokenizer import load_tokenizer
+from ptray.finetune import finetune, finetune_steps, freeze, load_labelled, prepare_finetune
 from ptray.metrics import read_metrics
 from ptray.pretrain import pretrain
 from ptray.report import report
@@ -78,7 +79,7 @@ def test_sft_finetune_lowers_response_loss(pretrained_run, tmp_path):
 
 def test_freeze_layers_and_train_fraction(pretrained_run):
     cfg = tiny_config(pretrained_run, "finetune.train_fraction=0.25", "finetune.freeze_layers=1")
-    from ptray.finetune import finetune_model
+    from ptray.finetune import finetune_model, transformers_model
     from ptray.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(os.path.join(pretrained_run, "export"))
@@ -87,7 +88,8 @@ def test_freeze_layers_and_train_fraction(pretrained_run):
     assert len(part.train["labels"]) == int(len(full.train["labels"]) * 0.25)
     assert torch.equal(part.val["labels"], full.val["labels"])  # the validation set does not shrink
     assert torch.equal(load_labelled(cfg, tokenizer).train["input_ids"], part.train["input_ids"])  # seeded
-    model = finetune_model(cfg, os.path.join(pretrained_run, "export"), len(CATEGORIES), full.id2label)
+    model = transformers_model(finetune_model(cfg, os.path.join(pretrained_run, "export"), len(CATEGORIES),
+                                              full.id2label))  # the plain model inside mean pooling's wrapper
     freeze(model, 1)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert not any(n.startswith(("transformer.wte", "transformer.wpe", "transformer.h.0.")) for n in trainable)
@@ -223,11 +225,14 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(pretrained_
             "sweep.num_samples=2", "sweep.scheduler=none", "sweep.max_concurrent=1", "sweep.compare_scratch=false",
             "sweep.num_seeds=1", "sweep.label_fractions=[1.0]", "sweep.pretrained_steps=[]"]
     trials = run_dir / "sweep" / "trials"
+    cfg = load_config("tiny", args + ["data.builtin_docs=4000"])
+    tokenizer = load_tokenizer(os.path.join(pretrained_run, "export"))
+    planned = finetune_steps(cfg.finetune, len(load_labelled(cfg, tokenizer).train["labels"]))
 
-    def finished_trials():
+    def finished_trials():  # a trial that has evaluated its last step
         done = []
         for trial in (trials.glob("*") if trials.exists() else []):
-            if len(_evals(str(trial), "val_accuracy")) == 5:  # 400 * 0.8 examples / 16 = 20 steps, every 4
+            if any(r.get("step") == planned and "val_accuracy" in r for r in read_metrics(str(trial))):
                 done.append(trial.name)
         return done
 
@@ -245,7 +250,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(pretrained_
     proc.wait(timeout=120)
     assert not (run_dir / "best.json").exists()  # it really was interrupted
 
-    result = sweep(load_config("tiny", args + ["data.builtin_docs=4000"]), resume=True)
+    result = sweep(cfg, resume=True)
     rows = list(csv.DictReader(open(result.leaderboard)))
     assert len(rows) == 2 and len(list(trials.glob("*"))) == 2
     for t in first:  # finished trials were not run again
