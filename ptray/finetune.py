@@ -413,8 +413,7 @@ class MeanPooledClassifier(torch.nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden = hf.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        pooled = hf_mean_pooling.mean_pool(hidden, attention_mask)  # the same pooling the export's remote code runs
         if self.config.model_type == "bert":  # BertForSequenceClassification's head: pooler, dropout, classifier
             return SequenceClassifierOutput(logits=hf.classifier(hf.dropout(hf.bert.pooler(pooled[:, None]))))
         return SequenceClassifierOutput(logits=hf.score(pooled))  # GPT-2/Llama: score
