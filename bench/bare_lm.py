@@ -5,7 +5,8 @@ ptray's validation curve with this one.
     python bench/bare_lm.py /tmp/bare-test/data      # tiny check: 2 layers x 64 on a `ptray prepare` output, ~1 min
 
 (make the data with: python -c "from ptray.config import load_config; from ptray.session import ray_session;
- from ptray.data.prepare import prepare; cfg = load_config('tiny', ['run.dir=/tmp/bare-test', 'data.builtin_docs=4000']);
+ from ptray.data.prepare import prepare;
+ cfg = load_config('tiny', ['run.dir=/tmp/bare-test', 'data.builtin_docs=4000']);
  exec('with ray_session(cfg): prepare(cfg)')")
 """
 

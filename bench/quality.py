@@ -68,7 +68,8 @@ def main() -> None:
         print(f"{'step':>6} {'ptray':>10} {'bare':>10} {'ratio':>7}")
         for step, _, bare_ppl in bare_curve:
             ours = ptray_curve.get(step)
-            print(f"{step:>6} {ours or float('nan'):>10.2f} {bare_ppl:>10.2f} {(ours or float('nan')) / bare_ppl:>7.3f}")
+            print(f"{step:>6} {ours or float('nan'):>10.2f} {bare_ppl:>10.2f} "
+                  f"{(ours or float('nan')) / bare_ppl:>7.3f}")
         if args.no_sweep:
             return
         result = sweep(cfg)
@@ -80,7 +81,8 @@ def main() -> None:
     for side in ("pretrained", "scratch"):
         found = sides.get(side)
         if found:
-            print(f"ptray swept best, from {side:<10}: {found['best']:.4f}  (seeds {', '.join(f'{v:.4f}' for v in found['seeds'])};"
+            print(f"ptray swept best, from {side:<10}: {found['best']:.4f}  "
+                  f"(seeds {', '.join(f'{v:.4f}' for v in found['seeds'])};"
                   f" label fractions {json.dumps({k: round(v, 4) for k, v in found['label_fractions'].items()})})")
     print(f"bare untuned, from pretrained     : {bare_pre['final_val_accuracy']:.4f} (best epoch "
           f"{bare_pre['best_val_accuracy']:.4f}; lr {cfg.finetune.lr})")

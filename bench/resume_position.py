@@ -62,7 +62,8 @@ def main(overrides: list[str]) -> None:
         for fraction in (0.1, 0.5, 0.9):
             position = int(fraction * rows) // g * g
             # The step starts when the slowest rank has its batch; median of 7 fresh resumes (milliseconds are noisy).
-            ptray_s = statistics.median(max(first_batch_ptray(manifest, cfg.prepared_dir, position, cfg, rank, world_size)
+            ptray_s = statistics.median(max(first_batch_ptray(manifest, cfg.prepared_dir, position, cfg, rank,
+                                                              world_size)
                                             for rank in range(world_size)) for _ in range(7))
             skip_s = first_batch_by_skipping(manifest, cfg.prepared_dir, position, cfg, world_size)
             results[fraction] = ptray_s

@@ -1,6 +1,7 @@
 """Run `ptray pipeline` on a Ray cluster (the same code path as the CLI):
 
-    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env jobs/runtime_env.yaml -- \
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . \
+        --runtime-env jobs/runtime_env.yaml -- \
         python jobs/pipeline.py --config tiny
 """
 

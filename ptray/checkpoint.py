@@ -3,7 +3,7 @@
 A checkpoint is one directory that Ray Train assembles from what every rank wrote:
 
     checkpoint_<time>/
-      ds/                     DeepSpeed: model states and each rank's ZeRO optimizer (and, for stage 3, parameter) shards
+      ds/                     DeepSpeed: model states and each rank's ZeRO optimizer (and, in stage 3, parameter) shards
       trainer_state.json      rank 0: step, tokens seen, data position, world size
       rng_rank<r>.pt          each rank: torch RNG state and the Ray node that wrote the rank's shards
       metrics.json            rank 0: the metrics reported with this checkpoint (how sweeps pick a trial's best)
@@ -143,7 +143,8 @@ def _crc32(path: str) -> int:
 
 
 def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load consolidated weights; tied weights (embedding = output head) appear once, anything else missing is an error."""
+    """Load consolidated weights; tied weights (embedding = output head) appear once, anything else missing is an
+    error."""
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     names_by_storage: dict[int, list[str]] = {}
     for name, tensor in model.state_dict().items():

@@ -102,7 +102,8 @@ def _find_user_error(error: BaseException) -> UserError | None:
         if isinstance(e, UserError):
             return e
         stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-        stack += list(getattr(e, "worker_failures", {}).values()) if isinstance(getattr(e, "worker_failures", None), dict) else []
+        stack += (list(getattr(e, "worker_failures", {}).values())
+                  if isinstance(getattr(e, "worker_failures", None), dict) else [])
     return None
 
 

@@ -63,7 +63,8 @@ def lr_at(step: int, p: PretrainConfig) -> float:
 
 
 def setup_worker(cfg: Config):
-    """Per-worker set-up before any model is built: CPU threads and DeepSpeed's accelerator. Returns (rank, world, device)."""
+    """Per-worker set-up before any model is built: CPU threads and DeepSpeed's accelerator.
+    Returns (rank, world, device)."""
     if not cfg.cluster.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
@@ -252,7 +253,8 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkp
     if rank == 0:
         total = time.perf_counter() - fit_start
         training = total - sum(paused_total.values())
-        print(f"[{label}] {total:.1f} s in the loop: training {training:.1f} s, evaluation {paused_total['eval']:.1f} s, "
+        print(f"[{label}] {total:.1f} s in the loop: training {training:.1f} s, "
+              f"evaluation {paused_total['eval']:.1f} s, "
               f"checkpoints {paused_total['checkpoint']:.1f} s", flush=True)
 
 
@@ -306,9 +308,9 @@ def start_engine(cfg: Config, model: torch.nn.Module, checkpoint_root: str, rank
     """The DeepSpeed engine and trainer state, restored from the newest checkpoint that verifies (collective).
 
     A checkpoint that fails verification is skipped with a warning naming it. On another world size, ZeRO's partitions
-    no longer fit the ranks. Stages 1-2: the checkpoint is converted to DeepSpeed's universal format, whose per-parameter
-    weights and Adam moments any world size can load. Stage 3: the consolidated weights load exactly and the Adam
-    moments restart. Stage 0 has no partitions: it loads as it is.
+    no longer fit the ranks. Stages 1-2: the checkpoint is converted to DeepSpeed's universal format, whose
+    per-parameter weights and Adam moments any world size can load. Stage 3: the consolidated weights load exactly
+    and the Adam moments restart. Stage 0 has no partitions: it loads as it is.
     """
     from ptray import engine as ds
 

@@ -145,14 +145,15 @@ def check_model_fits_data(cfg: Config, manifest: Manifest, prepared_dir: str) ->
         vocab_size = cfg.model.vocab_size or padded_vocab_size(manifest.vocab_size)
         max_positions, where = cfg.model.max_positions, "model.vocab_size"
     if manifest.vocab_size > vocab_size:
-        raise ConfigError(f"the tokenizer has {manifest.vocab_size} tokens but the model's embedding ({where}) has only "
-                          f"{vocab_size} rows; set model.vocab_size=0 (sized from the tokenizer) or >= "
+        raise ConfigError(f"the tokenizer has {manifest.vocab_size} tokens but the model's embedding ({where}) "
+                          f"has only {vocab_size} rows; set model.vocab_size=0 (sized from the tokenizer) or >= "
                           f"{manifest.vocab_size}, or use the model's own tokenizer (data.tokenizer_path).")
     if cfg.data.seq_len > max_positions:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's {max_positions} positions; lower "
                           "data.seq_len (and prepare again) or raise model.max_positions.")
     if cfg.pretrain.objective == "mlm" and manifest.mask_id is None:
-        raise ConfigError("pretrain.objective=mlm needs a tokenizer with a mask token; the prepared tokenizer has none.")
+        raise ConfigError("pretrain.objective=mlm needs a tokenizer with a mask token; "
+                          "the prepared tokenizer has none.")
     rows_per_step = cfg.cluster.num_workers * cfg.pretrain.micro_batch_size * cfg.grad_accum_steps
     if manifest.num_train_rows < rows_per_step:
         raise DataError(f"the prepared data has {manifest.num_train_rows} training rows, fewer than one optimizer step "
@@ -174,7 +175,8 @@ def training_stream(cfg: Config, manifest: Manifest, prepared_dir: str) -> tuple
     window_chunks = max(1, cfg.data.shuffle_window_rows // manifest.rows_per_group)
     stream = RowStream([s.num_rows for s in manifest.train], chunk_rows=manifest.rows_per_group, seed=cfg.run.seed,
                        window_chunks=window_chunks)
-    reader = ShardRows(manifest.shard_paths(prepared_dir, "train"), manifest.seq_len + 1, cache_groups=window_chunks + 2)
+    reader = ShardRows(manifest.shard_paths(prepared_dir, "train"), manifest.seq_len + 1,
+                       cache_groups=window_chunks + 2)
     return stream, reader
 
 
@@ -206,7 +208,8 @@ class LanguageModelingTask:
         if self.batches is None:
             stream, reader = training_stream(self.cfg, m, self.prepared_dir)
             self.batches = rank_micro_batches(stream, reader, position=state.rows_consumed,
-                                              global_batch_rows=p.global_batch_size, micro_batch_rows=p.micro_batch_size,
+                                              global_batch_rows=p.global_batch_size,
+                                              micro_batch_rows=p.micro_batch_size,
                                               rank=self.rank, world_size=self.world_size)
         step_end, first_row, rows = next(self.batches)
         state.rows_consumed = step_end  # the position once this optimizer step is done: what a checkpoint records

@@ -137,7 +137,8 @@ def delete_dir(path: str) -> None:
 
 
 def check_writable(path: str, key: str) -> None:
-    """Fail before any work starts when `path` (config key `key`) cannot be written: a missing bucket, bad credentials."""
+    """Fail before any work starts when `path` (config key `key`) cannot be written:
+    a missing bucket, bad credentials."""
     if not is_uri(path):
         return
     fs, inner = filesystem_for(path)
@@ -171,7 +172,8 @@ def local_dir(path: str) -> str:
     if not is_uri(path):
         return path
     root = os.path.join(tempfile.gettempdir(), "ptray-cache")
-    cache = os.path.join(root, hashlib.sha256(path.encode()).hexdigest()[:16])  # prepared data is versioned: no staleness
+    # prepared data is versioned: no staleness
+    cache = os.path.join(root, hashlib.sha256(path.encode()).hexdigest()[:16])
     if not os.path.isdir(cache):
         os.makedirs(root, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".download-", dir=root)

@@ -14,7 +14,8 @@ def tiny_config(run_dir, *overrides: str):
     from ptray.config import load_config
 
     # Tests pretrain for tens of steps, not tiny's 300: no snapshots at steps 100 and 200 unless a test asks.
-    return load_config("tiny", [f"run.dir={run_dir}", "data.builtin_docs=4000", "sweep.pretrained_steps=[]", *overrides])
+    return load_config("tiny", [f"run.dir={run_dir}", "data.builtin_docs=4000", "sweep.pretrained_steps=[]",
+                                *overrides])
 
 
 @pytest.fixture(scope="module")

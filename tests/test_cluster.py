@@ -77,7 +77,8 @@ def cluster(tmp_path_factory):
         assert node.returncode == 0, node.stderr[-2000:]
         deadline = time.time() + 120
         while True:  # the job API answers "No available agent" until the head's dashboard agent is up
-            ready = _run("ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}", "--", "true", env=env)
+            ready = _run("ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}", "--", "true",
+                         env=env)
             if ready.returncode == 0:
                 break
             assert time.time() < deadline, ready.stderr[-2000:]

@@ -1,4 +1,5 @@
-"""The shipped cluster definitions: every YAML parses, matches its schema, and names entrypoints and configs that exist."""
+"""The shipped cluster definitions: every YAML parses, matches its schema, and names entrypoints and configs that
+exist."""
 
 import glob
 import os

@@ -23,7 +23,8 @@ def process_group():
         port = s.getsockname()[1]
     rendezvous = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     saved = {k: os.environ.get(k) for k in rendezvous}
-    os.environ.update(rendezvous)  # DeepSpeed reads these; restored after, so later tests' subprocesses don't inherit them
+    # DeepSpeed reads these; restored after, so later tests' subprocesses don't inherit them
+    os.environ.update(rendezvous)
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
     dist.destroy_process_group()

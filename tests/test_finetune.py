@@ -65,8 +65,8 @@ def test_classification_finetune_improves_and_exports(pretrained_run, tmp_path):
     assert set(model.config.id2label.values()) == {"bread", "rope", "fish"}
     assert out["best"]["metrics"]["val_accuracy"] == max(accuracy)
     # Rerunning with another learning rate is a new run, never the older run's results returned again.
-    changed = finetune(tiny_config(pretrained_run, *FINETUNE_FAST, f"finetune.train_files=[{data}]", "finetune.epochs=3",
-                                   "finetune.lr=3e-4"))
+    changed = finetune(tiny_config(pretrained_run, *FINETUNE_FAST, f"finetune.train_files=[{data}]",
+                                   "finetune.epochs=3", "finetune.lr=3e-4"))
     assert changed["train_dir"] != out["train_dir"] and _evals(out["train_dir"], "val_accuracy") == accuracy
     assert _evals(changed["train_dir"], "val_accuracy") != accuracy
 
@@ -132,7 +132,8 @@ def test_bad_labelled_input(pretrained_run, tmp_path):
     with pytest.raises(ConfigError, match="not reported by finetune.task"):
         sweep(tiny_config(pretrained_run, "sweep.metric=val_bleu"))
     with pytest.raises(DataError, match="finetune.group_field='author' is not a field"):
-        prepare_finetune(tiny_config(pretrained_run, f"finetune.train_files=[{one_class}]", "finetune.group_field=author"))
+        prepare_finetune(tiny_config(pretrained_run, f"finetune.train_files=[{one_class}]",
+                                     "finetune.group_field=author"))
     with pytest.raises(ConfigError, match="pretraining kept no checkpoint there"):
         sweep(tiny_config(pretrained_run, "sweep.pretrained_steps=[10]"))  # pretraining kept only step 20
 
@@ -182,7 +183,8 @@ def test_best_model_reproduces_reported_metric(swept, pretrained_run):
     accuracy = (logits.argmax(-1) == val["labels"]).float().mean().item()
     assert accuracy == pytest.approx(best["value"], abs=1e-6)
     sides = best["sides"]
-    assert best["side"] == max(sides, key=lambda side: sides[side]["best"]) and best["value"] == sides[best["side"]]["best"]
+    assert (best["side"] == max(sides, key=lambda side: sides[side]["best"])
+            and best["value"] == sides[best["side"]]["best"])
     for side in ("pretrained", "scratch"):  # the winner of each side again with a second seed, and at half the labels
         assert len(sides[side]["seeds"]) == 2 and set(sides[side]["label_fractions"]) == {"0.5", "1.0"}
     assert best["verdict"].startswith("Pretraining") and "pretraining_gain" in best

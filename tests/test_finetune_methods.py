@@ -24,8 +24,9 @@ from ptray import engine as ds
 from ptray.config import load_config
 from ptray.data.tokenizer import load_tokenizer
 from ptray.errors import ConfigError
-from ptray.finetune import (FinetuneTask, LabelledData, MeanPooledClassifier, confusion_counts, finetune, finetune_model,
-                            finetune_steps, load_classifier, load_labelled, metrics_from_counts, prepare_finetune)
+from ptray.finetune import (FinetuneTask, LabelledData, MeanPooledClassifier, confusion_counts, finetune,
+                            finetune_model, finetune_steps, load_classifier, load_labelled, metrics_from_counts,
+                            prepare_finetune)
 
 LABELS = {0: "a", 1: "b", 2: "c"}
 
@@ -201,7 +202,8 @@ def test_every_labelled_example_is_seen_once_per_epoch_and_the_step_loss_is_thei
 def test_validation_counts_from_rank_shards_sum_to_the_whole_set_metrics():
     # Each finetuning rank evaluates labels[rank::world_size]; the summed counts must give the single-process metrics.
     generator = torch.Generator().manual_seed(0)
-    predictions, labels = torch.randint(0, 4, (101,), generator=generator), torch.randint(0, 4, (101,), generator=generator)
+    predictions, labels = (torch.randint(0, 4, (101,), generator=generator),
+                           torch.randint(0, 4, (101,), generator=generator))
     labels[labels == 3] = 2  # a class only predicted, never true: still counted in macro-F1
     world = 3
     summed = sum(confusion_counts(predictions[r::world], labels[r::world], 4) for r in range(world))

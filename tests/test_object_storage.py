@@ -1,4 +1,5 @@
-"""Object storage: corpus, prepared shards and checkpoints in S3, against a real S3-compatible server (moto) on 127.0.0.1.
+"""Object storage: corpus, prepared shards and checkpoints in S3,
+against a real S3-compatible server (moto) on 127.0.0.1.
 
 The round trip is prepare -> pretrain (checkpoints in S3) -> export, then a rerun that resumes from the S3 checkpoint.
 """

@@ -72,7 +72,8 @@ def _assert_matches(run_dir, uninterrupted, output, prepared_dir) -> int:
     for step in range(resumed_at + 1, 17):
         assert resumed[step]["data_fingerprint"] == expected[step]["data_fingerprint"], step
         assert abs(resumed[step]["loss"] - expected[step]["loss"]) <= 1e-6, step
-    final, reference = load_file(run_dir / "export/model.safetensors"), load_file(uninterrupted / "export/model.safetensors")
+    final, reference = (load_file(run_dir / "export/model.safetensors"),
+                        load_file(uninterrupted / "export/model.safetensors"))
     for name, tensor in reference.items():
         assert (final[name] - tensor).abs().max().item() <= 1e-6, name
     return resumed_at

@@ -76,13 +76,15 @@ def generate_documents(num_docs: int, seed: int = 0) -> list[str]:
             elif kind == 1:
                 s = f"{name} has a {p['color']} {p['pet']} that follows {name} everywhere."
             elif kind == 2:
-                s = f"on a day of {rng.choice(WEATHER)}, {name} the {p['trade']} sold {NUMBER_WORDS[a]} {rng.choice(THINGS)} to {other}."
+                s = (f"on a day of {rng.choice(WEATHER)}, {name} the {p['trade']} sold {NUMBER_WORDS[a]} "
+                     f"{rng.choice(THINGS)} to {other}.")
             elif kind == 3:
                 s = f"{NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]} is {NUMBER_WORDS[a + b]}, said {name}."
             elif kind == 4:
                 s = f"{name} walked from {p['town']} to {people[other]['town']} to visit {other}."
             elif kind == 5:
-                s = f"the {p['pet']} of {name} is {p['color']}, and the {people[other]['pet']} of {other} is {people[other]['color']}."
+                s = (f"the {p['pet']} of {name} is {p['color']}, and the {people[other]['pet']} of {other} is "
+                     f"{people[other]['color']}.")
             else:
                 s = f"in {p['town']} everyone knows that {name} is the best {p['trade']}."
             sentences.append(s)

@@ -7,13 +7,14 @@ rows within each window (a new order every epoch), so each global batch mixes ro
 `[s * G, (s + 1) * G)` of that stream (G = global batch size); rank `r` of `W` takes the contiguous slice
 `[r * G / W, (r + 1) * G / W)` of it, as gradient-accumulation micro-batches. Therefore:
 
-- the sequence of global batches depends only on (seed, manifest, window, G): not on timing, prefetching, which node reads
-  what, or the world size;
+- the sequence of global batches depends only on (seed, manifest, window, G): not on timing, prefetching, which node
+  reads what, or the world size;
 - the data position is one integer, the number of stream rows consumed, and reaching any position is index arithmetic
   plus reading the row groups that hold the next rows: resuming at 90% of an epoch costs what resuming at 10% does.
 
 This replaces Ray Data's `streaming_split` for the training read only (it assigns blocks to workers dynamically, so it
-is neither deterministic nor resumable mid-epoch: ray-project/ray#37633, #48224); preparing the shards stays on Ray Data.
+is neither deterministic nor resumable mid-epoch: ray-project/ray#37633, #48224);
+preparing the shards stays on Ray Data.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ from ptray.data.tokenizer import end_of_document_id, load_tokenizer
 
 
 def pack_token_lists(token_lists: list[list[int]], row_len: int) -> tuple[np.ndarray, int]:
-    """Concatenate token lists and cut them into rows of `row_len`; returns (rows [n, row_len] int32, dropped tokens)."""
+    """Concatenate token lists and cut them into rows of `row_len`;
+    returns (rows [n, row_len] int32, dropped tokens)."""
     flat = np.fromiter((t for ids in token_lists for t in ids), dtype=np.int32)
     num_rows = len(flat) // row_len
     return flat[: num_rows * row_len].reshape(num_rows, row_len), len(flat) - num_rows * row_len

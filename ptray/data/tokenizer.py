@@ -61,8 +61,8 @@ def load_tokenizer(path: str):
     if storage.is_uri(path) and storage.exists(path):
         path = storage.local_dir(path)
     if not os.path.isdir(path):
-        raise ConfigError(f"tokenizer directory {path!r} does not exist. Set data.tokenizer_path to a local Hugging Face "
-                          "tokenizer directory, or leave it empty to train a BPE tokenizer on the corpus.")
+        raise ConfigError(f"tokenizer directory {path!r} does not exist. Set data.tokenizer_path to a local "
+                          "Hugging Face tokenizer directory, or leave it empty to train a BPE tokenizer on the corpus.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:
