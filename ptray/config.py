@@ -2,7 +2,8 @@
 
     cfg = load_config("tiny", ["pretrain.max_steps=50", "data.train_files=[a.txt,b/*.jsonl]"])
 
-A config is a built-in name (`ptray/configs/NAME.yaml`) or a path to a YAML file. Every override value is parsed as YAML.
+A config is a built-in name (`ptray/configs/NAME.yaml`) or a path to a YAML file.
+Every override value is parsed as YAML.
 Unknown keys and invalid values raise `ConfigError` naming the key and the closest valid one.
 """
 
@@ -14,6 +15,7 @@ import difflib
 import os
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,7 +62,8 @@ class ClusterConfig:
 @dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=lambda: ["builtin"])
-    """Corpus files: paths, globs or URIs (s3://, gs://) of .txt, .jsonl or .parquet. `builtin`: the generated corpus."""
+    """Corpus files: paths, globs or URIs (s3://, gs://) of .txt, .jsonl or .parquet. `builtin`: the generated
+    corpus."""
     text_field: str = "text"
     """Field (.jsonl) or column (.parquet) holding the document text."""
     prepared_dir: str = ""
@@ -202,7 +205,8 @@ class FinetuneConfig:
     init: str = "pretrained"
     """pretrained (start from the weights) or scratch (same architecture, random weights: the baseline)."""
     train_files: list[str] = field(default_factory=lambda: ["builtin"])
-    """Labelled .jsonl/.csv/.parquet files (paths, globs, URIs). `builtin`: the generated task for the built-in corpus."""
+    """Labelled .jsonl/.csv/.parquet files (paths, globs, URIs). `builtin`: the generated task for the built-in
+    corpus."""
     val_files: list[str] = field(default_factory=list)
     """Labelled validation files. Empty: hold out val_fraction of train_files by content hash."""
     val_fraction: float = 0.2
@@ -275,7 +279,8 @@ class FinetuneConfig:
 class SweepConfig:
     space: dict = field(default_factory=lambda: {"finetune.lr": {"loguniform": [3e-4, 3e-3]},
                                                  "finetune.freeze_layers": {"choice": [0, 1]}})
-    """Search space: dotted key -> {loguniform: [lo, hi]}, {uniform: [lo, hi]}, {randint: [lo, hi]}, {choice: [...]} or {grid: [...]}."""
+    """Search space: dotted key -> {loguniform: [lo, hi]}, {uniform: [lo, hi]}, {randint: [lo, hi]}, {choice: [...]}
+    or {grid: [...]}."""
     num_samples: int = 6
     """Trials (with grid: samples per grid point)."""
     searcher: str = "random"
@@ -402,6 +407,26 @@ def _in_interval(value: float, interval: str) -> bool:
     return above_low and (value <= high if interval[-1] == "]" else value < high)
 
 
+def cluster_host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a Ray cluster address (host:port, default port 6379; ray://host, default 10001); None for
+    `auto` and `local`, which ray.init resolves itself. ConfigError for a dashboard URL or a port out of range."""
+    if address in ("auto", "local"):
+        return None
+    if address.startswith(("http://", "https://")):
+        raise ConfigError(f"--address {address!r} is a dashboard / job-submission URL. ptray connects to the cluster "
+                          "itself: use host:6379 (or ray://host:10001), or submit the job with "
+                          f"`ray job submit --address {address} ...`.")
+    parsed = urllib.parse.urlsplit(address if "://" in address else f"ray://{address}")
+    try:
+        port = parsed.port or (10001 if address.startswith("ray://") else 6379)
+    except ValueError as e:  # e.g. a port above 65535
+        raise ConfigError(f"--address / cluster.address {address!r} is not a valid host:port ({e}); the head's GCS "
+                          "listens on host:6379 by default (Ray Client: ray://host:10001).") from None
+    if not parsed.hostname:
+        raise ConfigError(f"--address / cluster.address {address!r} names no host; use host:6379 or ray://host:10001.")
+    return parsed.hostname, port
+
+
 def validate(cfg: Config) -> Config:
     """Check values and cross-field rules; raise ConfigError with the key and the fix."""
     for key, allowed in CHOICES.items():
@@ -417,10 +442,13 @@ def validate(cfg: Config) -> Config:
             allowed = f"{'>=' if interval[0] == '[' else '>'} {low}" if high == "inf" else f"in {interval}"
             raise ConfigError(f"{key} must be {allowed}, got {value!r}.")
     if not cfg.data.train_files:
-        raise ConfigError("data.train_files is empty; give corpus paths or globs, e.g. data.train_files=[corpus/*.txt].")
+        raise ConfigError("data.train_files is empty; give corpus paths or globs, e.g. "
+                          "data.train_files=[corpus/*.txt].")
     for key, path in [("run.storage_path", cfg.run.storage_path), ("data.prepared_dir", cfg.data.prepared_dir),
                       *[("data.train_files", f) for f in cfg.data.train_files]]:
         storage.check_uri(path, key)
+    if cfg.cluster.address:
+        cluster_host_port(cfg.cluster.address)  # a malformed address or port is a config error, not a hang
     if os.path.exists(cfg.run.dir) and not os.path.isdir(cfg.run.dir):
         raise ConfigError(f"run.dir={cfg.run.dir!r} is a file, not a directory; choose another run.dir.")
     if storage.is_uri(cfg.run.dir):
@@ -432,11 +460,14 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"pretrain.global_batch_size={p.global_batch_size} is not divisible by cluster.num_workers x "
             f"pretrain.micro_batch_size = {cfg.cluster.num_workers} x {p.micro_batch_size} = {per_step}; "
-            f"use a multiple of {per_step}, e.g. pretrain.global_batch_size={per_step * max(1, round(p.global_batch_size / per_step))}.")
+            f"use a multiple of {per_step}, e.g. "
+            f"pretrain.global_batch_size={per_step * max(1, round(p.global_batch_size / per_step))}.")
     if cfg.model.hidden_size % cfg.model.num_heads:
-        raise ConfigError(f"model.hidden_size={cfg.model.hidden_size} must be divisible by model.num_heads={cfg.model.num_heads}.")
+        raise ConfigError(f"model.hidden_size={cfg.model.hidden_size} must be divisible by "
+                          f"model.num_heads={cfg.model.num_heads}.")
     if cfg.model.num_kv_heads and cfg.model.num_heads % cfg.model.num_kv_heads:
-        raise ConfigError(f"model.num_heads={cfg.model.num_heads} must be divisible by model.num_kv_heads={cfg.model.num_kv_heads}.")
+        raise ConfigError(f"model.num_heads={cfg.model.num_heads} must be divisible by "
+                          f"model.num_kv_heads={cfg.model.num_kv_heads}.")
     if cfg.data.seq_len > cfg.model.max_positions and not cfg.model.init_from:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} exceeds model.max_positions={cfg.model.max_positions}; "
@@ -479,8 +510,8 @@ def validate(cfg: Config) -> Config:
     validate_space(cfg.sweep.space)
     for fraction in cfg.sweep.label_fractions:
         if not 0 < fraction <= 1:
-            raise ConfigError(f"sweep.label_fractions holds {fraction}; each fraction of the labelled training set must "
-                              "be in (0, 1], e.g. sweep.label_fractions=[0.1,0.3,1.0].")
+            raise ConfigError(f"sweep.label_fractions holds {fraction}; each fraction of the labelled training set "
+                              "must be in (0, 1], e.g. sweep.label_fractions=[0.1,0.3,1.0].")
     for step in cfg.sweep.pretrained_steps:
         if step <= 0:
             raise ConfigError(f"sweep.pretrained_steps holds {step}; give optimizer steps of pretraining, >= 1.")
@@ -677,8 +708,8 @@ def resolved(cfg: Config) -> Config:
 
 
 def check_pretrained_steps(cfg: Config) -> None:
-    """Before a pipeline pretrains: every sweep.pretrained_steps must fall inside pretraining (checked here, not at load,
-    so shortening pretraining for a `ptray pretrain` alone needs no other change)."""
+    """Before a pipeline pretrains: every sweep.pretrained_steps must fall inside pretraining (checked here, not at
+    load, so shortening pretraining for a `ptray pretrain` alone needs no other change)."""
     max_steps = cfg.pretrain.max_steps
     for step in cfg.sweep.pretrained_steps:
         if not 0 < step < max_steps:

@@ -8,12 +8,11 @@ import logging
 import os
 import socket
 import time
-import urllib.parse
 
 import ray
 from ray.train import ScalingConfig
 
-from ptray.config import Config
+from ptray.config import Config, cluster_host_port
 from ptray.errors import ConfigError, UserError
 
 
@@ -86,21 +85,15 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail within seconds, naming the address, when no Ray cluster answers there (ray.init would retry for minutes)."""
     fix = ("Start one (`ray start --head`, or `bash cluster/local_cluster.sh start`) or fix --address / RAY_ADDRESS "
            "(host:port of the head's GCS, default port 6379, or ray://host:10001 for Ray Client).")
-    if address in ("auto", "local"):
-        return  # ray.init resolves these itself and fails fast
-    if address.startswith(("http://", "https://")):
-        raise UserError(f"--address {address!r} is a dashboard / job-submission URL. ptray connects to the cluster "
-                        "itself: use host:6379 (or ray://host:10001), or submit the job with "
-                        f"`ray job submit --address {address} ...`.")
-    parsed = urllib.parse.urlsplit(address if "://" in address else f"ray://{address}")
-    try:
-        host, port = parsed.hostname, parsed.port or (10001 if address.startswith("ray://") else 6379)
-    except ValueError as e:  # e.g. a port above 65535
-        raise UserError(f"--address {address!r} is not a valid host:port ({e}). {fix}") from None
+    target = cluster_host_port(address)
+    if target is None:
+        return  # auto / local: ray.init resolves these itself and fails fast
+    host, port = target
     try:
         socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError as e:
-        raise UserError(f"cannot reach the Ray cluster at {address!r} ({host}:{port}: {e.strerror or e}). {fix}") from None
+        raise UserError(f"cannot reach the Ray cluster at {address!r} ({host}:{port}: {e.strerror or e}). "
+                        f"{fix}") from None
 
 
 def worker_scaling(cfg: Config, driver_cpus: float = 0.0) -> ScalingConfig:
@@ -123,7 +116,8 @@ def worker_scaling(cfg: Config, driver_cpus: float = 0.0) -> ScalingConfig:
         if time.monotonic() >= deadline:
             break
         time.sleep(5)
-    have = ", ".join(f"node {i}: {node.get('CPU', 0):g} CPU, {node.get('GPU', 0):g} GPU" for i, node in enumerate(nodes))
+    have = ", ".join(f"node {i}: {node.get('CPU', 0):g} CPU, {node.get('GPU', 0):g} GPU"
+                     for i, node in enumerate(nodes))
     need = " + ".join(f"{v:g} {k}" for k, v in bundle.items())
     driver = f", beside {driver_cpus:g} CPU for each sweep trial itself" if driver_cpus else ""
     raise ConfigError(

@@ -153,9 +153,9 @@ def grace_steps(cfg: Config, longest: int, warmup: int) -> int:
     longest warm-up ends. A grace period longer than the run is a mistake: it would stop nothing."""
     grace = cfg.sweep.grace_period or math.ceil(0.25 * longest)
     if cfg.sweep.grace_period >= longest:
-        raise ConfigError(f"sweep.grace_period={cfg.sweep.grace_period} optimizer steps is not shorter than the longest "
-                          f"trial ({longest} steps), so ASHA could never stop a trial; lower it (0: a quarter of the "
-                          "run) or use sweep.scheduler=none.")
+        raise ConfigError(f"sweep.grace_period={cfg.sweep.grace_period} optimizer steps is not shorter than the "
+                          f"longest trial ({longest} steps), so ASHA could never stop a trial; lower it (0: a "
+                          "quarter of the run) or use sweep.scheduler=none.")
     return max(grace, warmup, 1)
 
 
@@ -201,7 +201,8 @@ def configured_point(cfg: Config) -> dict | None:
 # ---- running Tune experiments ------------------------------------------------------------------------------------
 
 
-def make_trial(base: dict, sets: LabelledSets, trials_dir: str, metric: str, mode: str, plans: list[dict] | None = None):
+def make_trial(base: dict, sets: LabelledSets, trials_dir: str, metric: str, mode: str,
+               plans: list[dict] | None = None):
     """Tune's function for one trial: a TorchTrainer over the trial's configuration. `plans`: a fixed list of
     configurations, picked by the trial's `plan` index (follow-up runs), instead of sampled overrides."""
     refs, num_train = sets.refs, sets.num_train
@@ -263,17 +264,17 @@ def sweep(cfg: Config, resume: bool = False) -> SweepResult:
     check_pretrained(cfg, pretrained_dir(cfg))
     for step in s.pretrained_steps:
         snapshot_export(cfg, step)  # before any trial runs
-    run_dir = os.path.abspath(cfg.run_dir)
-    sweep_dir = os.path.join(run_dir, "sweep")
-    start_or_resume(cfg, sweep_dir, resume)
-    trials_dir = os.path.join(sweep_dir, "trials")
-    os.makedirs(trials_dir, exist_ok=True)
-
     sets = LabelledSets(cfg)  # tokenized once per data variant; every trial reads its variant from the object store
     sets.add(cfg)
     sets.add_space(cfg)
     longest, warmup = longest_trial(cfg, sets)
     grace = grace_steps(cfg, longest, warmup) if s.scheduler == "asha" else 0
+    # Only now, with the data and the schedule checked, may a new sweep replace the previous one's results.
+    run_dir = os.path.abspath(cfg.run_dir)
+    sweep_dir = os.path.join(run_dir, "sweep")
+    start_or_resume(cfg, sweep_dir, resume)
+    trials_dir = os.path.join(sweep_dir, "trials")
+    os.makedirs(trials_dir, exist_ok=True)
     if s.scheduler == "asha":
         print(f"[sweep] ASHA: rungs at {grace} optimizer steps x {s.reduction_factor}^k, up to {longest} steps "
               f"(the longest trial; warm-up ends by step {warmup})", flush=True)
@@ -375,7 +376,8 @@ def run_followups(cfg: Config, sides: dict, sets: LabelledSets, sweep_dir: str, 
     print(f"[sweep] follow-up runs of the winners: {len(plans)} ({s.num_seeds - 1} more seeds, label fractions "
           f"{[f for f in s.label_fractions if f < 1]}, pretrained steps {s.pretrained_steps})", flush=True)
     results = run_tune(cfg, make_trial(cfg.to_dict(), sets, trials_dir, s.metric, s.mode, plans=plans),
-                       sweep_dir=sweep_dir, name="followup", param_space={"plan": tune.grid_search(list(range(len(plans))))},
+                       sweep_dir=sweep_dir, name="followup",
+                       param_space={"plan": tune.grid_search(list(range(len(plans))))},
                        num_samples=1, search_alg=BasicVariantGenerator(max_concurrent=concurrent),
                        sched=FIFOScheduler(), resume=resume)
     out = []
@@ -439,7 +441,8 @@ def summarize(cfg: Config, sides: dict, followups: list[dict], num_val: int = 0)
     else:
         verdict = f"Pretraining made no clear difference (within the noise, ±{noise:.4f})"
     seeds = f"{len(pre['seeds'])} seed{'s' if len(pre['seeds']) > 1 else ''}"
-    out["verdict"] = (f"{verdict}: {s.metric} {pre['seed_mean']:.4f} ± {pre['seed_std']:.4f} from the pretrained model "
+    out["verdict"] = (f"{verdict}: {s.metric} {pre['seed_mean']:.4f} ± {pre['seed_std']:.4f} "
+                      f"from the pretrained model "
                       f"vs {scr['seed_mean']:.4f} ± {scr['seed_std']:.4f} from scratch (each side's own best "
                       f"configuration over {seeds}; best single trials {pre['best']:.4f} vs {scr['best']:.4f}).")
     return out

@@ -87,6 +87,23 @@ def test_zero2_export_reproduces_trained_logits(zero2_run):
     _assert_export_reproduces_trained_logits(zero2_run[1], AutoModelForCausalLM)
 
 
+def test_throughput_is_the_same_whether_eval_and_checkpoints_align_with_logging_or_not(zero2_run, prepared_dir,
+                                                                                       tmp_path):
+    """Evaluations and checkpoints inside a logging window are left out of its time *and* nothing else: the same run
+    with eval/ckpt every 9/14 steps (most windows hold one, past their middle) logs the rate of the aligned 10/15 run.
+    With the old accounting (restart the window's clock, keep its step count) the misaligned median was 2.5x high."""
+    import statistics
+
+    cfg, aligned = zero2_run
+    misaligned = pretrain(tiny_config(tmp_path, f"data.prepared_dir={prepared_dir}", "pretrain.max_steps=30",
+                                      "deepspeed.zero_stage=2", *FAST, "pretrain.eval_every=9",
+                                      "pretrain.ckpt_every=14"))
+    rates = [statistics.median(r["tokens_per_s"] for r in read_metrics(run.run_dir) if "tokens_per_s" in r)
+             for run in (aligned, misaligned)]
+    print(f"median tokens/s: aligned {rates[0]:.0f}, misaligned {rates[1]:.0f}, ratio {rates[1] / rates[0]:.2f}")
+    assert 0.6 < rates[1] / rates[0] < 1.65, rates  # noise of two runs on shared cores; the old accounting: ~2.5
+
+
 def test_rerun_resumes_from_latest_checkpoint(zero2_run, prepared_dir):
     cfg, first = zero2_run
     before = read_metrics(first.run_dir)

@@ -50,6 +50,8 @@ class Manifest:
     """Rows per Parquet row group of the packed shards: the unit the training reader shuffles and reads."""
     content_hash: str = ""
     """SHA-256 over the shards' own hashes, in manifest order: equal for two prepares of the same corpus and config."""
+    settings: dict = field(default_factory=dict)
+    """The config values the data was prepared with (`prepare_settings`): a rerun that changes one is noticed."""
 
     @property
     def num_train_rows(self) -> int:
@@ -94,5 +96,5 @@ def verify_shards(manifest: Manifest, root: str) -> None:
                 raise DataError(f"shard {path} is unreadable or corrupt ({e}). Delete {root!r} and run "
                                 "`ptray prepare` again.") from None
             if num_rows != shard.num_rows:
-                raise DataError(f"shard {path} has {num_rows} rows but the manifest says {shard.num_rows}; the prepared "
-                                f"data was modified. Delete {root!r} and run `ptray prepare` again.")
+                raise DataError(f"shard {path} has {num_rows} rows but the manifest says {shard.num_rows}; the "
+                                f"prepared data was modified. Delete {root!r} and run `ptray prepare` again.")

@@ -46,7 +46,7 @@ from ptray.data.manifest import Manifest, Shard, read_manifest, write_manifest
 from ptray.data.pack import tokenize_and_pack
 from ptray.data.readers import check_records, expand_files, read_corpus
 from ptray.data.tokenizer import copy_tokenizer, end_of_document_id, load_tokenizer, tokenizer_hash, train_bpe
-from ptray.errors import DataError
+from ptray.errors import ConfigError, DataError
 
 BUILTIN = "builtin"
 
@@ -108,7 +108,7 @@ def prepare(cfg: Config) -> Manifest:
             eos_id=end_of_document_id(tokenizer), pad_id=tokenizer.pad_token_id, mask_id=tokenizer.mask_token_id,
             source_files=files, train=shards["train"], val=shards["val"], num_docs=num_docs,
             num_doc_tokens=doc_tokens, num_dropped_tokens=dropped, tokenizer_dir=f"{version}/tokenizer",
-            rows_per_group=rows_per_group(cfg),
+            rows_per_group=rows_per_group(cfg), settings=prepare_settings(cfg),
             content_hash=hashlib.sha256("".join(s.sha256 for s in shards["train"] + shards["val"]).encode())
             .hexdigest())
         write_manifest(manifest, out_dir)  # the commit
@@ -136,10 +136,42 @@ def _versions(out_dir: str) -> set[str]:
     return {n for n in storage.list_dirs(out_dir) if re.fullmatch(r"v\d{8}-\d{6}-[0-9a-f]{6}", n)}
 
 
+# What decides the prepared rows (the reader-side data.shuffle_window_rows and data.max_bad_fraction do not).
+PREPARE_KEYS = ("train_files", "text_field", "normalize_unicode", "strip_html", "collapse_whitespace", "min_chars",
+                "dedup", "val_fraction", "seq_len", "tokenizer_path", "vocab_size", "tokenizer_train_docs",
+                "rows_per_shard", "rows_per_group", "builtin_docs")
+
+
+def prepare_settings(cfg: Config) -> dict:
+    settings = {f"data.{key}": getattr(cfg.data, key) for key in PREPARE_KEYS}
+    settings["data.train_files"] = [f if f == "builtin" else storage.absolute(f) for f in cfg.data.train_files]
+    settings["data.tokenizer_path"] = storage.absolute(cfg.data.tokenizer_path)
+    if cfg.data.train_files != ["builtin"]:
+        del settings["data.builtin_docs"]
+    return {**settings, "run.seed": cfg.run.seed}
+
+
 def ensure_prepared(cfg: Config) -> Manifest:
-    """The prepared data for `cfg`, preparing it first if there is none."""
+    """The prepared data for `cfg`, preparing it first if there is none.
+
+    The run's own data (run.dir/data) must have been prepared with this config's data settings: a rerun with another
+    corpus, vocabulary or cleaning would otherwise train on the old data under a config that says otherwise. Data named
+    by data.prepared_dir is used as it was prepared (a difference is printed)."""
     if storage.exists(storage.join(cfg.prepared_dir, "manifest.json")):
-        return read_manifest(cfg.prepared_dir)
+        manifest = read_manifest(cfg.prepared_dir)
+        wanted = prepare_settings(cfg)
+        changed = [f"{key} {manifest.settings[key]!r} -> {value!r}" for key, value in wanted.items()
+                   if key in manifest.settings and manifest.settings[key] != value]
+        own_data = storage.absolute(cfg.prepared_dir) == storage.absolute(os.path.join(cfg.run_dir, "data"))
+        if changed and not own_data:
+            print(f"[prepare] note: the data in {cfg.prepared_dir} was prepared with other settings "
+                  f"({'; '.join(changed)}); training uses it as prepared", flush=True)
+        elif changed:
+            raise ConfigError(
+                f"the prepared data in {cfg.prepared_dir} was made with other settings: {'; '.join(changed)}. Restore "
+                "them, use another run.dir (or run.name) for a run on other data, or run `ptray prepare` with this "
+                "config to replace the data (its checkpoints will then refuse to resume).")
+        return manifest
     print(f"[prepare] no prepared data at {cfg.prepared_dir}; preparing it now", flush=True)
     return prepare(cfg)
 

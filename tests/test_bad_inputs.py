@@ -1,0 +1,121 @@
+"""User mistakes through the real CLI: each one exits 2 with a message naming the key or file, prints no traceback, and
+leaves what an earlier run wrote (prepared shards, checkpoints, export, config.yaml) exactly as it was."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import tiny_config
+from ptray.cli import main
+from ptray.pretrain import pretrain
+
+
+@pytest.fixture(scope="module")
+def run(ray_local, tmp_path_factory):
+    """A finished tiny pretraining run (shards, checkpoints, export) and a folder of broken input files."""
+    run_dir = tmp_path_factory.mktemp("run")
+    pretrain(tiny_config(run_dir, "data.builtin_docs=2000", "pretrain.max_steps=4", "pretrain.ckpt_every=4",
+                         "pretrain.eval_every=4", "pretrain.log_every=2"))
+    (run_dir / "sweep").mkdir()
+    (run_dir / "sweep" / "leaderboard.csv").write_text("an earlier sweep's results: a bad sweep must keep them\n")
+    files = tmp_path_factory.mktemp("files")
+    for name, content in {
+        "empty.txt": b"\n\n",
+        "latin1.txt": "caf\xe9 ol\xe9 and some more words\n".encode("latin-1"),
+        "image.txt": b"GIF89a\0\0\x80\xff",
+        "torn.jsonl": b'{"text": "a fine first record"}\n{"text": "cut off\n',
+        "nested.jsonl": b'{"text": {"body": "nested text"}}\n',
+        "broken.parquet": b"PAR1 this is not parquet",
+        "nolabel.jsonl": b'{"text": "a labelled example without its label"}\n' * 40,
+        "empty.jsonl": b"",
+        "notes.txt": b"a file, not a directory\n",
+    }.items():
+        (files / name).write_bytes(content)
+    pq.write_table(pa.table({"text": [1, 2, 3]}), files / "numbers.parquet")
+    return str(run_dir), str(files)
+
+
+def _snapshot(root: str) -> dict:
+    """Every file under root with its size and modification time: a rewrite or a new file changes it."""
+    found = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            stat = os.stat(path)
+            found[os.path.relpath(path, root)] = (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+# (command and arguments, what the message must name). RUN and FILES stand for the fixture's run and input folders.
+BAD_INPUTS = [
+    # configuration keys and values, checked before Ray is touched
+    (["pretrain", "pretrain.max_step=10"], "'pretrain.max_step'"),
+    (["pretrain", "pretrian.max_steps=10"], "'pretrian'"),
+    (["pretrain", "pretrain.lr=-1e-3"], "pretrain.lr"),
+    (["pretrain", "pretrain.lr=0"], "pretrain.lr"),
+    (["pretrain", "pretrain.max_steps=ten"], "pretrain.max_steps must be an integer"),
+    (["pretrain", "pretrain.global_batch_size=0"], "pretrain.global_batch_size"),
+    (["pretrain", "pretrain.micro_batch_size=7"], "pretrain.micro_batch_size"),
+    (["pretrain", "run.seed=-1"], "run.seed"),
+    (["pretrain", "model.family=gpt3"], "model.family='gpt3'"),
+    (["pretrain", "deepspeed.precision=fp8"], "deepspeed.precision"),
+    (["pretrain", "deepspeed.zero_stage=4"], "deepspeed.zero_stage=4"),
+    (["pretrain", "data.seq_len=1000"], "data.seq_len=1000"),
+    (["pretrain", "data.val_fraction=2"], "data.val_fraction"),
+    (["pretrain", "cluster.use_gpu=maybe"], "cluster.use_gpu"),
+    (["pretrain", "--address", "127.0.0.1:99999"], "99999"),
+    (["pretrain", "run.dir=FILES/notes.txt"], "notes.txt"),
+    (["finetune", "finetune.max_len=500"], "finetune.max_len=500"),
+    (["finetune", "finetune.train_fraction=1.5"], "finetune.train_fraction"),
+    (["finetune", "finetune.pooling=cls"], "finetune.pooling=cls"),
+    (["finetune", "finetune.task=regression"], "finetune.task"),
+    (["sweep", "sweep.num_samples=0"], "sweep.num_samples"),
+    (["sweep", "sweep.space={model.hidden_size: {choice: [64, 128]}}"], "model.hidden_size"),
+    (["sweep", "sweep.space={finetune.lr: {loguniform: [1e-2, 1e-4]}}"], "finetune.lr"),
+    (["sweep", "sweep.label_fractions=[0]"], "sweep.label_fractions"),
+    (["sweep", "sweep.grace_period=1000", "sweep.pretrained_steps=[]"], "sweep.grace_period=1000"),
+    (["sweep", "sweep.pretrained_steps=[3]"], "sweep.pretrained_steps"),
+    # corpus files
+    (["prepare", "run.dir=FILES/prep", "data.train_files=[FILES/missing/*.txt]"], "missing/*.txt"),
+    (["prepare", "run.dir=FILES/prep", "data.train_files=[FILES/empty.txt]"], "no documents left after cleaning"),
+    (["prepare", "run.dir=FILES/prep", "data.train_files=[FILES/latin1.txt]"], "latin1.txt line 1 is not UTF-8"),
+    (["prepare", "run.dir=FILES/prep", "data.train_files=[FILES/image.txt]"], "image.txt line 1 holds NUL bytes"),
+    (["prepare", "run.dir=FILES/prep", "data.train_files=[FILES/torn.jsonl]"], "torn.jsonl line 2 is not JSON"),
+    (["prepare", "run.dir=FILES/prep", "data.train_files=[FILES/nested.jsonl]"], "nested.jsonl line 1"),
+    (["prepare", "run.dir=FILES/prep", "data.train_files=[FILES/broken.parquet]"], "broken.parquet"),
+    (["prepare", "run.dir=FILES/prep", "data.train_files=[FILES/numbers.parquet]"], "column 'text' holds int64"),
+    # labelled files
+    (["finetune", "finetune.train_files=[FILES/missing.jsonl]"], "missing.jsonl"),
+    (["finetune", "finetune.train_files=[FILES/nolabel.jsonl]"], "label"),
+    (["finetune", "finetune.train_files=[FILES/empty.jsonl]"], "empty.jsonl"),
+    (["finetune", "finetune.pretrained=FILES/no-such-export"], "no-such-export"),
+    # a rerun of the finished run with what its checkpoints cannot continue
+    (["pretrain", "model.hidden_size=128"], "model"),
+    (["pretrain", "deepspeed.zero_stage=3"], "zero_stage"),
+    (["pretrain", "data.vocab_size=2048"], "data.vocab_size 1024 -> 2048"),
+    (["pretrain", "data.train_files=[FILES/notes.txt]"], "data.train_files ['builtin'] -> "),
+    (["report", "FILES/no-such-run"], "no-such-run"),
+]
+
+
+@pytest.mark.parametrize("args, names", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_a_bad_input_exits_2_naming_it_and_changes_nothing(run, capsys, args, names):
+    run_dir, files = run
+    args = [a.replace("RUN", run_dir).replace("FILES", files) for a in args]
+    command, rest = args[0], args[1:]
+    argv = [command, *rest] if command == "report" else [command, "--config", "tiny", f"run.dir={run_dir}",
+                                                           "data.builtin_docs=2000", *rest]
+    before = _snapshot(run_dir)
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert names in err and "Traceback" not in err, err[-2000:]
+    assert _snapshot(run_dir) == before  # nothing the earlier run wrote was touched, nothing half-written was left
+
+
+def test_the_table_holds_at_least_30_inputs():
+    assert len(BAD_INPUTS) >= 30
