@@ -70,7 +70,8 @@ def read_labelled_rows(patterns: list[str], cfg: Config) -> list[dict]:
     if patterns == ["builtin"]:
         return generate_labelled(cfg.finetune.builtin_examples, cfg.finetune.task, seed=cfg.run.seed)
     rows = []
-    for f in expand_files(patterns):
+    for f in expand_files(patterns, "finetune.train_files / val_files", (".jsonl", ".json", ".csv", ".parquet"),
+                          "labelled/train.jsonl"):
         fs, path = filesystem_for(f)
         try:
             with fs.open_input_file(path) as handle:

@@ -270,3 +270,49 @@ def test_label_fraction_runs_keep_the_step_budget():
     full, tenth = finetune_steps(ft, 1800), finetune_steps(ft.__class__(**{**vars(ft), "epochs": 20}), 180)
     assert abs(tenth - full) <= 20  # about the same optimizer steps with a tenth of the examples
     assert fraction_plan({"finetune.epochs": 3}, 0.25, 2)["finetune.epochs"] == 12  # a swept epochs value wins
+
+
+def test_labelled_data_reads_alike_from_jsonl_csv_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from ptray.config import load_config
+    from ptray.finetune import read_labelled_rows
+
+    rows = [{"text": f"example, number {i}: \"quoted\"", "label": ["alpha", "beta"][i % 2]} for i in range(20)]
+    (tmp_path / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pacsv.write_csv(pa.Table.from_pylist(rows), tmp_path / "set.csv")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "set.parquet")
+    cfg = load_config("tiny", [])
+    for name in ("set.jsonl", "set.csv", "set.parquet"):
+        assert read_labelled_rows([str(tmp_path / name)], cfg) == rows, name
+
+
+def test_deepspeed_config_for_each_precision():
+    from ptray.config import load_config
+    from ptray.engine import deepspeed_config
+
+    fp16 = deepspeed_config(load_config("tiny", ["deepspeed.precision=fp16", "cluster.use_gpu=true"]))
+    assert fp16["fp16"]["enabled"] and not fp16["bf16"]["enabled"]
+    assert fp16["fp16"]["initial_scale_power"] == 16  # dynamic loss scaling from 2^16
+    bf16 = deepspeed_config(load_config("tiny", ["deepspeed.precision=bf16", "cluster.use_gpu=true"]))
+    assert bf16["bf16"]["enabled"] and not bf16["fp16"]["enabled"] and bf16["data_types"]["grad_accum_dtype"] == "fp32"
+    fp32 = deepspeed_config(load_config("tiny", []))
+    assert not fp32["fp16"]["enabled"] and not fp32["bf16"]["enabled"]
+
+
+def test_init_from_starts_from_the_given_local_model(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ptray.config import ModelConfig
+    from ptray.errors import ConfigError
+    from ptray.model import build_model, init_from_info
+
+    torch.manual_seed(1)
+    GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(tmp_path)
+    model = build_model(ModelConfig(init_from=str(tmp_path)), vocab_size=96, special_ids={})
+    saved = GPT2LMHeadModel.from_pretrained(tmp_path).state_dict()
+    assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
+    with pytest.raises(ConfigError, match="model.init_from=.*is not a directory"):
+        init_from_info(str(tmp_path / "missing"))

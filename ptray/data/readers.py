@@ -26,16 +26,17 @@ SUPPORTED = TEXT_EXTENSIONS + JSONL_EXTENSIONS + PARQUET_EXTENSIONS
 GLOB_CHARS = "*?["
 
 
-def expand_files(patterns: list[str]) -> list[str]:
-    """Expand paths, directories and globs to a sorted list of supported files; error on any that match nothing."""
+def expand_files(patterns: list[str], key: str = "data.train_files", suffixes: tuple[str, ...] = SUPPORTED,
+                 example: str = "corpus/*.txt") -> list[str]:
+    """Expand paths, directories and globs to a sorted list of files with `suffixes`; error on any that match none."""
     files: list[str] = []
     for pattern in patterns:
         matched = _expand_uri(pattern) if is_uri(pattern) else _expand_local(pattern)
-        matched = [f for f in matched if f.lower().endswith(SUPPORTED)]
+        matched = [f for f in matched if f.lower().endswith(suffixes)]
         if not matched:
             raise DataError(
-                f"data.train_files entry {pattern!r} matched no {'/'.join(SUPPORTED)} files. "
-                "Check the path or glob (quote globs in the shell), e.g. data.train_files=[corpus/*.txt].")
+                f"{key} entry {pattern!r} matched no {'/'.join(suffixes)} files. "
+                f"Check the path or glob (quote globs in the shell), e.g. {key}=[{example}].")
         files.extend(matched)
     return sorted(dict.fromkeys(files))
 
