@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -303,6 +304,38 @@ def check_shared(path: str, rank: int, world_size: int, node_id: str) -> None:
                         "set run.storage_path to object storage (s3://...).")
 
 
+@contextlib.contextmanager
+def node_local_copy(path: str, label: str):
+    """A checkpoint directory as a local path (collective). In object storage, one rank per node downloads it into a
+    temporary directory and the node's other ranks read the same files: each node fetches a checkpoint once, not once
+    per GPU."""
+    if not storage.is_uri(path):
+        yield path
+        return
+    ctx = ray.train.get_context()
+    token = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    local = os.path.join(tempfile.gettempdir(), f"ptray-download-{token[0]}")
+    error = None
+    if ctx.get_local_rank() == 0:
+        try:
+            storage.copy_dir(path, local)
+            print(f"[{label}] downloaded {path} once for the {ctx.get_local_world_size()} worker(s) on this node",
+                  flush=True)
+        except Exception as e:  # every rank raises it, instead of the others waiting for files that never come
+            error = f"{type(e).__name__}: {e}"
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    try:
+        if any(errors):
+            raise UserError(f"cannot download checkpoint {path}: {next(e for e in errors if e)}")
+        yield local
+        dist.barrier()  # every rank of the node is done with the files before they go
+    finally:
+        if ctx.get_local_rank() == 0:
+            shutil.rmtree(local, ignore_errors=True)
+
+
 def start_engine(cfg: Config, model: torch.nn.Module, checkpoint_root: str, rank: int, world_size: int,
                  label: str) -> tuple[object, ckpt.TrainerState]:
     """The DeepSpeed engine and trainer state, restored from the newest checkpoint that verifies (collective).
@@ -315,7 +348,7 @@ def start_engine(cfg: Config, model: torch.nn.Module, checkpoint_root: str, rank
     from ptray import engine as ds
 
     for path in ckpt.candidates(checkpoint_root):
-        with storage.local_copy(path) as checkpoint_dir:
+        with node_local_copy(path, label) as checkpoint_dir:
             problems = [None] * world_size
             dist.all_gather_object(problems, ckpt.verify(checkpoint_dir, rank, world_size))
             problem = next((p for p in problems if p), None)

@@ -9,7 +9,6 @@ completes, so one object written last (a manifest, a marker) commits everything 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import os
@@ -152,18 +151,6 @@ def check_writable(path: str, key: str) -> None:
         raise DataError(f"cannot write to {key}={path!r}: {reason}. Check that the bucket exists and that the "
                         "storage credentials in the environment (e.g. AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL) allow "
                         "writing there.") from None
-
-
-@contextlib.contextmanager
-def local_copy(path: str):
-    """A directory as a local path for the duration of a `with`: itself if local, else a temporary download (for
-    large, read-once trees such as checkpoints; `local_dir` caches small ones)."""
-    if not is_uri(path):
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="ptray-download-") as tmp:
-        copy_dir(path, tmp)
-        yield tmp
 
 
 @functools.lru_cache(maxsize=16)

@@ -142,7 +142,9 @@ def test_bad_labelled_input(pretrained_run, tmp_path):
 def swept(pretrained_run):
     # One worker per trial: 11 trials of 20 steps are mostly process start-up on 2 cores, and a trial's workers start
     # in parallel with other trials' anyway. Multi-worker trials: the interrupted-sweep test and the cluster job.
+    # Optuna's TPE, for real (random search: the cluster job's pipeline; grid: the interrupted-sweep test).
     cfg = tiny_config(pretrained_run, *FINETUNE_FAST, "cluster.num_workers=1", "sweep.num_samples=3",
+                      "sweep.searcher=optuna",
                       "sweep.compare_scratch=true",
                       "sweep.num_seeds=2", "sweep.label_fractions=[0.5,1.0]", "sweep.pretrained_steps=[20]",
                       "sweep.space={finetune.lr: {loguniform: [1e-4, 3e-3]}, finetune.freeze_layers: {choice: [0, 2]}, "
@@ -224,7 +226,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(pretrained_
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     args = [f"run.dir={run_dir}", f"finetune.pretrained={pretrained_run}/export", *FINETUNE_FAST,
-            "sweep.num_samples=2", "sweep.scheduler=none", "sweep.max_concurrent=1", "sweep.compare_scratch=false",
+            "sweep.searcher=grid", "sweep.space={finetune.lr: {grid: [1e-3, 3e-3]}}",  # a real grid sweep: 2 points
+            "sweep.num_samples=1", "sweep.scheduler=none", "sweep.max_concurrent=1", "sweep.compare_scratch=false",
             "sweep.num_seeds=1", "sweep.label_fractions=[1.0]", "sweep.pretrained_steps=[]"]
     trials = run_dir / "sweep" / "trials"
     cfg = load_config("tiny", args + ["data.builtin_docs=4000"])
@@ -255,6 +258,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(pretrained_
     result = sweep(cfg, resume=True)
     rows = list(csv.DictReader(open(result.leaderboard)))
     assert len(rows) == 2 and len(list(trials.glob("*"))) == 2
+    assert sorted(float(r["finetune.lr"]) for r in rows) == [1e-3, 3e-3]  # the grid's two points, each once
     for t in first:  # finished trials were not run again
         assert (trials / t / "metrics.jsonl").read_text() == before[t]
     assert all(r["status"] == "finished" for r in rows)

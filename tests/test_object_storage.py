@@ -98,6 +98,9 @@ def test_prepare_pretrain_export_and_resume_through_s3(ray_with_s3, tmp_path, ca
     assert steps == [5, 10, 15]
     out = capfd.readouterr().out
     assert "resumed from" in out
+    # One download of the checkpoint per node (here one node of 2 workers), not one per worker.
+    downloads = [line for line in out.splitlines() if "downloaded s3://" in line]
+    assert len(downloads) == 1 and "for the 2 worker(s) on this node" in downloads[0], downloads
 
     # Credentials live in the environment only: not in the saved config, not in the logs.
     assert SECRET not in (run_dir / "config.yaml").read_text()

@@ -33,6 +33,26 @@ def _checkpoints(run_dir):
     return sorted(p for p in glob.glob(os.path.join(run_dir, "train", "checkpoint_*")) if os.path.isdir(p))
 
 
+def _finetune_and_check_export(run_dir, export_dir, *overrides):
+    """Classification finetuning from a pretraining export: the finetuned export, loaded in plain transformers,
+    scores the validation set as the run reported."""
+    from transformers import AutoModelForSequenceClassification
+
+    from ptray.finetune import finetune, load_labelled
+
+    cfg = tiny_config(run_dir, f"finetune.pretrained={export_dir}", "finetune.builtin_examples=200",
+                      "finetune.epochs=1", "finetune.eval_every=1000", *overrides)
+    out = finetune(cfg)
+    export = os.path.join(run_dir, "finetune-classification", "export")
+    model = AutoModelForSequenceClassification.from_pretrained(export, trust_remote_code=True).eval()
+    val = load_labelled(cfg, AutoTokenizer.from_pretrained(export)).val
+    with torch.no_grad():
+        predicted = model(input_ids=val["input_ids"], attention_mask=val["attention_mask"]).logits.argmax(-1)
+    accuracy = (predicted == val["labels"]).float().mean().item()
+    assert accuracy == pytest.approx(out["best"]["metrics"]["val_accuracy"], abs=1.5 / len(val["labels"]))
+    return model
+
+
 def _assert_export_reproduces_trained_logits(result, auto_class, atol=1e-4):
     model = auto_class.from_pretrained(result.export_dir).eval()
     AutoTokenizer.from_pretrained(result.export_dir)  # the tokenizer ships with the model
@@ -138,6 +158,10 @@ def test_zero3_llama_trains_shards_parameters_and_exports(prepared_dir, tmp_path
         assert f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" in names
         assert f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in names
     _assert_export_reproduces_trained_logits(result, AutoModelForCausalLM)
+    # Finetuning a Llama under the same ZeRO-3 and offload settings, with mean pooling (the default).
+    classifier = _finetune_and_check_export(tmp_path, result.export_dir, "deepspeed.zero_stage=3",
+                                            "deepspeed.offload_optimizer=true", "deepspeed.offload_params=true")
+    assert classifier.config.model_type == "llama"
 
 
 def test_zero0_bf16_with_activation_checkpointing(prepared_dir, tmp_path):
@@ -160,6 +184,9 @@ def test_mlm_on_tiny_bert(ray_local, tmp_path):
     assert losses[-1] < losses[0] - 0.5, losses
     _assert_export_reproduces_trained_logits(result, AutoModelForMaskedLM)
     assert AutoModelForMaskedLM.from_pretrained(result.export_dir).config.model_type == "bert"
+    # Finetuning the BERT with its own [CLS] head (pooler + classifier): plain transformers loads it as trained.
+    classifier = _finetune_and_check_export(tmp_path, result.export_dir, "finetune.pooling=cls")
+    assert type(classifier).__name__ == "BertForSequenceClassification"
 
 
 def test_model_must_fit_the_prepared_data(prepared_dir, tmp_path):
