@@ -8,6 +8,7 @@ DeepSpeed adopts it. On CPU, set DS_ACCELERATOR=cpu before the first import (`pt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 
 import torch
@@ -57,6 +58,44 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             by_key.setdefault((getattr(p, "lr_scale", 1.0), p.dim() < 2), []).append(p)
     return [{"params": by_key[key], "weight_decay": 0.0 if key[1] else weight_decay, "lr_scale": key[0]}
             for key in sorted(by_key)]  # a fixed order: a resumed optimizer state maps onto the same groups
+
+
+@contextlib.contextmanager
+def partitioned_construction(cfg: Config):
+    """Under ZeRO-3, a Hugging Face model built inside is partitioned across the ranks as it is constructed
+    (transformers runs the construction under `deepspeed.zero.Init` and initializes each module's gathered weights on
+    rank 0), so no rank ever holds a full copy of a model that may not fit one worker. Other stages: no effect."""
+    if cfg.deepspeed.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    # Only what partitioning needs: DeepSpeed checks the global batch against a world size it does not know yet.
+    config = {k: v for k, v in deepspeed_config(cfg).items() if k not in ("train_batch_size",
+                                                                          "gradient_accumulation_steps")}
+    zero3 = HfDeepSpeedConfig(config)  # transformers reads it through a weak reference: keep it alive
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()  # this construction only: nothing later takes transformers' ZeRO-3 paths
+        del zero3
+
+
+def gathered(model: torch.nn.Module):
+    """Inside, a model built partitioned (see `partitioned_construction`) has its full weights on every rank, and what
+    rank 0 writes into them is partitioned again on exit (collective). A plain model: no effect."""
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+def held_params(model: torch.nn.Module) -> int:
+    """Parameters this rank holds: its ZeRO-3 partitions, or every parameter."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
 
 
 def initialize(model: torch.nn.Module, cfg: Config, *, load_universal: bool = False):

@@ -362,7 +362,8 @@ def start_engine(cfg: Config, model: torch.nn.Module, checkpoint_root: str, rank
             if reshard and cfg.deepspeed.zero_stage == 3:
                 # Weights only: through a universal checkpoint, ZeRO-3 resumed 0.2% off the uninterrupted run after
                 # three steps (stages 1-2 match within 1e-4), so the Adam moments restart instead.
-                ckpt.load_weights(model, ds.consolidated_state_dict(checkpoint_dir, zero_stage=3))
+                with ds.gathered(model):
+                    ckpt.load_weights(model, ds.consolidated_state_dict(checkpoint_dir, zero_stage=3))
                 engine = ds.initialize(model, cfg)
             elif reshard:  # each rank converts its own copy: no shared scratch space needed
                 with tempfile.TemporaryDirectory() as universal_dir:

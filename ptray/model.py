@@ -71,7 +71,8 @@ def init_from_info(path: str) -> PretrainedConfig:
 
 
 def num_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """All parameters, also when ZeRO-3 has partitioned them (ds_numel: the full size)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 def flops_per_token(hf_cfg: PretrainedConfig, num_params_: int, seq_len: int) -> float:

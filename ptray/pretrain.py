@@ -250,7 +250,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     manifest = Manifest(**{**raw, "train": [Shard(**s) for s in raw["train"]], "val": [Shard(**s) for s in raw["val"]]})
     rank, world_size, _ = setup_worker(cfg)
     torch.manual_seed(cfg.run.seed)  # same seed on every rank: identical initial weights before ZeRO partitions them
-    model = build_model(cfg.model, vocab_size=loop_config["vocab_size"], special_ids=special_ids(manifest))
+    from ptray import engine as ds
+
+    with ds.partitioned_construction(cfg):
+        model = build_model(cfg.model, vocab_size=loop_config["vocab_size"], special_ids=special_ids(manifest))
+    if cfg.deepspeed.zero_stage == 3 and rank == 0:
+        print(f"[pretrain] model built partitioned (ZeRO-3 zero.Init): rank 0 holds {ds.held_params(model):,} of "
+              f"{num_params(model):,} parameters", flush=True)
     if cfg.pretrain.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     task = LanguageModelingTask(cfg, manifest, loop_config["prepared_dir"], rank, world_size)

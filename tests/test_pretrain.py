@@ -145,12 +145,17 @@ def test_rerun_resumes_from_latest_checkpoint(zero2_run, prepared_dir):
     assert _train_losses(second.run_dir)[-1] < _train_losses(second.run_dir)[0]
 
 
-def test_zero3_llama_trains_shards_parameters_and_exports(prepared_dir, tmp_path):
+def test_zero3_llama_trains_shards_parameters_and_exports(prepared_dir, tmp_path, capfd):
     cfg = tiny_config(tmp_path, f"data.prepared_dir={prepared_dir}", "pretrain.max_steps=20",
                       "pretrain.ckpt_every=20", "deepspeed.zero_stage=3", "model.family=llama",
                       "model.num_kv_heads=2", "pretrain.schedule=wsd", "deepspeed.offload_optimizer=true",
                       "deepspeed.offload_params=true", *FAST)
     result = pretrain(cfg)
+    # Built partitioned (deepspeed.zero.Init): no rank ever held the whole model, rank 0 about half of it.
+    built = [line for line in capfd.readouterr().out.splitlines() if "model built partitioned" in line]
+    assert built, "the ZeRO-3 model was not built under zero.Init"
+    held, total = (int(n.replace(",", "")) for n in built[0].split("holds ")[1].split(" parameters")[0].split(" of "))
+    assert 0.4 * total < held < 0.6 * total, built[0]
     losses = _train_losses(result.run_dir)
     assert losses[-1] < losses[0] - 0.5, losses
     names = set(os.listdir(os.path.join(result.checkpoint_dir, "ds")))
