@@ -67,7 +67,8 @@ class DataConfig:
     text_field: str = "text"
     """Field (.jsonl) or column (.parquet) holding the document text."""
     prepared_dir: str = ""
-    """Where `prepare` writes token shards, manifest and tokenizer. Empty: `<run.dir>/data`."""
+    """Where `prepare` writes token shards, manifest and tokenizer. Empty: `<run.dir>/data`, which must match this
+    config's data settings on a rerun (a change is refused, naming it); a directory given here is used as prepared."""
     normalize_unicode: bool = True
     """Apply Unicode NFKC normalization."""
     strip_html: bool = True
