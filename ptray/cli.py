@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ptray.config import load_config, reference_tables, resolved
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--config", required=True, help="built-in config name (tiny, gpt2-124m, ...) or YAML path")
         p.add_argument("--address", default="", help="Ray cluster address (default: $RAY_ADDRESS, else local Ray)")
+        p.add_argument("--verbose", action="store_true",
+                       help="show Ray Train's and Tune's own messages too (else they stay in Ray's log files)")
         if name == "sweep":
             p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pretrain.max_steps=50")
@@ -54,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
             report(args.run_dir)
             return 0
+        if args.verbose:
+            os.environ["PTRAY_VERBOSE"] = "1"
         overrides = list(args.overrides) + ([f"cluster.address={args.address}"] if args.address else [])
         cfg = load_config(args.config, overrides)
         from ptray.session import ray_session  # imports Ray: keep `ptray config` fast

@@ -43,7 +43,7 @@ from ptray.errors import ConfigError, DataError
 from ptray.loop import fit, raise_if_stopped, setup_worker
 from ptray.model import flops_per_token
 from ptray.objectives import IGNORE_INDEX
-from ptray.session import worker_scaling
+from ptray.session import train_logging, worker_scaling
 from ptray.storage import filesystem_for
 
 METRICS = {"classification": ("val_loss", "val_accuracy", "val_f1"), "sft": ("val_loss", "val_ppl")}
@@ -243,6 +243,7 @@ def build_trainer(cfg: Config, data_ref: ray.ObjectRef, *, storage_path: str, na
                            "keep_best": (metric, mode) if metric else None},
         scaling_config=worker_scaling(cfg),
         run_config=RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks),
+                             logging_config=train_logging(),
                              failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
                              checkpoint_config=keep),
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),

@@ -33,7 +33,7 @@ from ptray.errors import ConfigError, DataError
 from ptray.loop import fit, raise_if_stopped, setup_worker, snapshot_dir
 from ptray.model import build_model, flops_per_token, init_from_info, num_params, padded_vocab_size
 from ptray.objectives import IGNORE_INDEX, causal_lm_batch, masked_lm_batch, token_loss
-from ptray.session import worker_scaling
+from ptray.session import train_logging, worker_scaling
 
 # ---- driver --------------------------------------------------------------------------------------------------------
 
@@ -68,7 +68,7 @@ def pretrain(cfg: Config) -> PretrainResult:
                            "bound_to": bound_to,
                            "checkpoint_root": storage.join(storage_path, "train")},
         scaling_config=scaling,
-        run_config=RunConfig(name="train", storage_path=storage_path,
+        run_config=RunConfig(name="train", storage_path=storage_path, logging_config=train_logging(),
                              failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.pretrain.num_to_keep)),
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),

@@ -10,7 +10,7 @@ import socket
 import time
 
 import ray
-from ray.train import ScalingConfig
+from ray.train import LoggingConfig, ScalingConfig
 
 from ptray.config import Config, cluster_host_port
 from ptray.errors import ConfigError, UserError
@@ -24,6 +24,8 @@ def ray_session(cfg: Config):
         return
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS") or None
     env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # else Train V2 echoes every worker print twice
+    if verbose():
+        env_vars["PTRAY_VERBOSE"] = "1"  # sweep trials build their own Ray Train runs: they need to know too
     if not cfg.cluster.use_gpu:
         env_vars["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator (gloo) instead of probing for CUDA
     # Inside `ray job submit` the job's runtime_env may set some of these already, and Ray refuses to merge duplicates.
@@ -67,6 +69,17 @@ def ray_session(cfg: Config):
         yield
     finally:
         ray.shutdown()
+
+
+def verbose() -> bool:
+    """`--verbose`: Ray Train's and Tune's own progress messages (worker groups starting, checkpoints reported, the
+    trial table) reach the console too. Without it they are only in Ray's log files (/tmp/ray/session_latest/logs),
+    and the console shows ptray's lines."""
+    return os.environ.get("PTRAY_VERBOSE") == "1"
+
+
+def train_logging() -> LoggingConfig:
+    return LoggingConfig(log_level="INFO" if verbose() else "WARNING")
 
 
 def _free_port() -> int:

@@ -42,7 +42,7 @@ from ptray.finetune import (METRICS, best_checkpoint, build_trainer, check_pretr
 from ptray.data.tokenizer import load_tokenizer
 from ptray.loop import snapshot_dir
 from ptray.metrics import read_metrics
-from ptray.session import worker_scaling
+from ptray.session import verbose, worker_scaling
 
 SIDES = ("pretrained", "scratch")
 TRIAL_CPUS = 0.01  # a Tune trial's own share: it only drives a TorchTrainer (0 is rejected)
@@ -230,7 +230,7 @@ def run_tune(cfg: Config, trainable, *, sweep_dir: str, name: str, param_space: 
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric=cfg.sweep.metric, mode=cfg.sweep.mode, num_samples=num_samples,
                                         search_alg=search_alg, scheduler=sched),
-            run_config=tune.RunConfig(name=name, storage_path=sweep_dir))
+            run_config=tune.RunConfig(name=name, storage_path=sweep_dir, verbose=1 if verbose() else 0))
     results = tuner.fit()
     # After Ctrl-C / SIGTERM Tune returns normally, having saved the unfinished trials as PENDING for a resume.
     unfinished = [t.trial_id for t in ExperimentAnalysis(results.experiment_path).trials

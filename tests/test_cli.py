@@ -25,6 +25,7 @@ def test_pretrain_then_finetune_commands_with_relative_run_dir(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
     assert "step      5/10 | loss" in output and output.count("step     10/10 | loss") == 1  # one line, not echoed
+    assert "Started training worker group" not in output  # Ray Train's own messages need --verbose
     assert f"export {tmp_path}/runs/tiny/export" in output
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "runs/tiny/export").config.n_layer == 2
     proc = _ptray("finetune", "--config", "tiny", "data.builtin_docs=2000", "finetune.builtin_examples=200",

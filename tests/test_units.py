@@ -316,3 +316,13 @@ def test_init_from_starts_from_the_given_local_model(tmp_path):
     assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
     with pytest.raises(ConfigError, match="model.init_from=.*is not a directory"):
         init_from_info(str(tmp_path / "missing"))
+
+
+def test_ray_train_and_tune_messages_only_with_verbose(monkeypatch):
+    from ptray.cli import main
+    from ptray.session import train_logging, verbose
+
+    monkeypatch.setenv("PTRAY_VERBOSE", "0")  # restored after the test, whatever main sets
+    assert not verbose() and train_logging().log_level == "WARNING"
+    assert main(["pretrain", "--verbose", "--config", "tiny", "pretrain.max_steps=bad"]) == 2  # stops at the config
+    assert verbose() and train_logging().log_level == "INFO"
