@@ -1,5 +1,7 @@
-"""User mistakes through the real CLI: each one exits 2 with a message naming the key or file, prints no traceback, and
-leaves what an earlier run wrote (prepared shards, checkpoints, export, config.yaml) exactly as it was."""
+"""The `ptray` command in-process, on one real local Ray for the module: commands with a relative run directory, and
+user mistakes, each of which exits 2 with a message naming the key or file, prints no traceback, and leaves what an
+earlier run wrote (prepared shards, checkpoints, export, config.yaml) exactly as it was. (The command as a separate
+process with its own Ray: test_resume.py, test_cluster.py and test_config.py.)"""
 
 from __future__ import annotations
 
@@ -10,8 +12,26 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import tiny_config
+from transformers import AutoModelForCausalLM
+
 from ptray.cli import main
 from ptray.pretrain import pretrain
+
+
+def test_pretrain_then_finetune_commands_with_relative_run_dir(ray_local, tmp_path, monkeypatch, capfd):
+    # As in the README: the default run.dir (runs/tiny) is relative to where the user runs ptray; Ray's workers
+    # run elsewhere, so every path must reach them absolute.
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "--config", "tiny", "data.builtin_docs=2000", "pretrain.max_steps=10",
+                 "pretrain.log_every=5", "pretrain.eval_every=10", "pretrain.ckpt_every=10"]) == 0
+    output = "".join(capfd.readouterr())
+    assert "step      5/10 | loss" in output and output.count("step     10/10 | loss") == 1  # one line, not echoed
+    assert "Started training worker group" not in output  # Ray Train's own messages need --verbose
+    assert f"export {tmp_path}/runs/tiny/export" in output
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "runs/tiny/export").config.n_layer == 2
+    assert main(["finetune", "--config", "tiny", "data.builtin_docs=2000", "finetune.builtin_examples=200",
+                 "finetune.epochs=1"]) == 0
+    assert (tmp_path / "runs/tiny/finetune-classification/export/model.safetensors").exists()
 
 
 @pytest.fixture(scope="module")
