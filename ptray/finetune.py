@@ -250,6 +250,22 @@ def build_trainer(cfg: Config, data_ref: ray.ObjectRef, *, storage_path: str, na
     )
 
 
+def run_name(cfg: Config, data: LabelledData, pretrained: str) -> str:
+    """The Train run is named by what it trains: the configuration, the tokenized labelled data and the pretrained
+    weights. Rerunning the same command resumes it; changed hyperparameters, edited labelled files or a pretrained
+    model trained further start a new run instead of resuming (or returning) the older run's results."""
+    digest = hashlib.sha256(cfg.to_yaml().encode())
+    for split in (data.train, data.val):
+        for key in sorted(split):
+            digest.update(key.encode() + split[key].numpy().tobytes())
+    digest.update(json.dumps(data.id2label, sort_keys=True).encode())
+    for weights in sorted(glob.glob(os.path.join(pretrained, "*.safetensors"))):
+        with open(weights, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+    return "train-" + digest.hexdigest()[:10]
+
+
 def finetune(cfg: Config) -> dict:
     """One finetune run (Ray must be up): train, export the best checkpoint to `<run.dir>/finetune-<task>/export`.
 
@@ -260,9 +276,7 @@ def finetune(cfg: Config) -> dict:
     save_config(cfg, out)
     metric = METRICS[cfg.finetune.task][1] if cfg.finetune.task == "classification" else "val_loss"
     mode = "max" if metric == "val_accuracy" else "min"
-    # The Train run is named by its configuration: rerunning the same command resumes it, while changed
-    # hyperparameters start a new run instead of returning the older run's results.
-    name = "train-" + hashlib.sha256(cfg.to_yaml().encode()).hexdigest()[:10]
+    name = run_name(cfg, data, pretrained_dir(cfg))
     trainer = build_trainer(cfg, data_ref, storage_path=out, name=name,
                             num_examples=len(data.train["labels"]), metric=metric, mode=mode)
     result = trainer.fit()

@@ -326,3 +326,20 @@ def test_ray_train_and_tune_messages_only_with_verbose(monkeypatch):
     assert not verbose() and train_logging().log_level == "WARNING"
     assert main(["pretrain", "--verbose", "--config", "tiny", "pretrain.max_steps=bad"]) == 2  # stops at the config
     assert verbose() and train_logging().log_level == "INFO"
+
+
+def test_a_finetune_run_is_named_by_its_config_data_and_pretrained_weights(tmp_path):
+    from ptray.config import load_config
+    from ptray.finetune import LabelledData, run_name
+
+    (tmp_path / "model.safetensors").write_bytes(b"weights v1")
+    cfg = load_config("tiny", [])
+    tensors = {"input_ids": torch.tensor([[5, 6, 7]]), "labels": torch.tensor([1])}
+    data = LabelledData(train=tensors, val=tensors, id2label={0: "a", 1: "b"})
+    name = run_name(cfg, data, str(tmp_path))
+    assert run_name(cfg, data, str(tmp_path)) == name  # the same command resumes its run
+    assert run_name(load_config("tiny", ["finetune.lr=3e-4"]), data, str(tmp_path)) != name
+    edited = {"input_ids": torch.tensor([[5, 6, 8]]), "labels": torch.tensor([1])}
+    assert run_name(cfg, LabelledData(train=edited, val=tensors, id2label=data.id2label), str(tmp_path)) != name
+    (tmp_path / "model.safetensors").write_bytes(b"weights v2")  # pretrained further
+    assert run_name(cfg, data, str(tmp_path)) != name
