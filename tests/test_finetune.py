@@ -148,7 +148,7 @@ def swept(pretrained_run):
                       "sweep.compare_scratch=true",
                       "sweep.num_seeds=2", "sweep.label_fractions=[0.5,1.0]", "sweep.pretrained_steps=[20]",
                       "sweep.space={finetune.lr: {loguniform: [1e-4, 3e-3]}, finetune.freeze_layers: {choice: [0, 2]}, "
-                      "finetune.max_len: {choice: [16, 24]}}")
+                      "finetune.max_len: {choice: [16, 32]}}")
     return cfg, sweep(cfg)
 
 
@@ -170,7 +170,10 @@ def test_sweep_searches_both_sides_and_asha_waits_for_warmup(swept, pretrained_r
         # the swept max_len really changed the data the trial trained on: tokens per step = batch x max_len
         step_rows = [m for m in read_metrics(trial_dir) if "loss" in m]
         assert step_rows[0]["tokens"] == step_rows[0]["step"] * 16 * int(r["finetune.max_len"])
-    assert {r["finetune.max_len"] for r in rows} == {"16", "24"}
+    assert {r["finetune.max_len"] for r in rows} == {"16", "32"}
+    for side in ("pretrained", "scratch"):  # each side's search starts from the configured point (lr 1e-3, 0, 32)
+        assert any(r["side"] == side and float(r["finetune.lr"]) == 1e-3 and r["finetune.freeze_layers"] == "0"
+                   and r["finetune.max_len"] == "32" for r in rows), rows
     assert float(rows[0]["best_metric"]) == pytest.approx(result.best["value"])
 
 
