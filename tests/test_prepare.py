@@ -186,3 +186,12 @@ def _overrides(cfg):
     return [f"data.train_files=[{','.join(d.train_files)}]", f"data.text_field={d.text_field}",
             f"data.seq_len={d.seq_len}", f"data.vocab_size={d.vocab_size}", f"data.val_fraction={d.val_fraction}",
             f"data.rows_per_shard={d.rows_per_shard}", f"data.min_chars={d.min_chars}"]
+
+
+def test_a_given_tokenizer_is_used_as_it_is(prepared, tmp_path):
+    """data.tokenizer_path: the corpus is tokenized with that tokenizer (no training; data.vocab_size is ignored)."""
+    cfg, manifest = prepared
+    given = f"{_version_dir(cfg, manifest)}/tokenizer"
+    again = prepare(tiny_config(tmp_path, *_overrides(cfg), f"data.tokenizer_path={given}", "data.vocab_size=999"))
+    assert again.tokenizer_hash == manifest.tokenizer_hash and again.vocab_size == manifest.vocab_size
+    assert again.content_hash == manifest.content_hash  # the same tokenizer on the same corpus: the same rows
