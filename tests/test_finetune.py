@@ -265,3 +265,38 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(pretrained_
     for t in first:  # finished trials were not run again
         assert (trials / t / "metrics.jsonl").read_text() == before[t]
     assert all(r["status"] == "finished" for r in rows)
+
+
+def test_a_killed_finetune_resumes_from_its_last_checkpoint(pretrained_run, tmp_path, capfd):
+    """`ptray finetune` SIGKILLed mid-run (process group: driver and its Ray), then the same command again."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [f"run.dir={tmp_path}", f"finetune.pretrained={pretrained_run}/export", "data.builtin_docs=4000",
+            "finetune.builtin_examples=400", "finetune.epochs=2", "finetune.eval_every=5"]
+    out = tmp_path / "finetune-classification"
+    cfg = load_config("tiny", args)
+    planned = finetune_steps(cfg.finetune, len(load_labelled(cfg, load_tokenizer(f"{pretrained_run}/export")).train[
+        "labels"]))
+
+    def evaluated_steps():
+        return [r["step"] for path in out.glob("train-*") for r in read_metrics(str(path)) if "val_accuracy" in r]
+
+    proc = subprocess.Popen([sys.executable, "-m", "ptray.cli", "finetune", "--config", "tiny", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 400
+    while max(evaluated_steps(), default=0) < 10 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    killed_at = max(evaluated_steps(), default=0)
+    assert 10 <= killed_at < planned, (killed_at, planned)  # killed mid-run, with checkpoints behind it
+    capfd.readouterr()
+
+    result = finetune(cfg)
+    assert "resumed from" in capfd.readouterr().out
+    steps = [r["step"] for r in read_metrics(result["train_dir"]) if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == planned  # one history: nothing logged twice, run to its end
+    assert (out / "export" / "model.safetensors").exists()
