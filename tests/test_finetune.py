@@ -300,3 +300,18 @@ def test_a_killed_finetune_resumes_from_its_last_checkpoint(pretrained_run, tmp_
     steps = [r["step"] for r in read_metrics(result["train_dir"]) if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == planned  # one history: nothing logged twice, run to its end
     assert (out / "export" / "model.safetensors").exists()
+
+
+def test_sft_sweep_picks_the_lowest_response_loss_and_exports_a_causal_lm(pretrained_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(tmp_path, f"finetune.pretrained={pretrained_run}/export", "finetune.task=sft",
+                      "finetune.max_len=24", *FINETUNE_FAST, "cluster.num_workers=1", "sweep.metric=val_loss",
+                      "sweep.mode=min", "sweep.searcher=grid", "sweep.space={finetune.lr: {grid: [1e-4, 3e-3]}}",
+                      "sweep.num_samples=1", "sweep.scheduler=none", "sweep.compare_scratch=false",
+                      "sweep.num_seeds=1", "sweep.label_fractions=[1.0]")
+    result = sweep(cfg)
+    rows = list(csv.DictReader(open(result.leaderboard)))
+    assert sorted(float(r["finetune.lr"]) for r in rows) == [1e-4, 3e-3]
+    assert result.best["value"] == min(float(r["best_metric"]) for r in rows)  # val_loss: lower is better
+    assert AutoModelForCausalLM.from_pretrained(result.best_dir).config.model_type == "gpt2"
