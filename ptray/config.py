@@ -54,7 +54,9 @@ class ClusterConfig:
     placement_strategy: str = "PACK"
     """Placement group strategy for the workers: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD."""
     max_failures: int = 0
-    """Worker-group restarts Ray Train attempts from the latest checkpoint before giving up (-1: unlimited)."""
+    """Restarts of the workers from the latest checkpoint after a failure once training has started (a killed worker,
+    a lost node); -1: unlimited. An error raised before the first optimizer step (an import, an op build, a config or
+    shape error) would only repeat: it stops the run at once, whatever this says."""
     wait_for_nodes_s: float = 0.0
     """How long to wait for an autoscaling cluster to grow until the workers fit; 0: fail at once if they cannot."""
 
@@ -194,7 +196,8 @@ class DeepSpeedConfig:
     offload_params: bool = False
     """Keep parameters in CPU memory (stage 3 only)."""
     torch_adam: bool = True
-    """Use torch.optim.AdamW instead of DeepSpeed's compiled Adam kernels (true on CPU; false for fused GPU Adam)."""
+    """AdamW from torch (on GPUs its fused kernel, which needs no build at start) rather than DeepSpeed's fused Adam
+    (false: GPUs only; JIT-built at the first step for the GPU present, about 45 s)."""
 
 
 @dataclass
@@ -484,6 +487,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage=3.")
     if ds.offload_optimizer and ds.zero_stage == 0:
         raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1.")
+    if not ds.torch_adam and not cfg.cluster.use_gpu:
+        raise ConfigError("deepspeed.torch_adam=false selects DeepSpeed's fused Adam, a CUDA kernel; on CPU workers "
+                          "(cluster.use_gpu=false) set deepspeed.torch_adam=true.")
     if ds.precision == "fp16" and not cfg.cluster.use_gpu:
         raise ConfigError("deepspeed.precision=fp16 needs GPUs (cluster.use_gpu=true); use bf16 or fp32 on CPU.")
     ft = cfg.finetune

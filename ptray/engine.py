@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 
 import torch
 
 from ptray.config import Config
+from ptray.errors import ConfigError
 
 CHECKPOINT_TAG = "ds"  # DeepSpeed's files live in <checkpoint>/ds/
 
@@ -33,7 +35,7 @@ def deepspeed_config(cfg: Config) -> dict:
         "gradient_clipping": p.grad_clip,
         "optimizer": {"type": "AdamW", "params": {
             "lr": p.lr, "betas": [p.beta1, p.beta2], "eps": 1e-8, "weight_decay": p.weight_decay,
-            "torch_adam": ds.torch_adam}},
+            "torch_adam": ds.torch_adam, **torch_adam_kwargs(cfg)}},
         "zero_optimization": zero,
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
@@ -46,6 +48,42 @@ def deepspeed_config(cfg: Config) -> dict:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+def torch_adam_kwargs(cfg: Config) -> dict:
+    """Extra arguments DeepSpeed hands to torch.optim.AdamW (`torch_adam`): on GPUs, torch's fused kernel (one launch
+    for all parameters, nothing to build at start), unless the optimizer states live in CPU memory (offload)."""
+    if cfg.deepspeed.torch_adam and cfg.cluster.use_gpu and not cfg.deepspeed.offload_optimizer:
+        return {"fused": True}
+    return {}
+
+
+def prepare_fused_adam_build(capability: tuple[int, int], arch_list: str | None) -> str | None:
+    """The TORCH_CUDA_ARCH_LIST under which DeepSpeed JIT-builds its fused Adam (`deepspeed.torch_adam=false`): the
+    compute capability of the GPU actually present, e.g. "9.0", unless the environment already names architectures
+    DeepSpeed can parse. DeepSpeed reads each entry as <int>.<int>[+PTX] and fails on torch's own names such as
+    "9.0a" (deepspeedai/DeepSpeed#7589); building for every architecture torch knows also costs minutes.
+    None: keep the environment's value."""
+    entries = (arch_list or "").replace(";", " ").split()
+    if entries and all(re.fullmatch(r"\d+\.\d+(\+PTX)?", e) for e in entries):
+        return None
+    return f"{capability[0]}.{capability[1]}"
+
+
+def check_device(cfg: Config) -> None:
+    """On a GPU worker, before anything is built: bf16 needs hardware support, and DeepSpeed's fused Adam is built for
+    this device (see `prepare_fused_adam_build`)."""
+    if not cfg.cluster.use_gpu:
+        return
+    name, capability = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+    if cfg.deepspeed.precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"deepspeed.precision=bf16, but this GPU ({name}, compute capability "
+                          f"{capability[0]}.{capability[1]}) has no bf16 support; use deepspeed.precision=fp16 "
+                          "(loss-scaled) or fp32.")
+    if not cfg.deepspeed.torch_adam:
+        arch_list = prepare_fused_adam_build(capability, os.environ.get("TORCH_CUDA_ARCH_LIST"))
+        if arch_list:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -40,10 +40,10 @@ from ptray.data.clean import doc_hash, is_validation
 from ptray.data.readers import expand_files
 from ptray.data.tokenizer import load_tokenizer
 from ptray.errors import ConfigError, DataError
-from ptray.loop import fit, raise_if_stopped, setup_worker
+from ptray.loop import fit, raise_if_stopped, setup_worker, worker_entry
 from ptray.model import flops_per_token
 from ptray.objectives import IGNORE_INDEX
-from ptray.session import train_logging, worker_scaling
+from ptray.session import fit_with_retries, train_logging, worker_scaling
 from ptray.storage import filesystem_for
 
 METRICS = {"classification": ("val_loss", "val_accuracy", "val_f1"), "sft": ("val_loss", "val_ppl")}
@@ -244,7 +244,7 @@ def build_trainer(cfg: Config, data_ref: ray.ObjectRef, *, storage_path: str, na
         scaling_config=worker_scaling(cfg),
         run_config=RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks),
                              logging_config=train_logging(),
-                             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+                             failure_config=FailureConfig(max_failures=0),  # retries: session.fit_with_retries
                              checkpoint_config=keep),
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
     )
@@ -277,9 +277,9 @@ def finetune(cfg: Config) -> dict:
     metric = METRICS[cfg.finetune.task][1] if cfg.finetune.task == "classification" else "val_loss"
     mode = "max" if metric == "val_accuracy" else "min"
     name = run_name(cfg, data, pretrained_dir(cfg))
-    trainer = build_trainer(cfg, data_ref, storage_path=out, name=name,
-                            num_examples=len(data.train["labels"]), metric=metric, mode=mode)
-    result = trainer.fit()
+    result = fit_with_retries(lambda: build_trainer(cfg, data_ref, storage_path=out, name=name,
+                                                    num_examples=len(data.train["labels"]), metric=metric, mode=mode),
+                              max_failures=cfg.cluster.max_failures, label="finetune")
     raise_if_stopped(os.path.join(out, name), result.checkpoint, "finetune")
     best = best_checkpoint(os.path.join(out, name), metric, mode)
     export_finetuned(cfg, best["path"], data, os.path.join(out, "export"))
@@ -602,6 +602,7 @@ def metrics_from_counts(counts: torch.Tensor) -> tuple[float, float]:
     return (tp.sum() / (tp + fn).sum().clamp(min=1)).item(), f1.mean().item()  # every example is a tp or an fn
 
 
+@worker_entry
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = from_dict(loop_config["config"])
     ft = cfg.finetune

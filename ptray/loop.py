@@ -8,12 +8,14 @@ reported to Ray Train, and resume from the latest checkpoint.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
 import shutil
 import tempfile
 import time
+import traceback
 import uuid
 from typing import Protocol
 
@@ -26,7 +28,7 @@ from ray.train import Checkpoint
 from ptray import checkpoint as ckpt
 from ptray import storage
 from ptray.config import Config, PretrainConfig
-from ptray.errors import TrainingStopped, UserError
+from ptray.errors import StartupError, TrainingStopped, UserError
 from ptray.metrics import MetricsLog, peak_flops_per_worker, progress_line, read_metrics
 
 
@@ -63,12 +65,42 @@ def lr_at(step: int, p: PretrainConfig) -> float:
     return min_lr + 0.5 * (p.lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
+_first_step_done = False  # this worker process has completed an optimizer step (set by `fit`)
+
+
+def worker_entry(train_loop):
+    """Decorates a stage's `train_loop_per_worker`: an exception raised before the worker's first optimizer step
+    becomes a `StartupError`, which the driver never retries (it would only repeat); one raised later (a lost peer, an
+    out-of-memory at step 5,000) stays as it is and may be retried (`cluster.max_failures`)."""
+
+    @functools.wraps(train_loop)
+    def run(loop_config: dict) -> None:
+        global _first_step_done
+        _first_step_done = False
+        try:
+            train_loop(loop_config)
+        except Exception as e:
+            if _first_step_done:
+                raise
+            raise StartupError(f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e),
+                               traceback.format_exc(), isinstance(e, UserError)) from None
+    return run
+
+
+def started_training() -> None:
+    global _first_step_done
+    _first_step_done = True
+
+
 def setup_worker(cfg: Config):
     """Per-worker set-up before any model is built: CPU threads and DeepSpeed's accelerator.
     Returns (rank, world, device)."""
     if not cfg.cluster.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
+    from ptray import engine as ds
+
+    ds.check_device(cfg)
     ctx = ray.train.get_context()
     return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
 
@@ -180,6 +212,7 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkp
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         update = bool(finite.item())
         ds.step(engine, apply_update=update)  # a non-finite loss skips the update; the batch is consumed all the same
+        started_training()  # from here on a failure may be transient: the driver may retry it
         state.step += 1
         state.tokens += tokens_per_step
         window_steps += 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import torch
+from safetensors import SafetensorError
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, GPT2Config,
                           LlamaConfig, PretrainedConfig, PreTrainedModel)
 
@@ -53,7 +54,12 @@ def auto_class(family: str):
 def build_model(cfg: ModelConfig, *, vocab_size: int, special_ids: dict[str, int | None]) -> PreTrainedModel:
     """A randomly initialized model (seed torch first), or the local HF model in `cfg.init_from`."""
     if cfg.init_from:
-        model = auto_class(cfg.family).from_pretrained(cfg.init_from, local_files_only=True, dtype=torch.float32)
+        try:
+            model = auto_class(cfg.family).from_pretrained(cfg.init_from, local_files_only=True, dtype=torch.float32)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # missing, truncated or corrupt weights
+            raise ConfigError(f"model.init_from={cfg.init_from!r}: its weights could not be loaded "
+                              f"({type(e).__name__}: {str(e)[:300]}); point it at a complete Hugging Face model "
+                              "directory (config.json and model.safetensors).") from None
     else:
         model = auto_class(cfg.family).from_config(hf_config(cfg, vocab_size=vocab_size, special_ids=special_ids),
                                                    dtype=torch.float32)

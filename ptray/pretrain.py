@@ -30,10 +30,10 @@ from ptray.data.manifest import Manifest, Shard, verify_shards
 from ptray.data.prepare import ensure_prepared
 from ptray.data.tokenizer import tokenizer_hash
 from ptray.errors import ConfigError, DataError
-from ptray.loop import fit, raise_if_stopped, setup_worker, snapshot_dir
+from ptray.loop import fit, raise_if_stopped, setup_worker, snapshot_dir, worker_entry
 from ptray.model import build_model, flops_per_token, init_from_info, num_params, padded_vocab_size
 from ptray.objectives import IGNORE_INDEX, causal_lm_batch, masked_lm_batch, token_loss
-from ptray.session import train_logging, worker_scaling
+from ptray.session import fit_with_retries, train_logging, worker_scaling
 
 # ---- driver --------------------------------------------------------------------------------------------------------
 
@@ -61,7 +61,7 @@ def pretrain(cfg: Config) -> PretrainResult:
     check_resume(bound_to, storage.join(storage_path, "train"), run_dir)  # before config.yaml is replaced
     save_config(cfg, run_dir)
 
-    trainer = TorchTrainer(
+    result = fit_with_retries(lambda: TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "manifest": dataclasses.asdict(manifest),
                            "prepared_dir": prepared_dir, "run_dir": run_dir, "vocab_size": vocab_size,
@@ -69,11 +69,10 @@ def pretrain(cfg: Config) -> PretrainResult:
                            "checkpoint_root": storage.join(storage_path, "train")},
         scaling_config=scaling,
         run_config=RunConfig(name="train", storage_path=storage_path, logging_config=train_logging(),
-                             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+                             failure_config=FailureConfig(max_failures=0),  # retries: fit_with_retries
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.pretrain.num_to_keep)),
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
-    )
-    result = trainer.fit()
+    ), max_failures=cfg.cluster.max_failures, label="pretrain")
     raise_if_stopped(run_dir, result.checkpoint, "pretrain")
     assert result.checkpoint is not None, "training finished without a checkpoint"
     export_dir = os.path.join(run_dir, "export")
@@ -244,6 +243,7 @@ class LanguageModelingTask:
         return {"input_ids": inputs}
 
 
+@worker_entry
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = from_dict(loop_config["config"])
     raw = dict(loop_config["manifest"])

@@ -10,10 +10,10 @@ import socket
 import time
 
 import ray
-from ray.train import LoggingConfig, ScalingConfig
+from ray.train import LoggingConfig, ScalingConfig, TrainingFailedError
 
 from ptray.config import Config, cluster_host_port
-from ptray.errors import ConfigError, UserError
+from ptray.errors import ConfigError, StartupError, UserError
 
 
 @contextlib.contextmanager
@@ -80,6 +80,33 @@ def verbose() -> bool:
 
 def train_logging() -> LoggingConfig:
     return LoggingConfig(log_level="INFO" if verbose() else "WARNING")
+
+
+def fit_with_retries(build_trainer, *, max_failures: int, label: str):
+    """`build_trainer().fit()`, restarted from the latest checkpoint after a failure once training had started, at
+    most `max_failures` times (-1: no limit). The trainers get no retries of their own (FailureConfig(max_failures=0)):
+    Ray Train would restart on any error, also on one raised before the first optimizer step (an import, an op build,
+    a config or shape error), which can only repeat. Such an error stops the run at once: a UserError with its message
+    (exit 2), anything else as a RuntimeError with the worker's traceback (a bug: exit 1)."""
+    failures = 0
+    while True:
+        try:
+            return build_trainer().fit()
+        except TrainingFailedError as e:
+            errors = [getattr(f, "_base_exc", f) for f in (getattr(e, "worker_failures", None) or {}).values()]
+            if errors and all(isinstance(f, StartupError) for f in errors):
+                first = errors[0]
+                if first.user_error:
+                    raise UserError(first.message) from None
+                raise RuntimeError(f"{label}: a worker failed before its first optimizer step, so the run stops "
+                                   "without a retry (it would fail the same way again):\n"
+                                   f"{first.traceback_text}") from None
+            if 0 <= max_failures <= failures:
+                raise
+            failures += 1
+            print(f"[{label}] training failed ({str(e).strip().splitlines()[-1][:300]}); restarting the workers from "
+                  f"the latest checkpoint (retry {failures} of {max_failures if max_failures >= 0 else 'unlimited'})",
+                  flush=True)
 
 
 def _free_port() -> int:

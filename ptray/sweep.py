@@ -42,7 +42,7 @@ from ptray.finetune import (METRICS, best_checkpoint, build_trainer, check_pretr
 from ptray.data.tokenizer import load_tokenizer
 from ptray.loop import snapshot_dir
 from ptray.metrics import read_metrics
-from ptray.session import verbose, worker_scaling
+from ptray.session import fit_with_retries, verbose, worker_scaling
 
 SIDES = ("pretrained", "scratch")
 TRIAL_CPUS = 0.01  # a Tune trial's own share: it only drives a TorchTrainer (0 is rejected)
@@ -211,10 +211,10 @@ def make_trial(base: dict, sets: LabelledSets, trials_dir: str, metric: str, mod
         overrides = plans[params["plan"]] if plans is not None else params
         cfg = trial_config(base, overrides)
         key = data_key(cfg)
-        trainer = build_trainer(cfg, refs[key], storage_path=trials_dir, name=tune.get_context().get_trial_id(),
-                                num_examples=num_train[key], callbacks=[TuneReportCallback()], metric=metric,
-                                mode=mode)
-        trainer.fit()
+        fit_with_retries(lambda: build_trainer(cfg, refs[key], storage_path=trials_dir,
+                                               name=tune.get_context().get_trial_id(), num_examples=num_train[key],
+                                               callbacks=[TuneReportCallback()], metric=metric, mode=mode),
+                         max_failures=cfg.cluster.max_failures, label="finetune")
     return trial
 
 

@@ -139,3 +139,32 @@ def test_a_bad_input_exits_2_naming_it_and_changes_nothing(run, capsys, args, na
 
 def test_the_table_holds_at_least_30_inputs():
     assert len(BAD_INPUTS) >= 30
+
+
+def _train_run_attempts() -> int:
+    """Worker-group attempts of every Ray Train run in this Ray, from Train's own state tracking."""
+    import ray
+    from ray.train.v2._internal.state.state_actor import get_state_actor
+
+    actor = get_state_actor()
+    return 0 if actor is None else sum(len(a) for a in ray.get(actor.get_train_run_attempts.remote()).values())
+
+
+def test_an_error_before_the_first_optimizer_step_is_not_retried(run, tmp_path, capsys, monkeypatch):
+    """A worker whose model build raises (the weights in model.init_from cut in half) would raise the same on every
+    retry: with cluster.max_failures=3 the run makes one attempt and stops with the error, exit 2."""
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+    run_dir, _ = run
+    broken = tmp_path / "broken-model"
+    AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "export")).save_pretrained(broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    before = _train_run_attempts()
+    code = main(["pretrain", "--config", "tiny", f"run.dir={tmp_path / 'run'}", f"data.prepared_dir={run_dir}/data",
+                 f"model.init_from={broken}", "cluster.max_failures=3", "pretrain.max_steps=4"])
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]
+    # Ray Train logs the worker's exception as it happened; ptray's own message closes the output.
+    assert err.strip().splitlines()[-1].startswith("ptray pretrain: error: model.init_from="), err[-3000:]
+    assert "could not be loaded" in err and "restarting the workers" not in err, err[-3000:]
+    assert _train_run_attempts() - before == 1

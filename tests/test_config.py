@@ -48,6 +48,7 @@ def test_unknown_key_names_the_closest_valid_one():
     ("pretrain.objective=mlm", "does not fit model.family"),
     ("deepspeed.offload_params=true", "offload_params needs deepspeed.zero_stage=3"),
     ("cluster.use_gpu=maybe", "cluster.use_gpu must be true or false"),
+    ("deepspeed.torch_adam=false", "on CPU workers (cluster.use_gpu=false) set deepspeed.torch_adam=true"),
 ])
 def test_invalid_values_raise_actionable_errors(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

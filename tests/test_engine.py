@@ -101,3 +101,26 @@ def test_bf16_accumulates_gradients_in_fp32_under_zero(zero_stage, precision, ac
 
     cfg = load_config("tiny", [f"deepspeed.zero_stage={zero_stage}", f"deepspeed.precision={precision}"])
     assert deepspeed_config(cfg)["data_types"]["grad_accum_dtype"] == accumulate_in
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_gpu_configs_hand_torchs_fused_adamw_to_deepspeed(zero_stage):
+    """On GPUs the optimizer is torch's fused AdamW, through DeepSpeed's torch_adam path (nothing to build at start).
+    The engine is made here from a GPU config on CPU, where torch's fused AdamW also runs."""
+    cfg = load_config("tiny", [f"deepspeed.zero_stage={zero_stage}", "cluster.use_gpu=true", "cluster.num_workers=1",
+                               "pretrain.global_batch_size=4", "pretrain.micro_batch_size=2"])
+    assert ds.deepspeed_config(cfg)["optimizer"]["params"]["fused"] is True
+    torch.manual_seed(0)
+    engine = ds.initialize(build_model(cfg.model, vocab_size=128, special_ids={"eos": 0, "pad": 0, "mask": None}), cfg)
+    assert type(engine.basic_optimizer) is torch.optim.AdamW and engine.basic_optimizer.defaults["fused"] is True
+    inputs = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    before = _eval_loss(engine, inputs)
+    for _ in range(3):
+        _optimizer_step(engine, inputs)
+    assert _eval_loss(engine, inputs) < before
+
+
+def test_cpu_and_offloaded_optimizers_are_torchs_plain_adamw():
+    assert "fused" not in ds.deepspeed_config(load_config("tiny"))["optimizer"]["params"]
+    offloaded = load_config("tiny", ["cluster.use_gpu=true", "deepspeed.offload_optimizer=true"])
+    assert "fused" not in ds.deepspeed_config(offloaded)["optimizer"]["params"]  # its states are in CPU memory

@@ -343,3 +343,64 @@ def test_a_finetune_run_is_named_by_its_config_data_and_pretrained_weights(tmp_p
     assert run_name(cfg, LabelledData(train=edited, val=tensors, id2label=data.id2label), str(tmp_path)) != name
     (tmp_path / "model.safetensors").write_bytes(b"weights v2")  # pretrained further
     assert run_name(cfg, data, str(tmp_path)) != name
+
+
+def test_only_failures_after_training_started_are_retried():
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    from ptray.errors import StartupError, UserError
+    from ptray.session import fit_with_retries
+
+    def failing(*errors):
+        attempts = []
+
+        class Trainer:
+            def fit(self):
+                attempts.append(1)
+                raise WorkerGroupError("failed", {rank: UserExceptionWithTraceback(e, "Traceback: ...")
+                                                  for rank, e in enumerate(errors)})
+        return attempts, Trainer
+
+    # A worker killed mid-run (or any error after the first step): retried max_failures times, then raised.
+    attempts, trainer = failing(StartupError("x", "", False), RuntimeError("peer died"))
+    with pytest.raises(WorkerGroupError):
+        fit_with_retries(trainer, max_failures=2, label="pretrain")
+    assert len(attempts) == 3
+    # Every worker failed before its first step: one attempt; a user mistake keeps its message, a bug its traceback.
+    attempts, trainer = failing(StartupError("model.init_from='m': bad weights", "Traceback: A", True))
+    with pytest.raises(UserError, match="model.init_from='m': bad weights"):
+        fit_with_retries(trainer, max_failures=3, label="pretrain")
+    assert len(attempts) == 1
+    attempts, trainer = failing(*[StartupError("ImportError: no op", "Traceback: B", False)] * 2)
+    with pytest.raises(RuntimeError, match="before its first optimizer step(.|\n)*Traceback: B"):
+        fit_with_retries(trainer, max_failures=-1, label="pretrain")
+    assert len(attempts) == 1
+
+
+@pytest.mark.parametrize("arch_list, built_for", [
+    (None, "9.0"), ("", "9.0"),            # nothing set: the GPU present, not every architecture torch knows
+    ("9.0a", "9.0"), ("8.0;9.0a;10.0a", "9.0"),  # torch's own names, which DeepSpeed cannot parse (#7589)
+    ("8.0 9.0+PTX", None), ("9.0", None),  # a list the user chose that DeepSpeed reads: kept
+])
+def test_deepspeeds_fused_adam_is_built_for_the_gpu_present(arch_list, built_for):
+    from ptray.engine import prepare_fused_adam_build
+
+    assert prepare_fused_adam_build((9, 0), arch_list) == built_for
+
+
+def test_bf16_on_a_gpu_without_it_names_fp16_and_fp32(monkeypatch):
+    from ptray.config import load_config
+    from ptray.engine import check_device
+    from ptray.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with pytest.raises(ConfigError, match=r"Tesla T4, compute capability 7.5\) has no bf16 support; use "
+                                          r"deepspeed.precision=fp16 \(loss-scaled\) or fp32"):
+        check_device(load_config("gpt2-124m"))
+    check_device(load_config("gpt2-124m", ["deepspeed.precision=fp16"]))  # fp16 is fine there
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    check_device(load_config("gpt2-124m", ["deepspeed.precision=fp16", "deepspeed.torch_adam=false"]))
+    assert os.environ.pop("TORCH_CUDA_ARCH_LIST") == "7.5"  # DeepSpeed's fused Adam: built for this GPU only
