@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import os
 import re
+import shutil
 
 import torch
 
@@ -147,6 +148,23 @@ def initialize(model: torch.nn.Module, cfg: Config, *, load_universal: bool = Fa
         config["checkpoint"] = {"load_universal": True}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config, dist_init_required=False)
     return engine
+
+
+def compile_model(engine, cfg: Config) -> str | None:
+    """`model.compile`: torch.compile the engine's module in place (compilation happens at the first forward).
+    Returns a warning instead where this platform cannot compile; training then runs eagerly."""
+    if not cfg.model.compile:
+        return None
+    if cfg.cluster.use_gpu:
+        from torch.utils._triton import has_triton
+
+        missing = None if has_triton() else "Triton is not installed (pip install triton)"
+    else:
+        missing = None if any(map(shutil.which, ("g++", "c++", "clang++"))) else "no C++ compiler is installed"
+    if missing:
+        return f"model.compile=true, but {missing}: training runs eagerly"
+    engine.compile()
+    return None
 
 
 def set_lr(engine, lr: float) -> None:

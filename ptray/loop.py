@@ -128,6 +128,9 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkp
     num_params = sum(t.numel() for t in model.parameters())
     check_shared(checkpoint_root, rank, world_size, ray.get_runtime_context().get_node_id())
     engine, state = start_engine(cfg, model, checkpoint_root, rank, world_size, label)
+    cannot_compile = ds.compile_model(engine, cfg)
+    if cannot_compile and rank == 0:
+        print(f"[{label}] WARNING: {cannot_compile}", flush=True)
     state.bound_to = bound_to or {}
     if state.world_size != world_size:  # finetuning's data position counts per-worker batches, so rescale it
         state.batches_in_epoch = state.batches_in_epoch * state.world_size // world_size
@@ -136,7 +139,8 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkp
     peak_flops, peak_source = peak_flops_per_worker(cfg.cluster.use_gpu, p.peak_flops_per_worker)
     log = MetricsLog(run_dir, state.step) if rank == 0 else None
     if rank == 0:
-        print(f"[{label}] {num_params:,} parameters, ZeRO-{cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision}, "
+        print(f"[{label}] {num_params:,} parameters, ZeRO-{cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision}"
+              f"{', compiled' if engine.is_compiled else ''}, "
               f"{world_size} workers x {p.micro_batch_size} x {cfg.grad_accum_steps} accumulation, {p.max_steps} "
               f"steps; MFU against {peak_flops / 1e9:,.1f} GFLOP/s per worker ({peak_source})", flush=True)
 

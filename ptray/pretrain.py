@@ -98,7 +98,7 @@ def pretrain(cfg: Config) -> PretrainResult:
 def resume_key(cfg: Config, manifest: Manifest) -> dict:
     """What a pretraining checkpoint is bound to: the model's shape, how DeepSpeed laid out its state, and the data
     (tokenizer and prepared rows). Optimization settings (lr, steps, batch) and the world size may change on resume."""
-    key = {f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()}
+    key = {f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items() if k != "compile"}  # how, not what
     key.update({"deepspeed.zero_stage": cfg.deepspeed.zero_stage, "deepspeed.precision": cfg.deepspeed.precision,
                 "pretrain.objective": cfg.pretrain.objective, "data.seq_len": manifest.seq_len,
                 "tokenizer": manifest.tokenizer_hash, "prepared data": manifest.content_hash})

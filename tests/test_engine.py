@@ -124,3 +124,35 @@ def test_cpu_and_offloaded_optimizers_are_torchs_plain_adamw():
     assert "fused" not in ds.deepspeed_config(load_config("tiny"))["optimizer"]["params"]
     offloaded = load_config("tiny", ["cluster.use_gpu=true", "deepspeed.offload_optimizer=true"])
     assert "fused" not in ds.deepspeed_config(offloaded)["optimizer"]["params"]  # its states are in CPU memory
+
+
+def test_a_compiled_model_trains_like_the_eager_one():
+    """model.compile: DeepSpeed's engine.compile (torch.compile, inductor on CPU) gives the eager losses, step by step;
+    the attention is PyTorch's SDPA kernel in both."""
+    def losses(compiled: bool) -> list[float]:
+        cfg = load_config("tiny", [f"model.compile={str(compiled).lower()}", "cluster.num_workers=1",
+                                   "pretrain.global_batch_size=4", "pretrain.micro_batch_size=2"])
+        torch.manual_seed(0)
+        model = build_model(cfg.model, vocab_size=128, special_ids={"eos": 0, "pad": 0, "mask": None})
+        assert model.config._attn_implementation == "sdpa"
+        engine = ds.initialize(model, cfg)
+        assert ds.compile_model(engine, cfg) is None and engine.is_compiled == compiled
+        inputs = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+        out = []
+        for _ in range(3):
+            _optimizer_step(engine, inputs)
+            out.append(_eval_loss(engine, inputs))
+        return out
+
+    eager, compiled = losses(False), losses(True)
+    assert eager[-1] < eager[0]
+    assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_compile_falls_back_to_eager_where_the_platform_cannot(monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    cfg = load_config("tiny", ["model.compile=true"])
+    warning = ds.compile_model(object(), cfg)  # no compiler found: the engine is not touched
+    assert warning == "model.compile=true, but no C++ compiler is installed: training runs eagerly"
