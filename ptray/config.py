@@ -186,6 +186,11 @@ class PretrainConfig:
     an error, keeping the last good checkpoint (finetuning too)."""
     peak_flops_per_worker: float = 0.0
     """Peak FLOP/s of one worker's device for MFU. 0: a known GPU's bf16 peak, or a measured matmul peak on CPU."""
+    profile_steps: int = 0
+    """Profile this many optimizer steps with torch.profiler on rank 0, from the 10th step of the run on (after
+    warm-up and compilation): `<run.dir>/profile/` gets `trace.json` (open in Perfetto or chrome://tracing) and
+    `top_ops.txt` (operators by device time on GPUs, CPU time on CPU; `aten::_local_scalar_dense` counts host syncs).
+    0: off."""
 
 
 @dataclass
@@ -397,7 +402,7 @@ RANGES = {
     "pretrain.grad_clip": "[0, inf)", "pretrain.mlm_probability": "(0, 1)", "pretrain.eval_every": "[0, inf)",
     "pretrain.eval_batches": "(0, inf)", "pretrain.log_every": "(0, inf)", "pretrain.ckpt_every": "(0, inf)",
     "pretrain.num_to_keep": "(0, inf)", "pretrain.max_nonfinite_steps": "(0, inf)",
-    "pretrain.peak_flops_per_worker": "[0, inf)",
+    "pretrain.peak_flops_per_worker": "[0, inf)", "pretrain.profile_steps": "[0, inf)",
     "finetune.val_fraction": "(0, 1)", "finetune.max_len": "(0, inf)", "finetune.epochs": "(0, inf)",
     "finetune.lr": "(0, inf)", "finetune.weight_decay": "[0, inf)", "finetune.warmup_ratio": "[0, 1)",
     "finetune.global_batch_size": "(0, inf)", "finetune.micro_batch_size": "(0, inf)",

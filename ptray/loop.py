@@ -29,7 +29,7 @@ from ptray import checkpoint as ckpt
 from ptray import storage
 from ptray.config import Config, PretrainConfig
 from ptray.errors import StartupError, TrainingStopped, UserError
-from ptray.metrics import MetricsLog, peak_flops_per_worker, progress_line, read_metrics
+from ptray.metrics import MetricsLog, peak_flops_per_worker, progress_line, read_metrics, step_profiler
 
 
 class Task(Protocol):
@@ -191,6 +191,7 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkp
         window_paused += time.perf_counter() - start
         paused_total[kind] += time.perf_counter() - start
 
+    profiler = step_profiler(run_dir, state.step, p.profile_steps, engine.device.type == "cuda") if rank == 0 else None
     nonfinite_in_a_row = 0
     injected_nonfinite = steps_from_env("PTRAY_INJECT_NONFINITE_STEPS")  # a fault drill; empty in normal runs
     metrics: dict = {}
@@ -219,6 +220,8 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkp
         started_training()  # from here on a failure may be transient: the driver may retry it
         state.step += 1
         state.tokens += tokens_per_step
+        if profiler:
+            profiler.step()
         window_steps += 1
         if update:
             nonfinite_in_a_row = 0
@@ -244,6 +247,8 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkp
                        "data_wait_s": window_data_wait / window_steps, "grad_norm": ds.grad_norm(engine),
                        "epoch": state.epoch, "skipped_steps": state.skipped_steps,
                        "data_fingerprint": int(fingerprint_sum.item())}
+            if engine.device.type == "cuda":  # rank 0's high-water mark: how close the run is to running out
+                metrics["max_memory_gib"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
             if log:
                 log.write(metrics)
                 print(progress_line(metrics, p.max_steps), flush=True)
@@ -288,6 +293,8 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkp
                 else:
                     ray.train.report(metrics)  # no better than the kept checkpoint: the metrics alone
 
+    if profiler:
+        profiler.stop()
     if rank == 0:
         total = time.perf_counter() - fit_start
         training = total - sum(paused_total.values())

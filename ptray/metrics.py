@@ -99,3 +99,32 @@ def _read_rows(path: str) -> tuple[list[dict], bool]:
 def progress_line(row: dict, max_steps: int) -> str:
     return (f"step {row['step']:>6}/{max_steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
             f"{row['tokens_per_s']:,.0f} tok/s | mfu {100 * row['mfu']:.2f}% | data wait {row['data_wait_s']:.3f}s")
+
+
+PROFILE_FROM_STEP = 10  # steps before this are start-up (allocator, compilation, first collectives)
+
+
+def step_profiler(run_dir: str, first_step: int, num_steps: int, cuda: bool):
+    """A started torch.profiler that records `num_steps` optimizer steps from PROFILE_FROM_STEP on (or at once on a
+    resumed run past it) and then writes `<run_dir>/profile/`; call `.step()` after every optimizer step. None when
+    there is nothing to profile."""
+    if num_steps <= 0:
+        return None
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    def write(prof) -> None:
+        out = os.path.join(run_dir, "profile")
+        os.makedirs(out, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(out, "trace.json"))
+        sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        with open(os.path.join(out, "top_ops.txt"), "w") as f:
+            f.write(f"{num_steps} optimizer steps from step {first_step + wait + 2}, rank 0, sorted by {sort_by}\n")
+            f.write(prof.key_averages().table(sort_by=sort_by, row_limit=40))
+        print(f"[profile] {num_steps} steps profiled: {out}/top_ops.txt, {out}/trace.json", flush=True)
+
+    wait = max(0, PROFILE_FROM_STEP - 2 - first_step)  # then one warm-up step; step k of the schedule is step k + 1
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    profiler = profile(activities=activities, schedule=schedule(wait=wait, warmup=1, active=num_steps, repeat=1),
+                       on_trace_ready=write)
+    profiler.start()
+    return profiler

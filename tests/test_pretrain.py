@@ -169,13 +169,18 @@ def test_zero3_llama_trains_shards_parameters_and_exports(prepared_dir, tmp_path
     assert classifier.config.model_type == "llama"
 
 
-def test_zero0_bf16_with_activation_checkpointing(prepared_dir, tmp_path):
+def test_zero0_bf16_with_activation_checkpointing_profiled(prepared_dir, tmp_path):
     cfg = tiny_config(tmp_path, f"data.prepared_dir={prepared_dir}", "pretrain.max_steps=20",
                       "pretrain.ckpt_every=20", "deepspeed.zero_stage=0", "deepspeed.precision=bf16",
-                      "pretrain.activation_checkpointing=true", *FAST)
+                      "pretrain.activation_checkpointing=true", "pretrain.profile_steps=3", *FAST)
     result = pretrain(cfg)
     losses = _train_losses(result.run_dir)
     assert losses[-1] < losses[0] - 0.5, losses
+    # pretrain.profile_steps: rank 0's torch.profiler over steps 10-12, as a table and a trace
+    top_ops = open(os.path.join(result.run_dir, "profile", "top_ops.txt")).read()
+    assert top_ops.startswith("3 optimizer steps from step 10, rank 0") and "aten::mm" in top_ops, top_ops[:2000]
+    trace = json.load(open(os.path.join(result.run_dir, "profile", "trace.json")))
+    assert any(event.get("name") == "aten::mm" for event in trace["traceEvents"])
     assert "mp_rank_00_model_states.pt" in os.listdir(os.path.join(result.checkpoint_dir, "ds"))
     # The trained model computed in bf16; the export holds its weights in fp32, so logits agree to bf16 precision.
     _assert_export_reproduces_trained_logits(result, AutoModelForCausalLM, atol=0.1)
