@@ -158,11 +158,15 @@ def test_sweep_searches_both_sides_and_asha_waits_for_warmup(swept, pretrained_r
     assert len(rows) == 6 and [r["side"] for r in rows].count("scratch") == 3  # the same budget on both sides
     trial_dirs = set(os.listdir(os.path.join(pretrained_run, "sweep", "trials")))
     assert {r["trial_id"] for r in rows} <= trial_dirs  # (the rest are the winners' follow-up runs)
-    stopped = [r for r in rows if r["status"] == "stopped early"]
-    assert stopped, [r["status"] for r in rows]
+    # Whether ASHA stops a trial depends on which trial reaches a rung first (Tune runs them concurrently), so the
+    # test asserts what holds in any order: a stopped trial ran at least to the first rung, a quarter of the longest
+    # trial (past its warm-up), and stopped before its planned end; every other trial ran to its end.
     longest = max(int(r["planned_steps"]) for r in rows)
-    for r in stopped:  # ASHA's first rung: a quarter of the longest trial (past its warm-up), never earlier
-        assert int(r["steps"]) >= math.ceil(longest / 4) and int(r["steps"]) < int(r["planned_steps"]), r
+    for r in rows:
+        if r["status"] == "stopped early":
+            assert math.ceil(longest / 4) <= int(r["steps"]) < int(r["planned_steps"]), r
+        else:
+            assert r["status"] == "finished" and int(r["steps"]) == int(r["planned_steps"]), r
     for r in rows:  # each row's metrics agree with that trial's own history
         trial_dir = os.path.join(pretrained_run, "sweep", "trials", r["trial_id"])
         history = _evals(trial_dir, "val_accuracy")
