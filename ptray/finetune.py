@@ -229,6 +229,12 @@ def steps_per_epoch(global_batch_size: int, num_train_examples: int) -> int:
     return max(1, math.ceil(num_train_examples / global_batch_size))
 
 
+def warmup_steps(ft, max_steps: int) -> int:
+    """Linear warm-up steps of a finetune run of `max_steps` (then cosine decay to 0). The sweep reads this too: no
+    trial is judged while warming up."""
+    return max(1, int(ft.warmup_ratio * max_steps))
+
+
 def build_trainer(cfg: Config, data_ref: ray.ObjectRef, *, storage_path: str, name: str, num_examples: int,
                   callbacks=(), metric: str | None = None, mode: str = "max") -> TorchTrainer:
     """The TorchTrainer of one finetune run (also each sweep trial's)."""
@@ -620,7 +626,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # Finetuning fills the optimization section the shared loop and engine read.
     train_cfg = dataclasses.replace(cfg, pretrain=dataclasses.replace(
         cfg.pretrain, max_steps=max_steps, lr=ft.lr, weight_decay=ft.weight_decay, schedule="cosine",
-        warmup_steps=max(1, int(ft.warmup_ratio * max_steps)), min_lr_ratio=0.0,
+        warmup_steps=warmup_steps(ft, max_steps), min_lr_ratio=0.0,
         global_batch_size=ft.global_batch_size, micro_batch_size=ft.micro_batch_size, eval_every=ft.eval_every,
         ckpt_every=ft.eval_every, log_every=max(1, min(cfg.pretrain.log_every, ft.eval_every)),
         activation_checkpointing=False))

@@ -38,7 +38,7 @@ from ray.tune.search import BasicVariantGenerator
 from ptray.config import DATA_KEYS, Config, load_config, load_config_dict, save_config, with_absolute_paths
 from ptray.errors import ConfigError, UserError
 from ptray.finetune import (METRICS, best_checkpoint, build_trainer, check_pretrained, export_finetuned,
-                            finetune_steps, load_labelled, pretrained_dir)
+                            finetune_steps, load_labelled, pretrained_dir, warmup_steps)
 from ptray.data.tokenizer import load_tokenizer
 from ptray.loop import snapshot_dir
 from ptray.metrics import read_metrics
@@ -144,7 +144,7 @@ def longest_trial(cfg: Config, sets: LabelledSets) -> tuple[int, int]:
         num_train = sets.num_train.get(data_key(trial)) or max(sets.num_train.values())
         steps = finetune_steps(trial.finetune, num_train)
         longest = max(longest, steps)
-        warmup = max(warmup, math.ceil(trial.finetune.warmup_ratio * steps))
+        warmup = max(warmup, warmup_steps(trial.finetune, steps))
     return longest, warmup
 
 
