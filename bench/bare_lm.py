@@ -18,13 +18,13 @@ import time
 import torch
 
 from ptray import storage
-from ptray.config import ModelConfig, PretrainConfig
+from ptray.config import ModelConfig
 from ptray.data.manifest import read_manifest
 from ptray.data.tokenizer import load_tokenizer
-from ptray.loop import lr_at
 from ptray.model import build_model, padded_vocab_size
 from ptray.objectives import IGNORE_INDEX, causal_lm_batch, token_loss
 from ptray.pretrain import read_rows
+from ptray.schedule import Schedule
 
 
 @torch.no_grad()
@@ -72,14 +72,16 @@ def bare_pretrain(prepared_dir: str, *, num_layers: int, hidden_size: int, num_h
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                                   lr=lr, betas=(0.9, beta2), eps=1e-8)
-    schedule = PretrainConfig(max_steps=max_steps, lr=lr, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio,
-                              schedule="cosine")
+    schedule = Schedule(max_steps=max_steps, global_batch_size=batch_size, micro_batch_size=batch_size,
+                        grad_accum_steps=1, lr=lr, warmup_steps=warmup_steps, decay="cosine", min_lr_ratio=min_lr_ratio,
+                        decay_fraction=0.0, weight_decay=weight_decay, beta1=0.9, beta2=beta2, grad_clip=1.0,
+                        log_every=eval_every, eval_every=eval_every, ckpt_every=max_steps, max_nonfinite_steps=1)
     sampler = torch.Generator().manual_seed(seed)
     curve, train_losses = [], []
     started = time.perf_counter()
     for step in range(max_steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, schedule)
+            group["lr"] = schedule.lr_at(step)
         inputs, targets = causal_lm_batch(train_rows[torch.randint(len(train_rows), (batch_size,), generator=sampler)])
         loss = token_loss(model(input_ids=inputs).logits, targets)
         loss.backward()
@@ -107,7 +109,7 @@ def bare_finetune(cfg, pretrained: str, *, init: str = "pretrained", lr: float |
     Returns {"final_val_accuracy", "best_val_accuracy", "curve": [(epoch, val_accuracy)]}."""
     import dataclasses
 
-    from ptray.finetune import finetune_model, load_labelled
+    from ptray.finetune import finetune_model, finetune_schedule, load_labelled
 
     torch.set_num_threads(os.cpu_count())
     ft = dataclasses.replace(cfg.finetune, init=init, lr=lr or cfg.finetune.lr)
@@ -116,9 +118,9 @@ def bare_finetune(cfg, pretrained: str, *, init: str = "pretrained", lr: float |
     torch.manual_seed(seed)
     model = finetune_model(cfg, pretrained, len(data.id2label), data.id2label)
     num_train = len(data.train["labels"])
-    steps = ft.epochs * max(1, num_train // ft.global_batch_size)
-    schedule = PretrainConfig(max_steps=steps, lr=ft.lr, warmup_steps=max(1, int(ft.warmup_ratio * steps)),
-                              min_lr_ratio=0.0, schedule="cosine")
+    steps = ft.epochs * max(1, num_train // ft.global_batch_size)  # full batches only: a simpler loop than ptray's
+    schedule = dataclasses.replace(finetune_schedule(cfg, num_train), max_steps=steps,
+                                   warmup_steps=max(1, int(ft.warmup_ratio * steps)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=ft.lr, weight_decay=ft.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     curve, step = [], 0
@@ -126,7 +128,7 @@ def bare_finetune(cfg, pretrained: str, *, init: str = "pretrained", lr: float |
         order = torch.randperm(num_train, generator=generator)
         for start in range(0, num_train - ft.global_batch_size + 1, ft.global_batch_size):
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, schedule)
+                group["lr"] = schedule.lr_at(step)
             index = order[start: start + ft.global_batch_size]
             logits = model(input_ids=data.train["input_ids"][index],
                            attention_mask=data.train["attention_mask"][index]).logits

@@ -222,7 +222,7 @@ def main() -> None:
 
     print(f"\n{device}, bf16{' (tiny shapes on CPU, fp32)' if args.tiny else ''}; tokens/s per GPU, MFU against "
           f"{peak / 1e12:.1f} TFLOP/s; ratio: against the bare row named\n")
-    print(f"| shape | run | tokens/s per GPU | MFU | peak memory | ratio |\n|---|---|---|---|---|---|")
+    print("| shape | run | tokens/s per GPU | MFU | peak memory | ratio |\n|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
             print(f"| {r['shape']} | {r['row']} | {r['error']} | | | |")

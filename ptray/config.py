@@ -348,10 +348,6 @@ class Config:
     def prepared_dir(self) -> str:
         return self.data.prepared_dir or os.path.join(self.run_dir, "data")
 
-    @property
-    def grad_accum_steps(self) -> int:
-        return self.pretrain.global_batch_size // (self.cluster.num_workers * self.pretrain.micro_batch_size)
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

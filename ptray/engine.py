@@ -17,13 +17,14 @@ import torch
 
 from ptray.config import Config
 from ptray.errors import ConfigError
+from ptray.schedule import Schedule, pretrain_schedule
 
 CHECKPOINT_TAG = "ds"  # DeepSpeed's files live in <checkpoint>/ds/
 
 
-def deepspeed_config(cfg: Config) -> dict:
-    """The DeepSpeed JSON config for a ptray config."""
-    ds, p = cfg.deepspeed, cfg.pretrain
+def deepspeed_config(cfg: Config, schedule: Schedule) -> dict:
+    """The DeepSpeed JSON config of a stage: ZeRO and precision from `cfg`, batch and optimizer from `schedule`."""
+    ds, p = cfg.deepspeed, schedule
     zero: dict = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.cluster.use_gpu}
@@ -32,7 +33,7 @@ def deepspeed_config(cfg: Config) -> dict:
     return {
         "train_batch_size": p.global_batch_size,
         "train_micro_batch_size_per_gpu": p.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "gradient_accumulation_steps": p.grad_accum_steps,
         "gradient_clipping": p.grad_clip,
         "optimizer": {"type": "AdamW", "params": {
             "lr": p.lr, "betas": [p.beta1, p.beta2], "eps": 1e-8, "weight_decay": p.weight_decay,
@@ -111,8 +112,8 @@ def partitioned_construction(cfg: Config):
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     # Only what partitioning needs: DeepSpeed checks the global batch against a world size it does not know yet.
-    config = {k: v for k, v in deepspeed_config(cfg).items() if k not in ("train_batch_size",
-                                                                          "gradient_accumulation_steps")}
+    config = {k: v for k, v in deepspeed_config(cfg, pretrain_schedule(cfg)).items()
+              if k not in ("train_batch_size", "gradient_accumulation_steps")}
     zero3 = HfDeepSpeedConfig(config)  # transformers reads it through a weak reference: keep it alive
     try:
         yield
@@ -137,13 +138,13 @@ def held_params(model: torch.nn.Module) -> int:
     return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
 
 
-def initialize(model: torch.nn.Module, cfg: Config, *, load_universal: bool = False):
+def initialize(model: torch.nn.Module, cfg: Config, schedule: Schedule, *, load_universal: bool = False):
     """Wrap `model` in a DeepSpeed engine with AdamW over `param_groups(model)`.
     `load_universal`: the next `load` reads a universal checkpoint (see `to_universal`)."""
     import deepspeed
 
-    groups = param_groups(model, cfg.pretrain.weight_decay)
-    config = deepspeed_config(cfg)
+    groups = param_groups(model, schedule.weight_decay)
+    config = deepspeed_config(cfg, schedule)
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config, dist_init_required=False)

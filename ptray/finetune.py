@@ -43,6 +43,7 @@ from ptray.errors import ConfigError, DataError
 from ptray.loop import fit, raise_if_stopped, setup_worker, worker_entry
 from ptray.model import flops_per_token
 from ptray.objectives import IGNORE_INDEX
+from ptray.schedule import Schedule
 from ptray.session import fit_with_retries, train_logging, worker_scaling
 from ptray.storage import filesystem_for
 
@@ -220,19 +221,22 @@ def prepare_finetune(cfg: Config) -> tuple[ray.ObjectRef, LabelledData]:
     return ray.put(data), data
 
 
-def finetune_steps(ft, num_train_examples: int) -> int:
-    """Optimizer steps of a finetune run: epochs x global batches per epoch (an epoch's last one may be partial)."""
-    return ft.epochs * steps_per_epoch(ft.global_batch_size, num_train_examples)
-
-
-def steps_per_epoch(global_batch_size: int, num_train_examples: int) -> int:
-    return max(1, math.ceil(num_train_examples / global_batch_size))
-
-
-def warmup_steps(ft, max_steps: int) -> int:
-    """Linear warm-up steps of a finetune run of `max_steps` (then cosine decay to 0). The sweep reads this too: no
-    trial is judged while warming up."""
-    return max(1, int(ft.warmup_ratio * max_steps))
+def finetune_schedule(cfg: Config, num_train_examples: int) -> Schedule:
+    """Finetuning's schedule: `finetune.epochs` passes over `num_train_examples` in global batches of
+    `finetune.global_batch_size` (an epoch's last one may be partial), linear warm-up over `finetune.warmup_ratio` of
+    the steps, then cosine decay to 0; an evaluation, reported with a checkpoint, every `finetune.eval_every` steps.
+    Adam's betas, gradient clipping, the logging interval and the non-finite-loss rule are `pretrain`'s."""
+    ft, p = cfg.finetune, cfg.pretrain
+    steps_per_epoch = max(1, math.ceil(num_train_examples / ft.global_batch_size))
+    max_steps = ft.epochs * steps_per_epoch
+    return Schedule(
+        max_steps=max_steps, global_batch_size=ft.global_batch_size, micro_batch_size=ft.micro_batch_size,
+        grad_accum_steps=ft.global_batch_size // (cfg.cluster.num_workers * ft.micro_batch_size),  # validated
+        lr=ft.lr, warmup_steps=max(1, int(ft.warmup_ratio * max_steps)), decay="cosine", min_lr_ratio=0.0,
+        decay_fraction=0.0, weight_decay=ft.weight_decay, beta1=p.beta1, beta2=p.beta2, grad_clip=p.grad_clip,
+        log_every=max(1, min(p.log_every, ft.eval_every)), eval_every=ft.eval_every, ckpt_every=ft.eval_every,
+        max_nonfinite_steps=p.max_nonfinite_steps, peak_flops_per_worker=p.peak_flops_per_worker,
+        steps_per_epoch=steps_per_epoch)
 
 
 def build_trainer(cfg: Config, data_ref: ray.ObjectRef, *, storage_path: str, name: str, num_examples: int,
@@ -245,7 +249,8 @@ def build_trainer(cfg: Config, data_ref: ray.ObjectRef, *, storage_path: str, na
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "data": data_ref, "run_dir": run_dir,
-                           "pretrained": pretrained_dir(cfg), "max_steps": finetune_steps(cfg.finetune, num_examples),
+                           "pretrained": pretrained_dir(cfg),
+                           "schedule": dataclasses.asdict(finetune_schedule(cfg, num_examples)),
                            "keep_best": (metric, mode) if metric else None},
         scaling_config=worker_scaling(cfg),
         run_config=RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks),
@@ -502,8 +507,8 @@ def freeze(model, num_layers: int) -> int:
 class FinetuneTask:
     """Classification or SFT over the labelled tensors: what `loop.fit` needs from finetuning."""
 
-    def __init__(self, cfg: Config, data: LabelledData, rank: int, world_size: int):
-        self.cfg, self.task = cfg, cfg.finetune.task
+    def __init__(self, cfg: Config, schedule: Schedule, data: LabelledData, rank: int, world_size: int):
+        self.cfg, self.schedule, self.task = cfg, schedule, cfg.finetune.task
         self.rank, self.world_size = rank, world_size
         # Every rank holds the whole training set and takes its own part of each global batch (see next_batch).
         self.train = data.train
@@ -522,45 +527,45 @@ class FinetuneTask:
     def next_batch(self, state: ckpt.TrainerState) -> dict[str, torch.Tensor]:
         """This rank's next micro-batch. An epoch is ceil(N / global batch) steps over one global order of all N
         examples, so every example is seen once per epoch; the last global batch is padded with weight-0 rows."""
-        ft = self.cfg.finetune
-        num_examples, micro = len(self.train["labels"]), ft.micro_batch_size
-        accum = ft.global_batch_size // (self.world_size * micro)
-        if state.batches_in_epoch >= steps_per_epoch(ft.global_batch_size, num_examples) * accum:
+        sched = self.schedule
+        num_examples, micro, accum = len(self.train["labels"]), sched.micro_batch_size, sched.grad_accum_steps
+        if state.batches_in_epoch >= sched.steps_per_epoch * accum:
             state.epoch += 1
             state.batches_in_epoch = 0
         step, micro_step = divmod(state.batches_in_epoch, accum)
         state.batches_in_epoch += 1
         # A global batch is laid out rank by rank, then micro-step by micro-step.
-        start = step * ft.global_batch_size + (self.rank * accum + micro_step) * micro
+        start = step * sched.global_batch_size + (self.rank * accum + micro_step) * micro
         positions = torch.arange(start, start + micro)
         real = positions < num_examples
         batch = {k: v[self.epoch_order(state.epoch)[positions.clamp(max=num_examples - 1)]]
                  for k, v in self.train.items()}
         # DeepSpeed averages the micro-batch losses over ranks and accumulation steps; weighting each real example by
         # world x accum / (real examples in this global batch) makes that the mean over the real examples.
-        real_in_step = min(ft.global_batch_size, num_examples - step * ft.global_batch_size)
+        real_in_step = min(sched.global_batch_size, num_examples - step * sched.global_batch_size)
         batch["weight"] = real.float() * (self.world_size * accum / real_in_step)
         if self.task == "sft":
             batch["labels"][~real] = IGNORE_INDEX
         return batch
 
     def loss(self, engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        batch = {k: v.to(engine.device) for k, v in batch.items()}
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         if self.task == "classification":
             per_example = F.cross_entropy(logits.float(), batch["labels"], reduction="none",
                                           label_smoothing=self.cfg.finetune.label_smoothing)
             return (per_example * batch["weight"]).sum()
-        if not (batch["labels"][:, 1:] != IGNORE_INDEX).any():
-            return logits.sum() * 0.0  # a micro-batch of padding only: still a backward pass, like every rank's
         return self._loss(logits, batch["labels"])
 
     def _loss(self, logits, labels):
         """The mean loss of a batch (evaluation, and SFT training: the mean over its answer tokens)."""
         if self.task == "classification":
             return F.cross_entropy(logits.float(), labels)
-        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
-                               ignore_index=IGNORE_INDEX)
+        # The sum over answer tokens by their count, at least 1: a micro-batch of padding only gives 0 (and a backward
+        # pass, like every rank's), without the host sync a branch on the count would cost.
+        targets = labels[:, 1:]
+        total = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
     def evaluate(self, engine) -> dict[str, float]:
         """Metrics over the whole validation set: each rank's share, summed over ranks (one all-reduce)."""
@@ -622,18 +627,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"[finetune] method={ft.method}, freeze_layers={ft.freeze_layers}: {trainable:,} of "
               f"{sum(p.numel() for p in model.parameters()):,} parameters train", flush=True)
-    max_steps = loop_config["max_steps"]
-    # Finetuning fills the optimization section the shared loop and engine read.
-    train_cfg = dataclasses.replace(cfg, pretrain=dataclasses.replace(
-        cfg.pretrain, max_steps=max_steps, lr=ft.lr, weight_decay=ft.weight_decay, schedule="cosine",
-        warmup_steps=warmup_steps(ft, max_steps), min_lr_ratio=0.0,
-        global_batch_size=ft.global_batch_size, micro_batch_size=ft.micro_batch_size, eval_every=ft.eval_every,
-        ckpt_every=ft.eval_every, log_every=max(1, min(cfg.pretrain.log_every, ft.eval_every)),
-        activation_checkpointing=False))
-    task = FinetuneTask(train_cfg, data, rank, world_size)
+    schedule = Schedule(**loop_config["schedule"])
+    task = FinetuneTask(cfg, schedule, data, rank, world_size)
     num_params = sum(p.numel() for p in model.parameters())
-    fit(train_cfg, task, model, run_dir=loop_config["run_dir"], checkpoint_root=loop_config["run_dir"],
-        tokens_per_step=ft.global_batch_size * ft.max_len, label="finetune",
+    fit(cfg, schedule, task, model, run_dir=loop_config["run_dir"], checkpoint_root=loop_config["run_dir"],
+        tokens_per_step=schedule.global_batch_size * ft.max_len, label="finetune",
         flops_per_token=flops_per_token(model.config, num_params, ft.max_len),
         keep_best=loop_config["keep_best"])
 

@@ -27,42 +27,26 @@ from ray.train import Checkpoint
 
 from ptray import checkpoint as ckpt
 from ptray import storage
-from ptray.config import Config, PretrainConfig
+from ptray.config import Config
 from ptray.errors import StartupError, TrainingStopped, UserError
 from ptray.metrics import MetricsLog, peak_flops_per_worker, progress_line, read_metrics, step_profiler
+from ptray.schedule import Schedule
 
 
 class Task(Protocol):
     """What a stage plugs into `fit`."""
 
     def next_batch(self, state: ckpt.TrainerState) -> dict[str, torch.Tensor]:
-        """The next micro-batch for this rank; advances `state`'s data position."""
+        """The next micro-batch for this rank, in host memory; advances `state`'s data position."""
 
     def loss(self, engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Forward pass and mean loss of a micro-batch."""
+        """Forward pass and mean loss of a micro-batch (already on the engine's device)."""
 
     def evaluate(self, engine) -> dict[str, float]:
         """Validation metrics, identical on every rank (a collective: every rank calls it). {} when there is none."""
 
     def probe_inputs(self) -> dict[str, torch.Tensor]:
         """Fixed model inputs, the same on every rank; their logits are stored to verify the export."""
-
-
-def lr_at(step: int, p: PretrainConfig) -> float:
-    """Linear warmup, then cosine to min_lr, warmup-stable-decay (linear decay over the last decay_fraction),
-    or constant."""
-    if step < p.warmup_steps:
-        return p.lr * (step + 1) / p.warmup_steps
-    min_lr = p.lr * p.min_lr_ratio
-    if p.schedule == "constant":
-        return p.lr
-    if p.schedule == "wsd":
-        decay_start = int(p.max_steps * (1 - p.decay_fraction))
-        if step < decay_start:
-            return p.lr
-        return p.lr + (min_lr - p.lr) * (step - decay_start) / max(1, p.max_steps - decay_start)
-    progress = min(1.0, (step - p.warmup_steps) / max(1, p.max_steps - p.warmup_steps))
-    return min_lr + 0.5 * (p.lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
 _first_step_done = False  # this worker process has completed an optimizer step (set by `fit`)
@@ -105,16 +89,16 @@ def setup_worker(cfg: Config):
     return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
 
 
-def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkpoint_root: str, tokens_per_step: int,
-        flops_per_token: float, label: str, snapshot_steps: tuple[int, ...] = (),
+def fit(cfg: Config, schedule: Schedule, task: Task, model: torch.nn.Module, *, run_dir: str, checkpoint_root: str,
+        tokens_per_step: int, flops_per_token: float, label: str, snapshot_steps: tuple[int, ...] = (),
         keep_best: tuple[str, str] | None = None, bound_to: dict | None = None) -> None:
     """Wrap `model` in DeepSpeed, resume from the newest good checkpoint under `checkpoint_root` if there is one, and
-    train `cfg.pretrain.max_steps` steps.
+    train `schedule.max_steps` steps.
 
     At each of `snapshot_steps` the weights are also saved to `<run_dir>/snapshots/step-<N>/` (kept whatever
     `num_to_keep` says): the driver exports them, to finetune from intermediate points of pretraining.
 
-    `cfg.pretrain` holds the optimization settings of the stage (finetuning fills it from its own section).
+    `schedule` is the stage's optimization (see ptray.schedule); `cfg` gives the cluster, DeepSpeed and model settings.
     `tokens_per_step` counts sequence positions per optimizer step over all workers (padding included).
     `keep_best=(metric, mode)`: write a checkpoint only when an evaluation improves `metric` (finetuning keeps just the
     best one anyway); every other evaluation is still reported to Ray, without one, so schedulers see it.
@@ -122,12 +106,12 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkp
     """
     from ptray import engine as ds  # imports DeepSpeed; after setup_worker set DS_ACCELERATOR
 
-    p = cfg.pretrain
+    p = schedule  # read on almost every line below
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     num_params = sum(t.numel() for t in model.parameters())
     check_shared(checkpoint_root, rank, world_size, ray.get_runtime_context().get_node_id())
-    engine, state = start_engine(cfg, model, checkpoint_root, rank, world_size, label)
+    engine, state = start_engine(cfg, schedule, model, checkpoint_root, rank, world_size, label)
     cannot_compile = ds.compile_model(engine, cfg)
     if cannot_compile and rank == 0:
         print(f"[{label}] WARNING: {cannot_compile}", flush=True)
@@ -141,7 +125,7 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkp
     if rank == 0:
         print(f"[{label}] {num_params:,} parameters, ZeRO-{cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision}"
               f"{', compiled' if engine.is_compiled else ''}, "
-              f"{world_size} workers x {p.micro_batch_size} x {cfg.grad_accum_steps} accumulation, {p.max_steps} "
+              f"{world_size} workers x {p.micro_batch_size} x {p.grad_accum_steps} accumulation, {p.max_steps} "
               f"steps; MFU against {peak_flops / 1e9:,.1f} GFLOP/s per worker ({peak_source})", flush=True)
 
     def improves(metrics: dict) -> bool:
@@ -197,20 +181,21 @@ def fit(cfg: Config, task: Task, model: torch.nn.Module, *, run_dir: str, checkp
     metrics: dict = {}
     engine.train()
     while state.step < p.max_steps:
-        lr = lr_at(state.step, p)
+        lr = p.lr_at(state.step)
         ds.set_lr(engine, lr)
         step_loss = torch.zeros((), device=engine.device)
-        for micro_step in range(cfg.grad_accum_steps):
+        for micro_step in range(p.grad_accum_steps):
             wait_start = time.perf_counter()
             batch = task.next_batch(state)
-            window_data_wait += time.perf_counter() - wait_start
             window_fingerprint += fingerprint(batch["input_ids"])
+            batch = to_device(batch, engine.device)
+            window_data_wait += time.perf_counter() - wait_start
             loss = task.loss(engine, batch)
-            if rank == 0 and state.step + 1 in injected_nonfinite and micro_step == cfg.grad_accum_steps - 1:
+            if rank == 0 and state.step + 1 in injected_nonfinite and micro_step == p.grad_accum_steps - 1:
                 loss = loss * float("nan")
             engine.backward(loss)
-            step_loss += loss.detach() / cfg.grad_accum_steps
-            if micro_step < cfg.grad_accum_steps - 1:
+            step_loss += loss.detach() / p.grad_accum_steps
+            if micro_step < p.grad_accum_steps - 1:
                 engine.step()  # counts the micro-batch; DeepSpeed updates only on the accumulation boundary
         # All ranks must agree whether to update: one scalar all-reduce (DeepSpeed syncs on the grad norm anyway).
         finite = torch.isfinite(step_loss).float()
@@ -380,8 +365,8 @@ def node_local_copy(path: str, label: str):
             shutil.rmtree(local, ignore_errors=True)
 
 
-def start_engine(cfg: Config, model: torch.nn.Module, checkpoint_root: str, rank: int, world_size: int,
-                 label: str) -> tuple[object, ckpt.TrainerState]:
+def start_engine(cfg: Config, schedule: Schedule, model: torch.nn.Module, checkpoint_root: str, rank: int,
+                 world_size: int, label: str) -> tuple[object, ckpt.TrainerState]:
     """The DeepSpeed engine and trainer state, restored from the newest checkpoint that verifies (collective).
 
     A checkpoint that fails verification is skipped with a warning naming it. On another world size, ZeRO's partitions
@@ -408,14 +393,14 @@ def start_engine(cfg: Config, model: torch.nn.Module, checkpoint_root: str, rank
                 # three steps (stages 1-2 match within 1e-4), so the Adam moments restart instead.
                 with ds.gathered(model):
                     ckpt.load_weights(model, ds.consolidated_state_dict(checkpoint_dir, zero_stage=3))
-                engine = ds.initialize(model, cfg)
+                engine = ds.initialize(model, cfg, schedule)
             elif reshard:  # each rank converts its own copy: no shared scratch space needed
                 with tempfile.TemporaryDirectory() as universal_dir:
                     ds.to_universal(checkpoint_dir, universal_dir)
-                    engine = ds.initialize(model, cfg, load_universal=True)
+                    engine = ds.initialize(model, cfg, schedule, load_universal=True)
                     ds.load(engine, universal_dir)
             else:
-                engine = ds.initialize(model, cfg)
+                engine = ds.initialize(model, cfg, schedule)
                 ds.load(engine, checkpoint_dir)
             torch.manual_seed(cfg.run.seed + 1 + rank)
             ckpt.load_rng(checkpoint_dir, rank)
@@ -427,7 +412,7 @@ def start_engine(cfg: Config, model: torch.nn.Module, checkpoint_root: str, rank
                     if cfg.deepspeed.zero_stage == 3 else "all state restored through a DeepSpeed universal checkpoint")
             print(f"[{label}] resumed from {path} at step {state.step}{how}", flush=True)
         return engine, state
-    engine = ds.initialize(model, cfg)
+    engine = ds.initialize(model, cfg, schedule)
     torch.manual_seed(cfg.run.seed + 1 + rank)  # per-rank stream for dropout
     return engine, ckpt.TrainerState(world_size=world_size)
 
@@ -440,6 +425,14 @@ def steps_from_env(name: str) -> set[int]:
         first, _, last = part.partition("-")
         steps.update(range(int(first), int(last or first) + 1))
     return steps
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A host micro-batch on `device`. On a GPU through pinned memory and without waiting: a copy from pageable memory
+    blocks the host until the GPU has finished all the work queued before it, a host sync in every micro-step."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def fingerprint(input_ids: torch.Tensor) -> int:

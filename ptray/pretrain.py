@@ -33,6 +33,7 @@ from ptray.errors import ConfigError, DataError
 from ptray.loop import fit, raise_if_stopped, setup_worker, snapshot_dir, worker_entry
 from ptray.model import build_model, flops_per_token, init_from_info, num_params, padded_vocab_size
 from ptray.objectives import IGNORE_INDEX, causal_lm_batch, masked_lm_batch, token_loss
+from ptray.schedule import pretrain_schedule
 from ptray.session import fit_with_retries, train_logging, worker_scaling
 
 # ---- driver --------------------------------------------------------------------------------------------------------
@@ -153,10 +154,10 @@ def check_model_fits_data(cfg: Config, manifest: Manifest, prepared_dir: str) ->
     if cfg.pretrain.objective == "mlm" and manifest.mask_id is None:
         raise ConfigError("pretrain.objective=mlm needs a tokenizer with a mask token; "
                           "the prepared tokenizer has none.")
-    rows_per_step = cfg.cluster.num_workers * cfg.pretrain.micro_batch_size * cfg.grad_accum_steps
-    if manifest.num_train_rows < rows_per_step:
+    if manifest.num_train_rows < cfg.pretrain.global_batch_size:
         raise DataError(f"the prepared data has {manifest.num_train_rows} training rows, fewer than one optimizer step "
-                        f"needs ({rows_per_step} = pretrain.global_batch_size); add data or lower the batch size.")
+                        f"needs (pretrain.global_batch_size={cfg.pretrain.global_batch_size}); add data or lower the "
+                        "batch size.")
     return vocab_size
 
 
@@ -218,8 +219,7 @@ class LanguageModelingTask:
         return {"input_ids": inputs, "targets": targets}
 
     def loss(self, engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = engine(input_ids=batch["input_ids"].to(engine.device)).logits
-        return token_loss(logits, batch["targets"].to(engine.device))
+        return token_loss(engine(input_ids=batch["input_ids"]).logits, batch["targets"])
 
     def evaluate(self, engine) -> dict[str, float]:
         if len(self.val_rows) == 0:
@@ -260,7 +260,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if cfg.pretrain.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     task = LanguageModelingTask(cfg, manifest, loop_config["prepared_dir"], rank, world_size)
-    fit(cfg, task, model, run_dir=loop_config["run_dir"], checkpoint_root=loop_config["checkpoint_root"],
+    fit(cfg, pretrain_schedule(cfg), task, model, run_dir=loop_config["run_dir"],
+        checkpoint_root=loop_config["checkpoint_root"],
         tokens_per_step=cfg.pretrain.global_batch_size * manifest.seq_len,
         flops_per_token=flops_per_token(model.config, num_params(model), cfg.data.seq_len), label="pretrain",
         snapshot_steps=tuple(cfg.sweep.pretrained_steps), bound_to=loop_config["bound_to"])

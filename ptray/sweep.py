@@ -38,7 +38,7 @@ from ray.tune.search import BasicVariantGenerator
 from ptray.config import DATA_KEYS, Config, load_config, load_config_dict, save_config, with_absolute_paths
 from ptray.errors import ConfigError, UserError
 from ptray.finetune import (METRICS, best_checkpoint, build_trainer, check_pretrained, export_finetuned,
-                            finetune_steps, load_labelled, pretrained_dir, warmup_steps)
+                            finetune_schedule, load_labelled, pretrained_dir)
 from ptray.data.tokenizer import load_tokenizer
 from ptray.loop import snapshot_dir
 from ptray.metrics import read_metrics
@@ -142,9 +142,9 @@ def longest_trial(cfg: Config, sets: LabelledSets) -> tuple[int, int]:
     for combination in itertools.product(*[[(k, v) for v in _values(space[k])] for k in length_keys]):
         trial = trial_config(cfg.to_dict(), dict(combination))
         num_train = sets.num_train.get(data_key(trial)) or max(sets.num_train.values())
-        steps = finetune_steps(trial.finetune, num_train)
-        longest = max(longest, steps)
-        warmup = max(warmup, warmup_steps(trial.finetune, steps))
+        schedule = finetune_schedule(trial, num_train)
+        longest = max(longest, schedule.max_steps)
+        warmup = max(warmup, schedule.warmup_steps)
     return longest, warmup
 
 
@@ -463,7 +463,7 @@ def leaderboard_rows(results, cfg: Config, sets: LabelledSets, trials_dir: str, 
         losses = [r["loss"] for r in history if "loss" in r]
         diverged = any(not math.isfinite(v) for v in values + losses) or any("stopped" in r for r in history)
         trial = trial_config(cfg.to_dict(), result.config)
-        planned = finetune_steps(trial.finetune, sets.num_train[data_key(trial)])
+        planned = finetune_schedule(trial, sets.num_train[data_key(trial)]).max_steps
         # Tune's last reported step, not the trial's own log: a trial ASHA stops may still log the evaluation it was
         # running.
         reported = (result.metrics or {}).get("step", 0)

@@ -10,12 +10,13 @@ import yaml
 
 from ptray.config import Config, builtin_config_names, load_config, resolved
 from ptray.errors import ConfigError
+from ptray.schedule import pretrain_schedule
 
 
 @pytest.mark.parametrize("name", builtin_config_names())
 def test_every_shipped_config_loads_and_validates(name):
     cfg = load_config(name)
-    assert cfg.grad_accum_steps >= 1
+    assert pretrain_schedule(cfg).grad_accum_steps >= 1
     assert cfg.data.seq_len <= cfg.model.max_positions
 
 

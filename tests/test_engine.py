@@ -14,6 +14,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 from ptray import engine as ds  # noqa: E402
 from ptray.config import load_config  # noqa: E402
 from ptray.model import build_model  # noqa: E402
+from ptray.schedule import pretrain_schedule  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,7 +42,7 @@ def _engine(zero_stage: int, precision: str):
                                "model.dropout=0.0"])
     torch.manual_seed(0)
     model = build_model(cfg.model, vocab_size=128, special_ids={"eos": 0, "pad": 0, "mask": None})
-    return ds.initialize(model, cfg)
+    return ds.initialize(model, cfg, pretrain_schedule(cfg))
 
 
 def _optimizer_state(engine) -> list[torch.Tensor]:
@@ -100,7 +101,7 @@ def test_bf16_accumulates_gradients_in_fp32_under_zero(zero_stage, precision, ac
     from ptray.engine import deepspeed_config
 
     cfg = load_config("tiny", [f"deepspeed.zero_stage={zero_stage}", f"deepspeed.precision={precision}"])
-    assert deepspeed_config(cfg)["data_types"]["grad_accum_dtype"] == accumulate_in
+    assert deepspeed_config(cfg, pretrain_schedule(cfg))["data_types"]["grad_accum_dtype"] == accumulate_in
 
 
 @pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
@@ -109,9 +110,10 @@ def test_gpu_configs_hand_torchs_fused_adamw_to_deepspeed(zero_stage):
     The engine is made here from a GPU config on CPU, where torch's fused AdamW also runs."""
     cfg = load_config("tiny", [f"deepspeed.zero_stage={zero_stage}", "cluster.use_gpu=true", "cluster.num_workers=1",
                                "pretrain.global_batch_size=4", "pretrain.micro_batch_size=2"])
-    assert ds.deepspeed_config(cfg)["optimizer"]["params"]["fused"] is True
+    assert ds.deepspeed_config(cfg, pretrain_schedule(cfg))["optimizer"]["params"]["fused"] is True
     torch.manual_seed(0)
-    engine = ds.initialize(build_model(cfg.model, vocab_size=128, special_ids={"eos": 0, "pad": 0, "mask": None}), cfg)
+    engine = ds.initialize(build_model(cfg.model, vocab_size=128, special_ids={"eos": 0, "pad": 0, "mask": None}), cfg,
+                            pretrain_schedule(cfg))
     assert type(engine.basic_optimizer) is torch.optim.AdamW and engine.basic_optimizer.defaults["fused"] is True
     inputs = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     before = _eval_loss(engine, inputs)
@@ -121,9 +123,10 @@ def test_gpu_configs_hand_torchs_fused_adamw_to_deepspeed(zero_stage):
 
 
 def test_cpu_and_offloaded_optimizers_are_torchs_plain_adamw():
-    assert "fused" not in ds.deepspeed_config(load_config("tiny"))["optimizer"]["params"]
-    offloaded = load_config("tiny", ["cluster.use_gpu=true", "deepspeed.offload_optimizer=true"])
-    assert "fused" not in ds.deepspeed_config(offloaded)["optimizer"]["params"]  # its states are in CPU memory
+    tiny = load_config("tiny")
+    offloaded = load_config("tiny", ["cluster.use_gpu=true", "deepspeed.offload_optimizer=true"])  # states on the CPU
+    for cfg in (tiny, offloaded):
+        assert "fused" not in ds.deepspeed_config(cfg, pretrain_schedule(cfg))["optimizer"]["params"]
 
 
 def test_a_compiled_model_trains_like_the_eager_one():
@@ -135,7 +138,7 @@ def test_a_compiled_model_trains_like_the_eager_one():
         torch.manual_seed(0)
         model = build_model(cfg.model, vocab_size=128, special_ids={"eos": 0, "pad": 0, "mask": None})
         assert model.config._attn_implementation == "sdpa"
-        engine = ds.initialize(model, cfg)
+        engine = ds.initialize(model, cfg, pretrain_schedule(cfg))
         assert ds.compile_model(engine, cfg) is None and engine.is_compiled == compiled
         inputs = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
         out = []

@@ -17,7 +17,7 @@ from ptray.config import load_config
 from ptray.data.builtin import CATEGORIES
 from ptray.errors import ConfigError, DataError
 from ptray.data.tokenizer import load_tokenizer
-from ptray.finetune import finetune, finetune_steps, freeze, load_labelled, prepare_finetune
+from ptray.finetune import finetune, finetune_schedule, freeze, load_labelled, prepare_finetune
 from ptray.metrics import read_metrics
 from ptray.pretrain import pretrain
 from ptray.report import report
@@ -239,7 +239,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(pretrained_
     trials = run_dir / "sweep" / "trials"
     cfg = load_config("tiny", args + ["data.builtin_docs=4000"])
     tokenizer = load_tokenizer(os.path.join(pretrained_run, "export"))
-    planned = finetune_steps(cfg.finetune, len(load_labelled(cfg, tokenizer).train["labels"]))
+    planned = finetune_schedule(cfg, len(load_labelled(cfg, tokenizer).train["labels"])).max_steps
 
     def finished_trials():  # a trial that has evaluated its last step
         done = []
@@ -282,8 +282,8 @@ def test_a_killed_finetune_resumes_from_its_last_checkpoint(pretrained_run, tmp_
             "finetune.builtin_examples=400", "finetune.epochs=2", "finetune.eval_every=5"]
     out = tmp_path / "finetune-classification"
     cfg = load_config("tiny", args)
-    planned = finetune_steps(cfg.finetune, len(load_labelled(cfg, load_tokenizer(f"{pretrained_run}/export")).train[
-        "labels"]))
+    planned = finetune_schedule(cfg, len(load_labelled(cfg, load_tokenizer(f"{pretrained_run}/export")).train[
+        "labels"])).max_steps
 
     def evaluated_steps():
         return [r["step"] for path in out.glob("train-*") for r in read_metrics(str(path)) if "val_accuracy" in r]

@@ -25,7 +25,7 @@ from ptray.config import load_config
 from ptray.data.tokenizer import load_tokenizer
 from ptray.errors import ConfigError
 from ptray.finetune import (FinetuneTask, LabelledData, MeanPooledClassifier, confusion_counts, finetune,
-                            finetune_model, finetune_steps, load_classifier, load_labelled, metrics_from_counts,
+                            finetune_model, finetune_schedule, load_classifier, load_labelled, metrics_from_counts,
                             prepare_finetune)
 
 LABELS = {0: "a", 1: "b", 2: "c"}
@@ -157,7 +157,8 @@ def test_label_smoothing_in_the_training_loss_only():
         return {"input_ids": torch.randint(0, 9, (n, 5), generator=generator),
                 "attention_mask": torch.ones(n, 5, dtype=torch.long), "labels": torch.randint(0, 3, (n,))}
 
-    task = FinetuneTask(cfg, LabelledData(train=examples(8), val=examples(4), id2label=LABELS), rank=0, world_size=1)
+    data = LabelledData(train=examples(8), val=examples(4), id2label=LABELS)
+    task = FinetuneTask(cfg, finetune_schedule(cfg, 8), data, rank=0, world_size=1)
     engine = lambda input_ids, attention_mask: types.SimpleNamespace(logits=input_ids[:, :3].float())  # noqa: E731
     engine.device = torch.device("cpu")
     train_batch = task.next_batch(ckpt.TrainerState())
@@ -176,9 +177,10 @@ def test_every_labelled_example_is_seen_once_per_epoch_and_the_step_loss_is_thei
     train = {"input_ids": torch.arange(n)[:, None].repeat(1, 3), "attention_mask": torch.ones(n, 3, dtype=torch.long),
              "labels": torch.arange(n) % 3}
     data = LabelledData(train=train, val=train, id2label=LABELS)
-    tasks = [FinetuneTask(cfg, data, rank=r, world_size=world) for r in range(world)]
+    schedule = finetune_schedule(dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, epochs=2)), n)
+    assert (schedule.max_steps, schedule.steps_per_epoch, schedule.grad_accum_steps) == (2 * 3, 3, accum)
+    tasks = [FinetuneTask(cfg, schedule, data, rank=r, world_size=world) for r in range(world)]
     states = [ckpt.TrainerState(world_size=world) for _ in range(world)]
-    assert finetune_steps(dataclasses.replace(cfg.finetune, epochs=2), n) == 2 * 3
     engine = lambda input_ids, attention_mask: types.SimpleNamespace(  # noqa: E731
         logits=torch.stack([input_ids[:, 0].float() / n, -input_ids[:, 0].float() / n, torch.zeros(len(input_ids))], 1))
     engine.device = torch.device("cpu")

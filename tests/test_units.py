@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from ptray.config import PretrainConfig
+from ptray.config import load_config
 from ptray.data.clean import clean_batch, clean_text, is_validation, shuffle_block
 from ptray.data.pack import pack_token_lists
 from ptray.data.readers import expand_files
 from ptray.data.tokenizer import load_tokenizer, train_bpe
 from ptray.errors import DataError
 from ptray.objectives import IGNORE_INDEX, causal_lm_batch, masked_lm_batch
-from ptray.loop import lr_at
+from ptray.schedule import pretrain_schedule
 
 
 def test_clean_text_stages_can_be_switched():
@@ -94,8 +94,10 @@ def test_masked_lm_follows_bert_recipe():
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
 def test_lr_schedules(schedule):
-    p = PretrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1, schedule=schedule, decay_fraction=0.2)
-    lrs = [lr_at(s, p) for s in range(100)]
+    p = pretrain_schedule(load_config("tiny", ["pretrain.max_steps=100", "pretrain.warmup_steps=10", "pretrain.lr=1.0",
+                                               "pretrain.min_lr_ratio=0.1", f"pretrain.schedule={schedule}",
+                                               "pretrain.decay_fraction=0.2"]))
+    lrs = [p.lr_at(s) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10]))
     if schedule == "cosine":
@@ -260,14 +262,15 @@ def test_the_verdict_names_a_gain_only_beyond_validation_noise(pretrained, scrat
 
 
 def test_label_fraction_runs_keep_the_step_budget():
-    from ptray.finetune import finetune_steps
+    from ptray.finetune import finetune_schedule
     from ptray.config import load_config
     from ptray.sweep import fraction_plan
 
-    ft = load_config("tiny", ["finetune.epochs=2"]).finetune
-    plan = fraction_plan({"finetune.lr": 1e-3}, 0.1, ft.epochs)
+    cfg = load_config("tiny", ["finetune.epochs=2"])
+    plan = fraction_plan({"finetune.lr": 1e-3}, 0.1, cfg.finetune.epochs)
     assert plan == {"finetune.lr": 1e-3, "finetune.train_fraction": 0.1, "finetune.epochs": 20}
-    full, tenth = finetune_steps(ft, 1800), finetune_steps(ft.__class__(**{**vars(ft), "epochs": 20}), 180)
+    full = finetune_schedule(cfg, 1800).max_steps
+    tenth = finetune_schedule(load_config("tiny", ["finetune.epochs=20"]), 180).max_steps
     assert abs(tenth - full) <= 20  # about the same optimizer steps with a tenth of the examples
     assert fraction_plan({"finetune.epochs": 3}, 0.25, 2)["finetune.epochs"] == 12  # a swept epochs value wins
 
@@ -293,12 +296,14 @@ def test_deepspeed_config_for_each_precision():
     from ptray.config import load_config
     from ptray.engine import deepspeed_config
 
-    fp16 = deepspeed_config(load_config("tiny", ["deepspeed.precision=fp16", "cluster.use_gpu=true"]))
+    config_of = lambda overrides: deepspeed_config(load_config("tiny", overrides),  # noqa: E731
+                                                   pretrain_schedule(load_config("tiny", overrides)))
+    fp16 = config_of(["deepspeed.precision=fp16", "cluster.use_gpu=true"])
     assert fp16["fp16"]["enabled"] and not fp16["bf16"]["enabled"]
     assert fp16["fp16"]["initial_scale_power"] == 16  # dynamic loss scaling from 2^16
-    bf16 = deepspeed_config(load_config("tiny", ["deepspeed.precision=bf16", "cluster.use_gpu=true"]))
+    bf16 = config_of(["deepspeed.precision=bf16", "cluster.use_gpu=true"])
     assert bf16["bf16"]["enabled"] and not bf16["fp16"]["enabled"] and bf16["data_types"]["grad_accum_dtype"] == "fp32"
-    fp32 = deepspeed_config(load_config("tiny", []))
+    fp32 = config_of([])
     assert not fp32["fp16"]["enabled"] and not fp32["bf16"]["enabled"]
 
 
