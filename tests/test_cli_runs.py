@@ -27,6 +27,7 @@ def test_pretrain_then_finetune_commands_with_relative_run_dir(ray_local, tmp_pa
     output = "".join(capfd.readouterr())
     assert "step      5/10 | loss" in output and output.count("step     10/10 | loss") == 1  # one line, not echoed
     assert "Started training worker group" not in output  # Ray Train's own messages need --verbose
+    assert "Reporting training result" not in output and "PreemptionWatcher" not in output
     assert f"export {tmp_path}/runs/tiny/export" in output
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "runs/tiny/export").config.n_layer == 2
     assert main(["finetune", "--config", "tiny", "data.builtin_docs=2000", "finetune.builtin_examples=200",
