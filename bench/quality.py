@@ -3,10 +3,12 @@
     python bench/quality.py                          # the `small` recipe: 1,500 steps, then the sweeps (~2 h, 2 cores)
     python bench/quality.py --steps 400 --no-sweep   # the pretraining comparison only (~15 min)
     python bench/quality.py --steps 400 sweep.num_samples=4 finetune.epochs=2   # extra args: ptray overrides
+    python bench/quality.py --task manpages          # the second task: manual pages -> their section
 
 Data: `bench/realdata.py` assembles it from what Debian ships (package descriptions and /usr/share/doc paragraphs as
-the unlabelled corpus; other packages' descriptions labelled by archive section as a 4-way task), so nothing is kept in
-the repo. Prints, side by side:
+the unlabelled corpus; other packages' descriptions labelled by archive section as a 4-way task), or with
+`--task manpages` `bench/realdata_man.py` from the manual pages (other pages as the corpus; a page's summary labelled
+by its manual section), so nothing is kept in the repo. Prints, side by side:
 - held-out perplexity of ptray's pretraining (2 Ray Train workers x DeepSpeed ZeRO-2) and of the bare loop (same
   model, same prepared rows, rows drawn uniformly at random, same AdamW and schedule) at every evaluation;
 - the swept best accuracy from the pretrained model and from scratch (each side its own search), their seed spread
@@ -22,7 +24,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bare_lm import bare_finetune, bare_pretrain  # noqa: E402
-from realdata import assemble  # noqa: E402
+import realdata  # noqa: E402
+import realdata_man  # noqa: E402
 
 from ptray.config import load_config  # noqa: E402
 from ptray.metrics import read_metrics  # noqa: E402
@@ -33,15 +36,18 @@ from ptray.sweep import sweep  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="/tmp/ptray-quality")
+    parser.add_argument("--task", choices=("debian", "manpages"), default="debian",
+                        help="debian: package descriptions -> archive section; manpages: a page -> its section")
+    parser.add_argument("--out", default="", help="working directory (default /tmp/ptray-quality[-manpages])")
     parser.add_argument("--steps", type=int, default=1500, help="pretraining steps (both sides)")
     parser.add_argument("--no-sweep", action="store_true", help="stop after the pretraining comparison")
     parser.add_argument("--reuse", action="store_true",
                         help="keep the pretraining (both sides) that an earlier run left in --out; sweep only")
     parser.add_argument("overrides", nargs="*", help="ptray config overrides, applied to the `small` recipe")
     args = parser.parse_args()
+    args.out = args.out or "/tmp/ptray-quality" + ("" if args.task == "debian" else f"-{args.task}")
     data = os.path.join(args.out, "data")
-    summary = assemble(data)
+    summary = (realdata if args.task == "debian" else realdata_man).assemble(data)
     cfg = load_config("small", [f"run.dir={args.out}/ptray", f"data.train_files=[{data}/corpus/*.txt]",
                                 f"finetune.train_files=[{data}/labelled/train.jsonl]",
                                 f"finetune.val_files=[{data}/labelled/val.jsonl]", f"pretrain.max_steps={args.steps}",

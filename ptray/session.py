@@ -61,11 +61,15 @@ def ray_session(cfg: Config):
         gcs_port = _free_port()
         runtime_env["env_vars"]["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{gcs_port}"
         os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
+        # A local cluster gets token authentication (Ray 2.60's default), and Ray announces it on the console.
+        auth_notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        auth_notice.setLevel(logging.ERROR)
         try:
             # address="local": always a fresh in-process Ray, even if a `ray start` cluster runs on this machine.
             ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, logging_level=logging.WARNING)
         finally:
             del os.environ["RAY_GCS_SERVER_PORT"]
+            auth_notice.setLevel(logging.NOTSET)
     # Ray Train reads these in the driver too (and hands them to its controller and workers).
     for key in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):
         if key in runtime_env["env_vars"]:
@@ -76,6 +80,7 @@ def ray_session(cfg: Config):
     # on 2 cores, against 0.4-2 s with the previous reader (measured), and prepare reads Parquet three times.
     data_context.use_datasource_v2 = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # one line per dataset execution is noise here
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled": we know
     try:
         yield
     finally:

@@ -1,0 +1,168 @@
+"""A second real-text benchmark, from the manual pages this machine has: which manual section a page belongs to.
+
+    python bench/realdata_man.py /tmp/realdata-man    # ~1 min; needs nothing but /usr/share/man
+
+The labelled task: a page's one-line summary (its NAME line) and the start of its DESCRIPTION -> its section, one of
+four: 1 (user commands), 2/3 (programming interfaces: system calls, C and Perl library), 5/7 (file formats,
+conventions and overviews), 8 (administration). Four classes with different sizes, capped so the majority class is
+about a third, and at most a dozen pages of any one tool family (see `family`). The unlabelled corpus: the full text of every other page (SYNOPSIS to the end), so pretraining sees
+how each kind of page is written, never the labelled pages themselves. A page's own name is removed from its labelled
+text, and `see foo(1)` references lose their section numbers, which would give the label away.
+
+Writes the same layout as bench/realdata.py: OUT_DIR/corpus/manpages.txt (one page per line), OUT_DIR/labelled/
+{train,val}.jsonl ({"text", "label"}) and OUT_DIR/summary.json. Deterministic for a seed and the same pages.
+"""
+
+import collections
+import glob
+import gzip
+import json
+import os
+import random
+import re
+import sys
+
+MAN_DIR = "/usr/share/man"
+LABELS = {"1": "1", "2": "2/3", "3": "2/3", "5": "5/7", "7": "5/7", "8": "8"}
+TEXT_MACROS = re.compile(r"^\.(B|I|BI|BR|IB|IR|RB|RI|SM|SB)\s+(.*)$")
+BREAK_MACROS = re.compile(r"^\.(PP|P|LP|TP|IP|HP|sp|br|SS|RS|RE|Sp|Vb|Ve|nf|fi|TQ|EX|EE)\b")
+
+
+def troff_to_text(source: str) -> dict[str, str]:
+    """A man page's troff source -> {section heading: plain text}; paragraphs are separated by newlines."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for raw in source.splitlines():
+        line = raw.rstrip()
+        if line.startswith((".\\\"", "'\\\"", "\\\"")):
+            continue
+        heading = re.match(r'^\.SH\s+"?([^"]*)"?', line)
+        if heading:
+            current = heading.group(1).strip().upper()
+            sections.setdefault(current, [])
+            continue
+        if current is None:
+            continue
+        text_macro = TEXT_MACROS.match(line)
+        if text_macro:
+            line = " ".join(part.strip('"') for part in re.findall(r'"[^"]*"|\S+', text_macro.group(2)))
+        elif BREAK_MACROS.match(line):
+            sections[current].append("\n")
+            continue
+        elif line.startswith((".", "'")):
+            continue
+        sections[current].append(unescape(line))
+    return {name: re.sub(r"[ \t]+", " ", " ".join(parts)).replace(" \n ", "\n").strip()
+            for name, parts in sections.items()}
+
+
+def unescape(line: str) -> str:
+    line = re.sub(r"\\f(\(..|\[[^]]*\]|.)", "", line)  # font changes
+    line = re.sub(r"\\s[+-]?\d", "", line)  # size changes
+    line = re.sub(r"\\\*(\(..|\[[^]]*\]|.)", "", line)  # strings
+    line = re.sub(r"\\\((em|en)", "-", line)
+    line = re.sub(r"\\\((lq|rq|dq)", '"', line)
+    line = re.sub(r"\\\((aq|oq|cq)", "'", line)
+    line = re.sub(r"\\\(..", "", line)  # other special characters
+    line = re.sub(r"\\\[[^]]*\]", "", line)
+    line = line.replace("\\-", "-").replace("\\e", "\\").replace("\\&", "").replace("\\ ", " ").replace("\\|", "")
+    line = re.sub(r"\\[a-zA-Z0-9^%:/,]", "", line)
+    return line
+
+
+def pages() -> list[tuple[str, str, dict[str, str]]]:
+    """(name, section digit, text by heading) of every page in MAN_DIR/man{1,2,3,5,7,8} that is not a .so link."""
+    found = []
+    for path in sorted(glob.glob(f"{MAN_DIR}/man[123578]/*")):
+        base = os.path.basename(path).removesuffix(".gz")
+        name, _, section = base.rpartition(".")
+        if not name or section[:1] not in LABELS:
+            continue
+        raw = gzip.open(path).read() if path.endswith(".gz") else open(path, "rb").read()
+        source = raw.decode("utf-8", "replace")
+        if source.lstrip().startswith(".so "):
+            continue  # a link to another page
+        found.append((name, section[:1], troff_to_text(source)))
+    return found
+
+
+def labelled_text(name: str, sections: dict[str, str], max_chars: int = 700) -> str:
+    """NAME's summary (without the page's own names) and the start of DESCRIPTION, without section numbers."""
+    summary = sections.get("NAME", "")
+    names, _, summary = summary.partition(" - ")
+    description = sections.get("DESCRIPTION", "")
+    text = f"{summary.strip()} {description}"[:max_chars]
+    text = re.sub(r"\((\d)[a-z]*\)", "", text)  # see ls(1) -> see ls
+    own = {n.strip() for n in re.split(r"[,\s]+", names) if n.strip()} | {name}
+    for n in sorted(own, key=len, reverse=True):
+        text = re.sub(rf"(?<![\w:-]){re.escape(n)}(?![\w:-])", "", text)
+    return " ".join(text.split())
+
+
+def family(name: str) -> str:
+    """Pages of one tool family share a prefix (gcloud-compute-..., git-..., Algorithm::...): they are capped, so that
+    neither the task nor the corpus is mostly one family's (this machine has thousands of gcloud pages)."""
+    return re.split(r"[-_.:]", name.lower())[0]
+
+
+def assemble(out_dir: str, *, seed: int = 0, per_class: int = 800, num_val: int = 600, per_family: int = 12,
+             max_page_chars: int = 8000, max_corpus_chars: int = 6_000_000) -> dict:
+    rng = random.Random(seed)
+    all_pages = pages()
+    order = list(range(len(all_pages)))
+    rng.shuffle(order)
+    kept, per = [], collections.Counter()
+    for index in order:
+        per[family(all_pages[index][0])] += 1
+        if per[family(all_pages[index][0])] <= per_family:
+            kept.append(index)
+    all_pages = [all_pages[i] for i in sorted(kept)]
+    by_label = collections.defaultdict(list)
+    for index, (name, section, sections) in enumerate(all_pages):
+        text = labelled_text(name, sections)
+        if len(text) >= 80:
+            by_label[LABELS[section]].append((index, text))
+    examples, labelled, seen = [], set(), set()
+    for label in sorted(by_label):
+        candidates = by_label[label]
+        rng.shuffle(candidates)
+        for index, text in candidates[:per_class]:
+            if text not in seen:
+                examples.append({"text": text, "label": label})
+                labelled.add(index)
+                seen.add(text)
+    rng.shuffle(examples)
+    val, train = examples[:num_val], examples[num_val:]
+    corpus, chars = [], 0
+    others = [i for i in range(len(all_pages)) if i not in labelled]
+    rng.shuffle(others)
+    for index in others:
+        sections = all_pages[index][2]
+        text = " ".join(" ".join(sections.values()).split())[:max_page_chars]
+        if len(text) >= 200 and chars < max_corpus_chars:
+            corpus.append(text)
+            chars += len(text)
+    for sub in ("corpus", "labelled"):
+        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+    with open(os.path.join(out_dir, "corpus", "manpages.txt"), "w") as f:
+        f.writelines(line + "\n" for line in corpus)
+    for split, rows in (("train", train), ("val", val)):
+        with open(os.path.join(out_dir, "labelled", f"{split}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    train_counts = collections.Counter(r["label"] for r in train)
+    val_counts = collections.Counter(r["label"] for r in val)
+    summary = {"corpus_docs": {"manpages": len(corpus)}, "corpus_chars": {"manpages": chars},
+               "num_train": len(train), "num_val": len(val),
+               "train_label_counts": dict(train_counts.most_common()),
+               "val_label_counts": dict(val_counts.most_common()),
+               "majority_val_accuracy": val_counts[train_counts.most_common(1)[0][0]] / len(val)}
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    assemble(sys.argv[1])
