@@ -5,8 +5,9 @@
 The labelled task: a page's one-line summary (its NAME line) and the start of its DESCRIPTION -> its section, one of
 four: 1 (user commands), 2/3 (programming interfaces: system calls, C and Perl library), 5/7 (file formats,
 conventions and overviews), 8 (administration). Four classes with different sizes, capped so the majority class is
-about a third, and at most a dozen pages of any one tool family (see `family`). The unlabelled corpus: the full text of every other page (SYNOPSIS to the end), so pretraining sees
-how each kind of page is written, never the labelled pages themselves. A page's own name is removed from its labelled
+about a third, and at most a dozen pages of any one tool family (see `family`). The unlabelled corpus: the full
+text of other pages (at most 60 of a family; SYNOPSIS to the end), so pretraining sees how each kind of page is
+written, never the labelled pages themselves (nor another copy of one). A page's own name is removed from its labelled
 text, and `see foo(1)` references lose their section numbers, which would give the label away.
 
 Writes the same layout as bench/realdata.py: OUT_DIR/corpus/manpages.txt (one page per line), OUT_DIR/labelled/
@@ -72,12 +73,13 @@ def unescape(line: str) -> str:
 
 def pages() -> list[tuple[str, str, dict[str, str]]]:
     """(name, section digit, text by heading) of every page in MAN_DIR/man{1,2,3,5,7,8} that is not a .so link."""
-    found = []
+    found, files = [], set()
     for path in sorted(glob.glob(f"{MAN_DIR}/man[123578]/*")):
         base = os.path.basename(path).removesuffix(".gz")
         name, _, section = base.rpartition(".")
-        if not name or section[:1] not in LABELS:
-            continue
+        if not name or section[:1] not in LABELS or os.path.realpath(path) in files:
+            continue  # not a page of these sections, or a symlink to a page already read
+        files.add(os.path.realpath(path))
         raw = gzip.open(path).read() if path.endswith(".gz") else open(path, "rb").read()
         source = raw.decode("utf-8", "replace")
         if source.lstrip().startswith(".so "):
@@ -105,43 +107,48 @@ def family(name: str) -> str:
     return re.split(r"[-_.:]", name.lower())[0]
 
 
-def assemble(out_dir: str, *, seed: int = 0, per_class: int = 800, num_val: int = 600, per_family: int = 12,
-             max_page_chars: int = 8000, max_corpus_chars: int = 6_000_000) -> dict:
+def assemble(out_dir: str, *, seed: int = 0, per_class: int = 500, num_val: int = 600, per_family: int = 12,
+             corpus_per_family: int = 60, max_page_chars: int = 8000, max_corpus_chars: int = 6_000_000) -> dict:
     rng = random.Random(seed)
     all_pages = pages()
     order = list(range(len(all_pages)))
     rng.shuffle(order)
-    kept, per = [], collections.Counter()
+    # At most `per_family` pages of a family are labelled, at most `corpus_per_family` go to the corpus.
+    candidates, rest, per = [], [], collections.Counter()
     for index in order:
         per[family(all_pages[index][0])] += 1
-        if per[family(all_pages[index][0])] <= per_family:
-            kept.append(index)
-    all_pages = [all_pages[i] for i in sorted(kept)]
+        count = per[family(all_pages[index][0])]
+        (candidates if count <= per_family else rest if count <= per_family + corpus_per_family else []).append(index)
     by_label = collections.defaultdict(list)
-    for index, (name, section, sections) in enumerate(all_pages):
+    for index in candidates:
+        name, section, sections = all_pages[index]
         text = labelled_text(name, sections)
         if len(text) >= 80:
             by_label[LABELS[section]].append((index, text))
     examples, labelled, seen = [], set(), set()
     for label in sorted(by_label):
-        candidates = by_label[label]
-        rng.shuffle(candidates)
-        for index, text in candidates[:per_class]:
+        for index, text in by_label[label][:per_class]:
             if text not in seen:
                 examples.append({"text": text, "label": label})
                 labelled.add(index)
                 seen.add(text)
     rng.shuffle(examples)
     val, train = examples[:num_val], examples[num_val:]
-    corpus, chars = [], 0
-    others = [i for i in range(len(all_pages)) if i not in labelled]
+
+    def full_text(index: int) -> str:
+        return " ".join(" ".join(all_pages[index][2].values()).split())
+
+    # Pages installed under several names (or identical pages of different tools) appear once, and never when
+    # one of their copies is labelled: pretraining must not read a validation page's text.
+    corpus, chars, taken = [], 0, {full_text(i) for i in labelled}
+    others = [i for i in candidates if i not in labelled] + rest
     rng.shuffle(others)
     for index in others:
-        sections = all_pages[index][2]
-        text = " ".join(" ".join(sections.values()).split())[:max_page_chars]
-        if len(text) >= 200 and chars < max_corpus_chars:
-            corpus.append(text)
-            chars += len(text)
+        text = full_text(index)
+        if len(text) >= 200 and text not in taken and chars < max_corpus_chars:
+            taken.add(text)
+            corpus.append(text[:max_page_chars])
+            chars += len(corpus[-1])
     for sub in ("corpus", "labelled"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     with open(os.path.join(out_dir, "corpus", "manpages.txt"), "w") as f:

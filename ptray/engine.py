@@ -18,6 +18,7 @@ import torch
 from ptray.config import Config
 from ptray.errors import ConfigError
 from ptray.schedule import Schedule, pretrain_schedule
+from ptray.session import quiet_prints
 
 CHECKPOINT_TAG = "ds"  # DeepSpeed's files live in <checkpoint>/ds/
 
@@ -70,6 +71,15 @@ def prepare_fused_adam_build(capability: tuple[int, int], arch_list: str | None)
     if entries and all(re.fullmatch(r"\d+\.\d+(\+PTX)?", e) for e in entries):
         return None
     return f"{capability[0]}.{capability[1]}"
+
+
+def adopt_process_group() -> None:
+    """DeepSpeed's communication layer over the process group Ray Train created (on CPU it loads a shared-memory
+    all-reduce, and prints so)."""
+    import deepspeed
+
+    with quiet_prints():
+        deepspeed.init_distributed(dist_init_required=False)
 
 
 def check_device(cfg: Config) -> None:
@@ -232,4 +242,5 @@ def consolidated_state_dict(checkpoint_dir: str, zero_stage: int) -> dict[str, t
         return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
+    with quiet_prints():  # a line per step of the consolidation
+        return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import logging
 import math
 import os
 import shutil
@@ -32,7 +31,7 @@ from ptray.config import Config
 from ptray.errors import StartupError, TrainingStopped, UserError
 from ptray.metrics import MetricsLog, peak_flops_per_worker, progress_line, read_metrics, step_profiler
 from ptray.schedule import Schedule
-from ptray.session import verbose
+from ptray.session import quiet_libraries
 
 
 class Task(Protocol):
@@ -84,28 +83,13 @@ def setup_worker(cfg: Config):
     if not cfg.cluster.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
-    if not verbose():
-        quiet_libraries()
+    quiet_libraries()
     from ptray import engine as ds
 
     ds.check_device(cfg)
+    ds.adopt_process_group()
     ctx = ray.train.get_context()
     return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
-
-
-def quiet_libraries() -> None:
-    """Without --verbose, a worker's console lines are ptray's own (the libraries' stay in Ray's log files)."""
-    import transformers
-
-    # Ray Train logs every report at INFO through a logger named by its file path, outside the `ray.train` logger
-    # that its LoggingConfig(log_level=...) filters (Ray 2.60), so "Reporting training result ..." reaches the console.
-    with contextlib.suppress(ImportError, AttributeError):
-        from ray.train.v2._internal.execution import context as train_context
-
-        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    # A finetuning worker's load report ("score.weight | MISSING": the new head, as expected) and progress bars.
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
 
 
 def fit(cfg: Config, schedule: Schedule, task: Task, model: torch.nn.Module, *, run_dir: str, checkpoint_root: str,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
 import socket
 import time
+import warnings
 
 import ray
 from ray.train import LoggingConfig, ScalingConfig, TrainingFailedError
@@ -19,6 +21,7 @@ from ptray.errors import ConfigError, StartupError, UserError
 @contextlib.contextmanager
 def ray_session(cfg: Config):
     """Initialize Ray for a ptray command and shut it down afterwards (unless Ray was already running here)."""
+    quiet_libraries()
     if ray.is_initialized():
         yield
         return
@@ -92,6 +95,38 @@ def verbose() -> bool:
     trial table) reach the console too. Without it they are only in Ray's log files (/tmp/ray/session_latest/logs),
     and the console shows ptray's lines."""
     return os.environ.get("PTRAY_VERBOSE") == "1"
+
+
+def quiet_libraries() -> None:
+    """Without --verbose, the console shows ptray's lines, not the libraries' (those stay in Ray's log files).
+    Called in the driver and in every worker."""
+    if verbose():
+        return
+    import transformers
+
+    # Ray Train logs every report at INFO through a logger named by its file path, outside the `ray.train` logger
+    # that its LoggingConfig(log_level=...) filters (Ray 2.60), so "Reporting training result ..." reaches the console.
+    with contextlib.suppress(ImportError, AttributeError):
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    # torch's deprecation notices for the collectives DeepSpeed calls: nothing a ptray user can act on.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is (deprecated|a private function)",
+                            category=FutureWarning)
+    # Load reports ("score.weight | MISSING": a new classification head, as expected) and progress bars.
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def quiet_prints():
+    """DeepSpeed announces some steps with bare prints and progress bars (a CPU op loaded, a checkpoint
+    consolidated): without --verbose, these stay off the console. Logging and exceptions pass as usual."""
+    if verbose():
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
 def train_logging() -> LoggingConfig:

@@ -38,7 +38,8 @@ def _ptray_args(run_dir, prepared_dir):
 
 # What Ray and the libraries print on their own; without --verbose none of it reaches the console.
 LIBRARY_CHATTER = ("Token authentication is enabled", "Progress bars disabled", "Reporting training result",
-                   "PreemptionWatcher", "Started training worker group", "LOAD REPORT")
+                   "PreemptionWatcher", "Started training worker group", "LOAD REPORT", "built successfully",
+                   "is deprecated", "Processing zero checkpoint", "Loading weights", "Writing model shards", "it/s]")
 
 
 def _run_quietly(args) -> subprocess.CompletedProcess:
