@@ -38,6 +38,8 @@ def ray_session(cfg: Config):
     # Inside `ray job submit` the job's runtime_env may set some of these already, and Ray refuses to merge duplicates.
     job_env_vars = _job_runtime_env().get("env_vars") or {}
     runtime_env = {"env_vars": {k: v for k, v in env_vars.items() if k not in job_env_vars}}
+    if not verbose() and "worker_process_setup_hook" not in _job_runtime_env():
+        runtime_env["worker_process_setup_hook"] = quiet_ray_process
     if address:
         check_reachable(address)
         try:
@@ -113,9 +115,19 @@ def quiet_libraries() -> None:
     # torch's deprecation notices for the collectives DeepSpeed calls: nothing a ptray user can act on.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is (deprecated|a private function)",
                             category=FutureWarning)
+    # Tune's experiment header (search algorithm, scheduler, "View detailed results here") prints whatever its
+    # verbosity; its older reporter at verbosity 0 prints nothing. ptray's sweep prints its own summary.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Load reports ("score.weight | MISSING": a new classification head, as expected) and progress bars.
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+
+
+def quiet_ray_process() -> None:
+    """Run by Ray in each of its worker processes (without --verbose). Ray Train starts a watchdog actor per run
+    that warns, on the console, each time it removes the placement group of a run whose controller ended, which
+    is what happens to every sweep trial that Tune stops or finishes."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 @contextlib.contextmanager

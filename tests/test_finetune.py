@@ -306,7 +306,7 @@ def test_a_killed_finetune_resumes_from_its_last_checkpoint(pretrained_run, tmp_
     assert (out / "export" / "model.safetensors").exists()
 
 
-def test_sft_sweep_picks_the_lowest_response_loss_and_exports_a_causal_lm(pretrained_run, tmp_path):
+def test_sft_sweep_picks_the_lowest_response_loss_and_exports_a_causal_lm(pretrained_run, tmp_path, capfd):
     from transformers import AutoModelForCausalLM
 
     cfg = tiny_config(tmp_path, f"finetune.pretrained={pretrained_run}/export", "finetune.task=sft",
@@ -319,3 +319,8 @@ def test_sft_sweep_picks_the_lowest_response_loss_and_exports_a_causal_lm(pretra
     assert sorted(float(r["finetune.lr"]) for r in rows) == [1e-4, 3e-3]
     assert result.best["value"] == min(float(r["best_metric"]) for r in rows)  # val_loss: lower is better
     assert AutoModelForCausalLM.from_pretrained(result.best_dir).config.model_type == "gpt2"
+    console = "".join(capfd.readouterr())
+    assert "[sweep] best val_loss" in console
+    # Tune's experiment header and Ray Train's placement-group watchdog need --verbose.
+    assert not [s for s in ("Configuration for experiment", "View detailed results", "Cleaning up placement group")
+                if s in console], console[-3000:]
