@@ -38,8 +38,6 @@ def ray_session(cfg: Config):
     # Inside `ray job submit` the job's runtime_env may set some of these already, and Ray refuses to merge duplicates.
     job_env_vars = _job_runtime_env().get("env_vars") or {}
     runtime_env = {"env_vars": {k: v for k, v in env_vars.items() if k not in job_env_vars}}
-    if not verbose() and "worker_process_setup_hook" not in _job_runtime_env():
-        runtime_env["worker_process_setup_hook"] = quiet_ray_process
     if address:
         check_reachable(address)
         try:
@@ -60,6 +58,8 @@ def ray_session(cfg: Config):
         # One machine is never preempted: no watcher actor per Train run (one process fewer to start for every run
         # and sweep trial, about 5 s each on 2 cores, and no start-up warning of its own on the console).
         runtime_env["env_vars"].setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        if not verbose():
+            runtime_env["worker_process_setup_hook"] = quiet_ray_process
         # Ray Train's placement-group cleaner finds "its" cluster by auto-detection, which fails as soon as a second Ray
         # runs on this machine (another ptray, a test): the next trial's workers then never start. So the GCS gets a
         # port chosen here, and every worker of this session is told the address.
