@@ -143,6 +143,12 @@ def assemble(out_dir: str, *, seed: int = 0, num_train: int = 1800, num_val: int
               "docs": take(paragraphs, max_doc_chars)}
     for lines in corpus.values():
         rng.shuffle(lines)  # mix the in-domain descriptions into the rest
+    return write_task(out_dir, corpus, train, val)
+
+
+def write_task(out_dir: str, corpus: dict[str, list[str]], train: list[dict], val: list[dict]) -> dict:
+    """OUT_DIR/corpus/<name>.txt (one document per line), OUT_DIR/labelled/{train,val}.jsonl and summary.json,
+    whose summary is returned (and printed)."""
     for sub in ("corpus", "labelled"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     for name, lines in corpus.items():

@@ -17,11 +17,13 @@ Writes the same layout as bench/realdata.py: OUT_DIR/corpus/manpages.txt (one pa
 import collections
 import glob
 import gzip
-import json
 import os
 import random
 import re
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from realdata import write_task  # noqa: E402
 
 MAN_DIR = "/usr/share/man"
 LABELS = {"1": "1", "2": "2/3", "3": "2/3", "5": "5/7", "7": "5/7", "8": "8"}
@@ -149,24 +151,7 @@ def assemble(out_dir: str, *, seed: int = 0, per_class: int = 500, num_val: int 
             taken.add(text)
             corpus.append(text[:max_page_chars])
             chars += len(corpus[-1])
-    for sub in ("corpus", "labelled"):
-        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
-    with open(os.path.join(out_dir, "corpus", "manpages.txt"), "w") as f:
-        f.writelines(line + "\n" for line in corpus)
-    for split, rows in (("train", train), ("val", val)):
-        with open(os.path.join(out_dir, "labelled", f"{split}.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    train_counts = collections.Counter(r["label"] for r in train)
-    val_counts = collections.Counter(r["label"] for r in val)
-    summary = {"corpus_docs": {"manpages": len(corpus)}, "corpus_chars": {"manpages": chars},
-               "num_train": len(train), "num_val": len(val),
-               "train_label_counts": dict(train_counts.most_common()),
-               "val_label_counts": dict(val_counts.most_common()),
-               "majority_val_accuracy": val_counts[train_counts.most_common(1)[0][0]] / len(val)}
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(json.dumps(summary, indent=2))
-    return summary
+    return write_task(out_dir, {"manpages": corpus}, train, val)
 
 
 if __name__ == "__main__":
