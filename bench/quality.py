@@ -27,6 +27,8 @@ from bare_lm import bare_finetune, bare_pretrain  # noqa: E402
 import realdata  # noqa: E402
 import realdata_man  # noqa: E402
 
+TASKS = {"debian": realdata, "manpages": realdata_man}  # --task -> the module that assembles its data
+
 from ptray.config import load_config  # noqa: E402
 from ptray.metrics import read_metrics  # noqa: E402
 from ptray.pretrain import pretrain  # noqa: E402
@@ -36,7 +38,7 @@ from ptray.sweep import sweep  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--task", choices=("debian", "manpages"), default="debian",
+    parser.add_argument("--task", choices=sorted(TASKS), default="debian",
                         help="debian: package descriptions -> archive section; manpages: a page -> its section")
     parser.add_argument("--out", default="", help="working directory (default /tmp/ptray-quality[-manpages])")
     parser.add_argument("--steps", type=int, default=1500, help="pretraining steps (both sides)")
@@ -47,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out = args.out or "/tmp/ptray-quality" + ("" if args.task == "debian" else f"-{args.task}")
     data = os.path.join(args.out, "data")
-    summary = (realdata if args.task == "debian" else realdata_man).assemble(data)
+    summary = TASKS[args.task].assemble(data)
     cfg = load_config("small", [f"run.dir={args.out}/ptray", f"data.train_files=[{data}/corpus/*.txt]",
                                 f"finetune.train_files=[{data}/labelled/train.jsonl]",
                                 f"finetune.val_files=[{data}/labelled/val.jsonl]", f"pretrain.max_steps={args.steps}",

@@ -79,9 +79,10 @@ def pages() -> list[tuple[str, str, dict[str, str]]]:
     for path in sorted(glob.glob(f"{MAN_DIR}/man[123578]/*")):
         base = os.path.basename(path).removesuffix(".gz")
         name, _, section = base.rpartition(".")
-        if not name or section[:1] not in LABELS or os.path.realpath(path) in files:
+        real = os.path.realpath(path)
+        if not name or section[:1] not in LABELS or real in files:
             continue  # not a page of these sections, or a symlink to a page already read
-        files.add(os.path.realpath(path))
+        files.add(real)
         raw = gzip.open(path).read() if path.endswith(".gz") else open(path, "rb").read()
         source = raw.decode("utf-8", "replace")
         if source.lstrip().startswith(".so "):

@@ -42,7 +42,7 @@ LIBRARY_CHATTER = ("Token authentication is enabled", "Progress bars disabled", 
                    "is deprecated", "Processing zero checkpoint", "Loading weights", "Writing model shards", "it/s]")
 
 
-def _run_quietly(args) -> subprocess.CompletedProcess:
+def _run_quietly(args) -> None:
     """A ptray command in its own process and local Ray, as a user starts it (RAY_AUTH_MODE unset), which must succeed
     with only ptray's own lines on the console."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
@@ -50,7 +50,6 @@ def _run_quietly(args) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, proc.stderr[-3000:]
     console = proc.stdout + proc.stderr
     assert not [line for line in LIBRARY_CHATTER if line in console], console[-3000:]
-    return proc
 
 
 @pytest.fixture(scope="module")
