@@ -31,7 +31,7 @@ from ptray.config import Config
 from ptray.errors import StartupError, TrainingStopped, UserError
 from ptray.metrics import MetricsLog, peak_flops_per_worker, progress_line, read_metrics, step_profiler
 from ptray.schedule import Schedule
-from ptray.session import quiet_libraries
+from ptray.session import exit_at_once_if_torn_down, quiet_libraries
 
 
 class Task(Protocol):
@@ -84,6 +84,7 @@ def setup_worker(cfg: Config):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
     quiet_libraries()
+    exit_at_once_if_torn_down()
     from ptray import engine as ds
 
     ds.check_device(cfg)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import json
 import logging
 import os
 import socket
+import sys
+import threading
 import time
 import warnings
 
@@ -128,6 +131,22 @@ def quiet_ray_process() -> None:
     that warns, on the console, each time it removes the placement group of a run whose controller ended, which
     is what happens to every sweep trial that Tune stops or finishes."""
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
+def exit_at_once_if_torn_down() -> None:
+    """Called on a Train worker's training thread. When Ray tears the worker down mid-step (Tune stopping a trial
+    early, a run whose controller died), Python's shutdown would stop this daemon thread inside a torch op and the
+    process would abort, printing a "Fatal Python error: Aborted" stack for a normal stop. Exit before that."""
+    training_thread = threading.current_thread()
+
+    def exit_now() -> None:
+        if training_thread.is_alive():
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(1)
+
+    atexit.register(exit_now)
 
 
 @contextlib.contextmanager

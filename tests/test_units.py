@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -409,3 +410,33 @@ def test_bf16_on_a_gpu_without_it_names_fp16_and_fp32(monkeypatch):
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     check_device(load_config("gpt2-124m", ["deepspeed.precision=fp16", "deepspeed.torch_adam=false"]))
     assert os.environ.pop("TORCH_CUDA_ARCH_LIST") == "7.5"  # DeepSpeed's fused Adam: built for this GPU only
+
+
+WORKER_TORN_DOWN_MID_STEP = """
+import sys, threading, time, torch
+from ptray.session import exit_at_once_if_torn_down
+
+def train():  # a Train worker's training thread: a daemon, inside torch ops when Ray tears the process down
+    if sys.argv[1] == "guarded":
+        exit_at_once_if_torn_down()
+    x, y = torch.randn(512, 4096, requires_grad=True), torch.randint(0, 4096, (512,))
+    while True:
+        torch.nn.functional.cross_entropy(x, y).backward()
+
+threading.Thread(target=train, daemon=True).start()
+time.sleep(1)
+sys.exit(1)  # what Ray's SIGTERM handler does in the main thread when Tune stops a trial early
+"""
+
+
+@pytest.mark.parametrize("guarded", [True, pytest.param(False, marks=pytest.mark.skipif(
+    sys.version_info >= (3, 14), reason="Python 3.14 hangs such a thread at shutdown instead of aborting"))])
+def test_a_worker_torn_down_mid_step_exits_without_a_fatal_error_stack(guarded):
+    import subprocess
+
+    args = [sys.executable, "-X", "faulthandler", "-c", WORKER_TORN_DOWN_MID_STEP, "guarded" if guarded else "bare"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    if guarded:
+        assert done.returncode == 1 and "Fatal Python error" not in done.stderr, done.stderr[-2000:]
+    else:  # the control: without the guard Python's shutdown aborts the process, which is what users saw
+        assert done.returncode == -6 and "Fatal Python error: Aborted" in done.stderr
