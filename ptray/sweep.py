@@ -12,8 +12,8 @@ What it runs, each stage a Tune experiment of Train runs (concurrent as far as t
    of `sweep.label_fractions` of the labelled training set (does pretraining cut the labels needed?).
 
 Outputs in `<run.dir>/sweep/`: `leaderboard.csv` (one row per search trial), `trials/<trial>/` (each trial's Train
-run and metrics.jsonl); and in `<run.dir>/`: `best.json` and `best/` (the best trial's own best checkpoint, exported:
-the better of the two sides).
+run and metrics.jsonl); and in `<run.dir>/`: `best.json` and `best/` (the best run's own best checkpoint, exported:
+of each side's search winner and its reruns with other seeds, the best, on the better of the two sides).
 """
 
 from __future__ import annotations
@@ -302,7 +302,7 @@ def sweep(cfg: Config, resume: bool = False) -> SweepResult:
     followups = run_followups(cfg, sides, sets, sweep_dir, trials_dir, concurrent, resume)
     summary = summarize(cfg, sides, followups, num_val=len(sets.data.val["labels"]))
     winner_side = summary["side"]
-    winner = sides[winner_side]["winner"]
+    winner = summary["sides"][winner_side]
     best = best_checkpoint(os.path.join(trials_dir, winner["trial_id"]), s.metric, s.mode)
     best_dir = os.path.join(run_dir, "best")
     export_finetuned(trial_config(sides[winner_side]["base"], winner["config"]), best["path"], sets.data, best_dir)
@@ -384,7 +384,8 @@ def run_followups(cfg: Config, sides: dict, sets: LabelledSets, sweep_dir: str, 
     for result in results:
         trial_id = _trial_id(result)
         best = best_checkpoint(os.path.join(trials_dir, trial_id), s.metric, s.mode)
-        out.append({**meta[result.config["plan"]], "trial_id": trial_id, "value": best["metrics"][s.metric]})
+        out.append({**meta[result.config["plan"]], "trial_id": trial_id, "value": best["metrics"][s.metric],
+                    "config": plans[result.config["plan"]]})
     return out
 
 
@@ -406,13 +407,19 @@ def summarize(cfg: Config, sides: dict, followups: list[dict], num_val: int = 0)
     better = max if s.mode == "max" else min
     out = {"sides": {}}
     for side, found in sides.items():
-        seeds = [found["winner"]["best_metric"]] + [f["value"] for f in followups
-                                                    if f["side"] == side and f["kind"] == "seed"]
+        # The winner's runs on all the labels: its search trial and its reruns with other seeds. The side's model
+        # is the best of them (a rerun may beat the trial that won the search); the verdict uses their mean.
+        runs = [{"trial_id": found["winner"]["trial_id"], "value": found["winner"]["best_metric"],
+                 "config": found["winner"]["config"]}]
+        runs += [f for f in followups if f["side"] == side and f["kind"] == "seed"]
+        seeds = [run["value"] for run in runs]
+        top = better(runs, key=lambda run: run["value"])
         fractions = {str(f["fraction"]): f["value"] for f in followups if f["side"] == side and f["kind"] == "fraction"}
         if 1.0 in s.label_fractions:
             fractions["1.0"] = statistics.mean(seeds)
-        out["sides"][side] = {"best": found["winner"]["best_metric"], "trial_id": found["winner"]["trial_id"],
-                              "config": found["winner"]["config"], "seeds": seeds,
+        out["sides"][side] = {"best": top["value"], "trial_id": top["trial_id"], "config": top["config"],
+                              "search_best": found["winner"]["best_metric"],
+                              "search_trial_id": found["winner"]["trial_id"], "seeds": seeds,
                               "seed_mean": statistics.mean(seeds),
                               "seed_std": statistics.stdev(seeds) if len(seeds) > 1 else 0.0,
                               "label_fractions": dict(sorted(fractions.items(), key=lambda kv: float(kv[0])))}
@@ -444,7 +451,7 @@ def summarize(cfg: Config, sides: dict, followups: list[dict], num_val: int = 0)
     out["verdict"] = (f"{verdict}: {s.metric} {pre['seed_mean']:.4f} ± {pre['seed_std']:.4f} "
                       f"from the pretrained model "
                       f"vs {scr['seed_mean']:.4f} ± {scr['seed_std']:.4f} from scratch (each side's own best "
-                      f"configuration over {seeds}; best single trials {pre['best']:.4f} vs {scr['best']:.4f}).")
+                      f"configuration over {seeds}; best single runs {pre['best']:.4f} vs {scr['best']:.4f}).")
     return out
 
 

@@ -196,6 +196,8 @@ def test_best_model_reproduces_reported_metric(swept, pretrained_run):
             and best["value"] == sides[best["side"]]["best"])
     for side in ("pretrained", "scratch"):  # the winner of each side again with a second seed, and at half the labels
         assert len(sides[side]["seeds"]) == 2 and set(sides[side]["label_fractions"]) == {"0.5", "1.0"}
+        # a side's model is the best of the winner's runs on all labels, its rerun with another seed included
+        assert sides[side]["best"] == max(sides[side]["seeds"]) >= sides[side]["search_best"]
     assert best["verdict"].startswith("Pretraining") and "pretraining_gain" in best
     # Finetuned from pretraining's step-20 snapshot too: accuracy against pretraining tokens.
     assert [p["step"] for p in best["pretrained_steps"]] == [20, 40]
