@@ -105,6 +105,10 @@ class DataConfig:
     so every global batch mixes text from across the corpus. Each worker holds one window of rows in memory."""
     builtin_docs: int = 20_000
     """Documents in the built-in generated corpus."""
+    document_masking: bool = False
+    """Causal pretraining: the documents packed into a row do not see each other. Position ids restart after each
+    end-of-document token and attention stays within a document (transformers builds the block-diagonal mask from
+    the position ids). The prepared data is the same either way."""
 
 
 @dataclass
@@ -133,6 +137,9 @@ class ModelConfig:
     """Llama rotary embedding base."""
     init_from: str = ""
     """Local Hugging Face model directory to start from instead of random init."""
+    attention: str = "sdpa"
+    """Attention kernel: sdpa (PyTorch's fused scaled-dot-product attention), eager (plain matmul and softmax), or
+    flash_attention_2 (GPUs, with the flash-attn package installed)."""
     compile: bool = False
     """torch.compile the model (DeepSpeed's engine.compile) in every stage: fused kernels, about 2x a GPT-2 step on
     a GPU; the first steps pay the compilation (a minute or more). Falls back to eager, with one warning, where the
@@ -358,6 +365,7 @@ class Config:
 CHOICES = {
     "cluster.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "model.family": ("gpt2", "llama", "bert"),
+    "model.attention": ("sdpa", "eager", "flash_attention_2"),
     "pretrain.objective": ("clm", "mlm"),
     "pretrain.schedule": ("cosine", "wsd", "constant"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
@@ -485,6 +493,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"pretrain.objective={cfg.pretrain.objective!r} does not fit model.family={cfg.model.family!r}: "
             "use objective mlm with family bert, and objective clm with gpt2 or llama.")
+    if cfg.data.document_masking and cfg.pretrain.objective != "clm":
+        raise ConfigError("data.document_masking=true needs causal pretraining (pretrain.objective=clm, model.family "
+                          "gpt2 or llama): transformers builds a per-document mask only for causal attention; "
+                          "set data.document_masking=false for bert.")
+    if cfg.model.attention == "flash_attention_2" and not cfg.cluster.use_gpu:
+        raise ConfigError("model.attention=flash_attention_2 runs on GPUs only; on CPU workers use sdpa or eager.")
     if cfg.model.vocab_size and cfg.model.vocab_size < 8:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is too small; use 0 to size it from the tokenizer.")
     ds = cfg.deepspeed

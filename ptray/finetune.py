@@ -41,7 +41,7 @@ from ptray.data.readers import expand_files
 from ptray.data.tokenizer import load_tokenizer
 from ptray.errors import ConfigError, DataError
 from ptray.loop import fit, raise_if_stopped, setup_worker, worker_entry
-from ptray.model import flops_per_token
+from ptray.model import check_attention, flops_per_token
 from ptray.objectives import IGNORE_INDEX
 from ptray.schedule import Schedule
 from ptray.session import fit_with_retries, train_logging, worker_scaling
@@ -386,10 +386,12 @@ def finetune_model(cfg: Config, pretrained: str, num_labels: int, id2label: dict
         if hf.pad_token_id is None:
             hf.pad_token_id = hf.eos_token_id  # sequence classification reads the last non-pad token
     auto = _auto_class(ft.task)
+    check_attention(cfg.model.attention)
+    kernels = {"dtype": torch.float32, "attn_implementation": cfg.model.attention}
     if ft.init == "scratch":
-        model = auto.from_config(hf, dtype=torch.float32)
+        model = auto.from_config(hf, **kernels)
     else:
-        model = auto.from_pretrained(pretrained, config=hf, local_files_only=True, dtype=torch.float32)
+        model = auto.from_pretrained(pretrained, config=hf, local_files_only=True, **kernels)
     check_method(ft, hf, pretrained, model)
     if ft.method == "lora":
         from peft import LoraConfig, get_peft_model

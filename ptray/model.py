@@ -3,6 +3,7 @@ nothing here knows about Ray or DeepSpeed."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -53,17 +54,26 @@ def auto_class(family: str):
 
 def build_model(cfg: ModelConfig, *, vocab_size: int, special_ids: dict[str, int | None]) -> PreTrainedModel:
     """A randomly initialized model (seed torch first), or the local HF model in `cfg.init_from`."""
+    check_attention(cfg.attention)
     if cfg.init_from:
         try:
-            model = auto_class(cfg.family).from_pretrained(cfg.init_from, local_files_only=True, dtype=torch.float32)
+            model = auto_class(cfg.family).from_pretrained(cfg.init_from, local_files_only=True, dtype=torch.float32,
+                                                           attn_implementation=cfg.attention)
         except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # missing, truncated or corrupt weights
             raise ConfigError(f"model.init_from={cfg.init_from!r}: its weights could not be loaded "
                               f"({type(e).__name__}: {str(e)[:300]}); point it at a complete Hugging Face model "
                               "directory (config.json and model.safetensors).") from None
     else:
         model = auto_class(cfg.family).from_config(hf_config(cfg, vocab_size=vocab_size, special_ids=special_ids),
-                                                   dtype=torch.float32)
+                                                   dtype=torch.float32, attn_implementation=cfg.attention)
     return model
+
+
+def check_attention(attention: str) -> None:
+    """flash_attention_2 needs the flash-attn package, which transformers would only report deep inside a worker."""
+    if attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("model.attention=flash_attention_2 needs the flash-attn package (pip install flash-attn "
+                          "--no-build-isolation) on every GPU node; or use model.attention=sdpa.")
 
 
 def init_from_info(path: str) -> PretrainedConfig:

@@ -13,6 +13,18 @@ def causal_lm_batch(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows[:, :-1], rows[:, 1:]
 
 
+def document_positions(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Position ids that restart after each end-of-document token of a packed row: [[a b EOS c d]] -> [[0 1 2 0 1]].
+    With these (and no attention mask) transformers keeps each document's attention within the document. The first
+    segment of a row, a document continued from an earlier row, starts at 0 too."""
+    length = inputs.size(1)
+    index = torch.arange(length, device=inputs.device).expand_as(inputs)
+    starts = torch.zeros_like(inputs, dtype=torch.bool)
+    starts[:, 1:] = inputs[:, :-1] == eos_id  # a document starts right after an end-of-document token
+    start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - start_index
+
+
 def masked_lm_batch(rows: torch.Tensor, *, mask_id: int, vocab_size: int, probability: float,
                     special_ids: list[int], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT's recipe on rows[:, :-1]: pick `probability` of the (non-special) tokens as targets; of those, 80% become

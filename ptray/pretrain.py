@@ -32,7 +32,7 @@ from ptray.data.tokenizer import tokenizer_hash
 from ptray.errors import ConfigError, DataError
 from ptray.loop import fit, raise_if_stopped, setup_worker, snapshot_dir, worker_entry
 from ptray.model import build_model, flops_per_token, init_from_info, num_params, padded_vocab_size
-from ptray.objectives import IGNORE_INDEX, causal_lm_batch, masked_lm_batch, token_loss
+from ptray.objectives import IGNORE_INDEX, causal_lm_batch, document_positions, masked_lm_batch, token_loss
 from ptray.schedule import pretrain_schedule
 from ptray.session import fit_with_retries, train_logging, worker_scaling
 
@@ -99,7 +99,8 @@ def pretrain(cfg: Config) -> PretrainResult:
 def resume_key(cfg: Config, manifest: Manifest) -> dict:
     """What a pretraining checkpoint is bound to: the model's shape, how DeepSpeed laid out its state, and the data
     (tokenizer and prepared rows). Optimization settings (lr, steps, batch) and the world size may change on resume."""
-    key = {f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items() if k != "compile"}  # how, not what
+    key = {f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()
+           if k not in ("compile", "attention")}  # the kernels: how it computes, not what
     key.update({"deepspeed.zero_stage": cfg.deepspeed.zero_stage, "deepspeed.precision": cfg.deepspeed.precision,
                 "pretrain.objective": cfg.pretrain.objective, "data.seq_len": manifest.seq_len,
                 "tokenizer": manifest.tokenizer_hash, "prepared data": manifest.content_hash})
@@ -195,13 +196,19 @@ class LanguageModelingTask:
         per_rank = (len(self.val_all) // world_size) // p.micro_batch_size * p.micro_batch_size
         self.val_rows = self.val_all[rank::world_size][:per_rank]
 
-    def make_batch(self, rows: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def make_batch(self, rows: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+        """Model inputs and `targets` of some packed rows."""
         if self.cfg.pretrain.objective == "clm":
-            return causal_lm_batch(rows)
+            inputs, targets = causal_lm_batch(rows)
+            if self.cfg.data.document_masking:
+                return {"input_ids": inputs, "position_ids": document_positions(inputs, self.manifest.eos_id),
+                        "targets": targets}
+            return {"input_ids": inputs, "targets": targets}
         # Masks depend only on (seed, rank, data position): the same after a resume.
-        return masked_lm_batch(rows, mask_id=self.manifest.mask_id, vocab_size=self.manifest.vocab_size,
-                               probability=self.cfg.pretrain.mlm_probability, special_ids=self.special,
-                               generator=torch.Generator().manual_seed(seed))
+        inputs, targets = masked_lm_batch(rows, mask_id=self.manifest.mask_id, vocab_size=self.manifest.vocab_size,
+                                          probability=self.cfg.pretrain.mlm_probability, special_ids=self.special,
+                                          generator=torch.Generator().manual_seed(seed))
+        return {"input_ids": inputs, "targets": targets}
 
     def next_batch(self, state: ckpt.TrainerState) -> dict[str, torch.Tensor]:
         m, p = self.manifest, self.cfg.pretrain
@@ -215,11 +222,13 @@ class LanguageModelingTask:
         state.rows_consumed = step_end  # the position once this optimizer step is done: what a checkpoint records
         state.epoch = first_row // m.num_train_rows
         # MLM masks depend only on (seed, stream position): the same after a resume.
-        inputs, targets = self.make_batch(torch.from_numpy(rows).long(), seed=hash((self.cfg.run.seed, first_row)))
-        return {"input_ids": inputs, "targets": targets}
+        return self.make_batch(torch.from_numpy(rows).long(), seed=hash((self.cfg.run.seed, first_row)))
 
     def loss(self, engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return token_loss(engine(input_ids=batch["input_ids"]).logits, batch["targets"])
+        inputs = {k: v for k, v in batch.items() if k != "targets"}
+        if self.cfg.pretrain.objective == "clm":  # no key/value cache in training (transformers masks documents
+            inputs["use_cache"] = False           # by their position ids only without one)
+        return token_loss(engine(**inputs).logits, batch["targets"])
 
     def evaluate(self, engine) -> dict[str, float]:
         if len(self.val_rows) == 0:
@@ -227,11 +236,10 @@ class LanguageModelingTask:
         totals = torch.zeros(2, dtype=torch.float64, device=engine.device)
         micro = self.cfg.pretrain.micro_batch_size
         for i in range(0, len(self.val_rows), micro):
-            inputs, targets = self.make_batch(self.val_rows[i: i + micro], seed=self.cfg.run.seed * 7919 + i)
-            logits = engine(input_ids=inputs.to(engine.device)).logits
-            num_targets = (targets != IGNORE_INDEX).sum().to(engine.device)
-            totals += torch.stack([token_loss(logits, targets.to(engine.device)).double() * num_targets,
-                                   num_targets.double()])
+            batch = {k: v.to(engine.device) for k, v in
+                     self.make_batch(self.val_rows[i: i + micro], seed=self.cfg.run.seed * 7919 + i).items()}
+            num_targets = (batch["targets"] != IGNORE_INDEX).sum()
+            totals += torch.stack([self.loss(engine, batch).double() * num_targets, num_targets.double()])
         dist.all_reduce(totals)
         val_loss = (totals[0] / totals[1]).item()
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
@@ -239,8 +247,8 @@ class LanguageModelingTask:
     def probe_inputs(self) -> dict[str, torch.Tensor]:
         rows = self.val_all if len(self.val_all) >= 2 else read_rows(
             self.manifest.shard_paths(self.prepared_dir, "train"), self.manifest.seq_len + 1, 2)
-        inputs, _ = self.make_batch(rows[:2], seed=12345)
-        return {"input_ids": inputs}
+        batch = self.make_batch(rows[:2], seed=12345)
+        return {k: v for k, v in batch.items() if k != "targets"}
 
 
 @worker_entry

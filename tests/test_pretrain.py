@@ -13,6 +13,7 @@ from ptray.config import load_config
 from ptray.data.prepare import prepare
 from ptray.errors import ConfigError
 from ptray.metrics import read_metrics
+from ptray.objectives import document_positions
 from ptray.pretrain import pretrain
 
 FAST = ["pretrain.log_every=5", "pretrain.eval_every=10", "pretrain.warmup_steps=5", "pretrain.eval_batches=2"]
@@ -149,8 +150,14 @@ def test_zero3_llama_trains_shards_parameters_and_exports(prepared_dir, tmp_path
     cfg = tiny_config(tmp_path, f"data.prepared_dir={prepared_dir}", "pretrain.max_steps=20",
                       "pretrain.ckpt_every=20", "deepspeed.zero_stage=3", "model.family=llama",
                       "model.num_kv_heads=2", "pretrain.schedule=wsd", "deepspeed.offload_optimizer=true",
-                      "deepspeed.offload_params=true", *FAST)
+                      "deepspeed.offload_params=true", "data.document_masking=true", *FAST)
     result = pretrain(cfg)
+    # data.document_masking: the rows' position ids restart after each end-of-document token (the probe holds a
+    # batch as the model saw it); tests/test_units.py checks the model then scores each document as if alone.
+    probe = torch.load(os.path.join(result.checkpoint_dir, "probe.pt"), weights_only=False)["inputs"]
+    eos = AutoTokenizer.from_pretrained(result.export_dir).eos_token_id
+    assert torch.equal(probe["position_ids"], document_positions(probe["input_ids"], eos))
+    assert (probe["position_ids"] == 0).sum() > len(probe["input_ids"])  # documents do start inside the rows
     # Built partitioned (deepspeed.zero.Init): no rank ever held the whole model, rank 0 about half of it.
     built = [line for line in capfd.readouterr().out.splitlines() if "model built partitioned" in line]
     assert built, "the ZeRO-3 model was not built under zero.Init"

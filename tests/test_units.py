@@ -440,3 +440,61 @@ def test_a_worker_torn_down_mid_step_exits_without_a_fatal_error_stack(guarded):
         assert done.returncode == 1 and "Fatal Python error" not in done.stderr, done.stderr[-2000:]
     else:  # the control: without the guard Python's shutdown aborts the process, which is what users saw
         assert done.returncode == -6 and "Fatal Python error: Aborted" in done.stderr
+
+
+def _tiny_causal_lm(family: str, attention: str, seed: int = 0):
+    from ptray.config import ModelConfig
+    from ptray.model import build_model
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(family=family, num_layers=2, hidden_size=64, num_heads=4, max_positions=64, attention=attention)
+    return build_model(cfg, vocab_size=128, special_ids={"eos": 0, "pad": None, "mask": None}).eval()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_document_masking_scores_each_packed_document_as_if_alone(family, attention):
+    from ptray.objectives import document_positions
+
+    model = _tiny_causal_lm(family, attention)
+    documents = [[9, 10, 11, 0], [12, 13, 14, 15, 16, 0], [17, 18, 19]]  # a continued one, a whole one, a cut one
+    row = torch.tensor([sum(documents, [])])
+    positions = document_positions(row, eos_id=0)
+    assert positions.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 0, 1, 2]]
+    with torch.no_grad():
+        packed = model(input_ids=row, position_ids=positions, use_cache=False).logits[0]
+        alone = torch.cat([model(input_ids=torch.tensor([d])).logits[0] for d in documents])
+        unmasked = model(input_ids=row).logits[0]
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(unmasked[4:], alone[4:], atol=1e-3)  # without it, later documents see earlier ones
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_sdpa_attention_trains_like_eager(family):
+    rows = torch.randint(1, 128, (4, 33), generator=torch.Generator().manual_seed(1))
+
+    def losses(attention: str) -> list[float]:
+        model = _tiny_causal_lm(family, attention).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        out = []
+        for _ in range(5):
+            loss = model(input_ids=rows[:, :-1], labels=rows[:, :-1]).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            out.append(loss.item())
+        return out
+
+    sdpa, eager = losses("sdpa"), losses("eager")
+    assert sdpa == pytest.approx(eager, rel=1e-4) and sdpa[-1] < sdpa[0]
+
+
+def test_flash_attention_without_its_package_names_the_install():
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    from ptray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"needs the flash-attn package \(pip install flash-attn"):
+        _tiny_causal_lm("llama", "flash_attention_2")
