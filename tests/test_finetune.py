@@ -178,7 +178,9 @@ def test_sweep_searches_both_sides_and_asha_waits_for_warmup(swept, pretrained_r
     for side in ("pretrained", "scratch"):  # each side's search starts from the configured point (lr 1e-3, 0, 32)
         assert any(r["side"] == side and float(r["finetune.lr"]) == 1e-3 and r["finetune.freeze_layers"] == "0"
                    and r["finetune.max_len"] == "32" for r in rows), rows
-    assert float(rows[0]["best_metric"]) == pytest.approx(result.best["value"])
+    sides = result.best["sides"]  # the leaderboard ranks the search trials; best/ may be a winner's rerun too
+    assert float(rows[0]["best_metric"]) == pytest.approx(max(side["search_best"] for side in sides.values()))
+    assert result.best["value"] == max(side["best"] for side in sides.values())
 
 
 def test_best_model_reproduces_reported_metric(swept, pretrained_run):
