@@ -57,6 +57,8 @@ class TrainerState:
     """Optimizer steps skipped because the loss was not finite."""
     best_metric: float | None = None
     """Finetuning: the best evaluation so far. Only an evaluation that beats it writes a checkpoint."""
+    delivered: dict = dataclasses.field(default_factory=dict)
+    """data.ingest=ray_data: the rows trained so far, per epoch and source (see data/stream.py `Delivered`)."""
     bound_to: dict = dataclasses.field(default_factory=dict)
     """Pretraining: what the checkpoint cannot be resumed without (model shape, ZeRO stage, precision, tokenizer,
     prepared data); the driver compares it with the new config before a rerun starts (`pretrain.check_resume`)."""

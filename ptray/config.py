@@ -105,6 +105,10 @@ class DataConfig:
     so every global batch mixes text from across the corpus. Each worker holds one window of rows in memory."""
     builtin_docs: int = 20_000
     """Documents in the built-in generated corpus."""
+    ingest: str = "shards"
+    """How training rows reach the workers. shards: from the token shards `ptray prepare` wrote (a bitwise-identical
+    order on any world size). ray_data: streamed from the corpus files through Ray Data while the workers train, with
+    no prepare pass (each row trained exactly once per epoch, across resumes; the order may differ)."""
     document_masking: bool = False
     """Causal pretraining: the documents packed into a row do not see each other. Position ids restart after each
     end-of-document token and attention stays within a document (transformers builds the block-diagonal mask from
@@ -366,6 +370,7 @@ CHOICES = {
     "cluster.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "model.family": ("gpt2", "llama", "bert"),
     "model.attention": ("sdpa", "eager", "flash_attention_2"),
+    "data.ingest": ("shards", "ray_data"),
     "pretrain.objective": ("clm", "mlm"),
     "pretrain.schedule": ("cosine", "wsd", "constant"),
     "deepspeed.zero_stage": (0, 1, 2, 3),

@@ -49,6 +49,9 @@ class Task(Protocol):
     def probe_inputs(self) -> dict[str, torch.Tensor]:
         """Fixed model inputs, the same on every rank; their logits are stored to verify the export."""
 
+    # Optional: `record_position(state)`, called on every rank before a checkpoint is written, stores in `state` a data
+    # position that only the ranks together know (streamed data: the rows each has trained).
+
 
 _first_step_done = False  # this worker process has completed an optimizer step (set by `fit`)
 
@@ -149,6 +152,8 @@ def fit(cfg: Config, schedule: Schedule, task: Task, model: torch.nn.Module, *, 
         with tempfile.TemporaryDirectory() as checkpoint_dir:
             ds.save(engine, checkpoint_dir)
             ckpt.save_rng(checkpoint_dir, rank, node_id=ray.get_runtime_context().get_node_id())
+            if hasattr(task, "record_position"):  # streamed data: what every rank has trained (collective)
+                task.record_position(state)
             if rank == 0:
                 ckpt.write_trainer_state(state, checkpoint_dir)
                 with open(os.path.join(checkpoint_dir, ckpt.METRICS), "w") as f:

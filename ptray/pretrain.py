@@ -16,7 +16,10 @@ import json
 import math
 import os
 import shutil
+import time
+import zlib
 
+import ray.train
 import torch
 import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -27,7 +30,8 @@ from ptray import storage
 from ptray.config import Config, from_dict, save_config, with_absolute_paths
 from ptray.data.loader import RowStream, ShardRows, rank_micro_batches
 from ptray.data.manifest import Manifest, Shard, verify_shards
-from ptray.data.prepare import ensure_prepared
+from ptray.data.prepare import corpus_files, ensure_prepared
+from ptray.data.stream import Delivered, start_stream, stream_dir, train_dataset
 from ptray.data.tokenizer import tokenizer_hash
 from ptray.errors import ConfigError, DataError
 from ptray.loop import fit, raise_if_stopped, setup_worker, snapshot_dir, worker_entry
@@ -53,27 +57,34 @@ def pretrain(cfg: Config) -> PretrainResult:
     scaling = worker_scaling(cfg)  # before any work: fail fast if the workers can never be placed
     storage_path = cfg.run.storage_path or cfg.run_dir  # checkpoints: shared directory or object store
     storage.check_writable(storage_path, "run.storage_path")
-    manifest = ensure_prepared(cfg)
-    prepared_dir = cfg.prepared_dir
-    verify_shards(manifest, prepared_dir)
+    streamed = cfg.data.ingest == "ray_data"
+    if streamed:  # the rows stream from the corpus through Ray Data; only tokenizer and validation rows come first
+        manifest, prepared_dir = start_stream(cfg, corpus_files(cfg)), stream_dir(cfg)
+    else:
+        manifest, prepared_dir = ensure_prepared(cfg), cfg.prepared_dir
+        verify_shards(manifest, prepared_dir)
     vocab_size = check_model_fits_data(cfg, manifest, prepared_dir)
     run_dir = cfg.run_dir
     bound_to = resume_key(cfg, manifest)
-    check_resume(bound_to, storage.join(storage_path, "train"), run_dir)  # before config.yaml is replaced
+    checkpoint_root = storage.join(storage_path, "train")
+    check_resume(bound_to, checkpoint_root, run_dir)  # before config.yaml is replaced
     save_config(cfg, run_dir)
 
-    result = fit_with_retries(lambda: TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "manifest": dataclasses.asdict(manifest),
-                           "prepared_dir": prepared_dir, "run_dir": run_dir, "vocab_size": vocab_size,
-                           "bound_to": bound_to,
-                           "checkpoint_root": storage.join(storage_path, "train")},
-        scaling_config=scaling,
-        run_config=RunConfig(name="train", storage_path=storage_path, logging_config=train_logging(),
-                             failure_config=FailureConfig(max_failures=0),  # retries: fit_with_retries
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.pretrain.num_to_keep)),
-        torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
-    ), max_failures=cfg.cluster.max_failures, label="pretrain")
+    def trainer() -> TorchTrainer:  # built again for each attempt: a streamed run restarts from the newest position
+        delivered = streamed_position(checkpoint_root) if streamed else {}
+        return TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"config": cfg.to_dict(), "manifest": dataclasses.asdict(manifest),
+                               "prepared_dir": prepared_dir, "run_dir": run_dir, "vocab_size": vocab_size,
+                               "bound_to": bound_to, "delivered": delivered, "checkpoint_root": checkpoint_root},
+            datasets={"train": train_dataset(cfg, manifest, delivered)} if streamed else None,
+            scaling_config=scaling,
+            run_config=RunConfig(name="train", storage_path=storage_path, logging_config=train_logging(),
+                                 failure_config=FailureConfig(max_failures=0),  # retries: fit_with_retries
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.pretrain.num_to_keep)),
+            torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"))
+
+    result = fit_with_retries(trainer, max_failures=cfg.cluster.max_failures, label="pretrain")
     raise_if_stopped(run_dir, result.checkpoint, "pretrain")
     assert result.checkpoint is not None, "training finished without a checkpoint"
     export_dir = os.path.join(run_dir, "export")
@@ -122,6 +133,15 @@ def check_resume(key: dict, checkpoint_root: str, run_dir: str) -> None:
                           "settings (and data) to resume this one.")
 
 
+def streamed_position(checkpoint_root: str) -> dict:
+    """data.ingest=ray_data: the rows the newest committed checkpoint has trained (`TrainerState.delivered`). The
+    stream is built without them; the workers check that they resumed that same checkpoint."""
+    for path in ckpt.candidates(checkpoint_root):
+        if storage.exists(storage.join(path, ckpt.COMMIT)):
+            return json.loads(storage.read_text(storage.join(path, ckpt.TRAINER_STATE))).get("delivered") or {}
+    return {}
+
+
 def special_ids(manifest: Manifest) -> dict[str, int | None]:
     return {"eos": manifest.eos_id, "pad": manifest.pad_id, "mask": manifest.mask_id}
 
@@ -155,7 +175,7 @@ def check_model_fits_data(cfg: Config, manifest: Manifest, prepared_dir: str) ->
     if cfg.pretrain.objective == "mlm" and manifest.mask_id is None:
         raise ConfigError("pretrain.objective=mlm needs a tokenizer with a mask token; "
                           "the prepared tokenizer has none.")
-    if manifest.num_train_rows < cfg.pretrain.global_batch_size:
+    if manifest.train and manifest.num_train_rows < cfg.pretrain.global_batch_size:  # (streamed: no shards)
         raise DataError(f"the prepared data has {manifest.num_train_rows} training rows, fewer than one optimizer step "
                         f"needs (pretrain.global_batch_size={cfg.pretrain.global_batch_size}); add data or lower the "
                         "batch size.")
@@ -251,6 +271,62 @@ class LanguageModelingTask:
         return {k: v for k, v in batch.items() if k != "targets"}
 
 
+class StreamedLanguageModelingTask(LanguageModelingTask):
+    """data.ingest=ray_data: this rank's rows come from its share of the Ray Data stream (see data/stream.py)."""
+
+    def __init__(self, cfg: Config, manifest: Manifest, prepared_dir: str, rank: int, world_size: int,
+                 delivered: dict):
+        super().__init__(cfg, manifest, prepared_dir, rank, world_size)
+        self.delivered = delivered  # what the stream was built without: the resumed checkpoint's position
+        self.trained: list[tuple[int, int, int]] = []  # (epoch, source, index) of the rows since the last checkpoint
+
+    def next_batch(self, state: ckpt.TrainerState) -> dict[str, torch.Tensor]:
+        if self.batches is None:
+            if state.delivered != self.delivered:
+                raise DataError("the resumed checkpoint is not the newest committed one (that one failed its "
+                                "verification, see the warning above), but the data stream was built from the newest "
+                                "one's position. Delete the newest checkpoint directory and rerun to resume from the "
+                                "one before.")
+            p = self.cfg.pretrain
+            self.batches = iter(ray.train.get_dataset_shard("train").iter_batches(
+                batch_size=p.micro_batch_size, batch_format="numpy", prefetch_batches=4,
+                local_shuffle_buffer_size=self.cfg.data.shuffle_window_rows,
+                local_shuffle_seed=self.cfg.run.seed * 1009 + self.rank + 7919 * state.step))
+        batch = next(self.batches, None)
+        if batch is None or len(batch["input_ids"]) < self.cfg.pretrain.micro_batch_size:
+            raise DataError("the data stream ran out before pretrain.max_steps; lower pretrain.max_steps or add "
+                            "corpus files.")
+        rows = list(zip(batch["epoch"].tolist(), batch["source"].tolist(), batch["index"].tolist()))
+        self.trained += rows
+        if os.environ.get("PTRAY_TRACE_ROWS"):  # a test's record of every row trained: step, ids and tokens' CRC
+            trace_rows(os.environ["PTRAY_TRACE_ROWS"], state.step, self.rank, rows, batch["input_ids"])
+        state.epoch = max(epoch for epoch, _, _ in rows)
+        state.rows_consumed += len(rows) * self.world_size  # rows trained by all ranks (for the logs only)
+        return self.make_batch(torch.from_numpy(batch["input_ids"]).long(), seed=hash((self.cfg.run.seed, rows[0])))
+
+    def record_position(self, state: ckpt.TrainerState) -> None:
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, self.trained)
+        delivered = Delivered(state.delivered)
+        delivered.merge([row for rows in gathered for row in rows])
+        state.delivered = self.delivered = delivered.to_dict()
+        self.trained = []
+
+
+def trace_rows(trace_dir: str, step: int, rank: int, rows: list[tuple[int, int, int]], tokens) -> None:
+    """Append `{started, step, rank, rows: [[epoch, source, index, crc32 of the tokens], ...]}` to this process's
+    file; `started` (the process's first record) tells a restarted attempt's records from those it replaced."""
+    global _trace_started
+    _trace_started = _trace_started or time.time()
+    record = {"started": _trace_started, "step": step, "rank": rank,
+              "rows": [[*row, zlib.crc32(t.tobytes())] for row, t in zip(rows, tokens)]}
+    with open(os.path.join(trace_dir, f"{os.getpid()}.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+_trace_started = 0.0
+
+
 @worker_entry
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = from_dict(loop_config["config"])
@@ -267,7 +343,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
               f"{num_params(model):,} parameters", flush=True)
     if cfg.pretrain.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    task = LanguageModelingTask(cfg, manifest, loop_config["prepared_dir"], rank, world_size)
+    if cfg.data.ingest == "ray_data":
+        task = StreamedLanguageModelingTask(cfg, manifest, loop_config["prepared_dir"], rank, world_size,
+                                            loop_config["delivered"])
+    else:
+        task = LanguageModelingTask(cfg, manifest, loop_config["prepared_dir"], rank, world_size)
     fit(cfg, pretrain_schedule(cfg), task, model, run_dir=loop_config["run_dir"],
         checkpoint_root=loop_config["checkpoint_root"],
         tokens_per_step=cfg.pretrain.global_batch_size * manifest.seq_len,

@@ -131,6 +131,11 @@ def quiet_ray_process() -> None:
     that warns, on the console, each time it removes the placement group of a run whose controller ended, which
     is what happens to every sweep trial that Tune stops or finishes."""
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    # Streamed data (data.ingest=ray_data): Ray Data's coordinator actor announces each execution and its plan, and
+    # Ray Train sets an execution option that Ray Data calls deprecated.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r"`ExecutionOptions\.exclude_resources` is deprecated")
 
 
 def exit_at_once_if_torn_down() -> None:

@@ -113,6 +113,14 @@ BAD_INPUTS = [
     (["prepare", "run.dir=FILES/prep", "data.train_files=[FILES/nested.jsonl]"], "nested.jsonl line 1"),
     (["prepare", "run.dir=FILES/prep", "data.train_files=[FILES/broken.parquet]"], "broken.parquet"),
     (["prepare", "run.dir=FILES/prep", "data.train_files=[FILES/numbers.parquet]"], "column 'text' holds int64"),
+    # the same files streamed (data.ingest=ray_data): checked on the driver before any worker starts
+    (["pretrain", "run.dir=FILES/st", "data.ingest=ray_data", "data.train_files=[FILES/empty.txt]"],
+     "empty.txt holds no documents"),
+    (["pretrain", "run.dir=FILES/st", "data.ingest=ray_data", "data.train_files=[FILES/latin1.txt]"],
+     "latin1.txt line 1 is not UTF-8"),
+    (["pretrain", "run.dir=FILES/st", "data.ingest=ray_data", "data.train_files=[FILES/broken.parquet]"],
+     "broken.parquet"),
+    (["pretrain", "data.ingest=streaming"], "data.ingest='streaming'"),
     # labelled files
     (["finetune", "finetune.train_files=[FILES/missing.jsonl]"], "missing.jsonl"),
     (["finetune", "finetune.train_files=[FILES/nolabel.jsonl]"], "label"),

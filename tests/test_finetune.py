@@ -188,7 +188,10 @@ def test_best_model_reproduces_reported_metric(swept, pretrained_run):
     best = json.load(open(os.path.join(pretrained_run, "best.json")))
     model = AutoModelForSequenceClassification.from_pretrained(result.best_dir, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(result.best_dir)
-    val = load_labelled(trial_config(cfg.to_dict(), best["config"]), tokenizer).val  # at the winner's max_len
+    # At the winner's max_len; every trial reads the sweep's own labelled data (a rerun's seed changes its training
+    # only, and the built-in examples and split depend on run.seed).
+    data_config = {k: v for k, v in best["config"].items() if k != "run.seed"}
+    val = load_labelled(trial_config(cfg.to_dict(), data_config), tokenizer).val
     with torch.no_grad():
         logits = model(input_ids=val["input_ids"], attention_mask=val["attention_mask"]).logits
     accuracy = (logits.argmax(-1) == val["labels"]).float().mean().item()
