@@ -68,7 +68,8 @@ def test_a_killed_worker_resumes_the_stream_and_every_row_is_trained_exactly_onc
     expected = set()
     for source, path in enumerate(read_manifest(str(run_dir / "stream")).source_files):
         rows = list(source_rows(path, data=data_settings(cfg), seed=cfg.run.seed, split="train",
-                                tokenizer_dir=str(run_dir / "stream" / "tokenizer"), chunk_seed=cfg.run.seed * 1_000_003))
+                                tokenizer_dir=str(run_dir / "stream" / "tokenizer"),
+                                chunk_seed=cfg.run.seed * 1_000_003))
         expected |= {(source, index, zlib.crc32(row.tobytes()))
                      for index, row in enumerate(r for chunk in rows for r in chunk)}
     first_epoch = {(source, index, crc) for epoch, source, index, crc in history if epoch == 0}

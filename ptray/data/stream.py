@@ -200,7 +200,8 @@ def start_stream(cfg: Config, files: list[str]) -> Manifest:
     that resumes must tokenize as the first run did) and then reused."""
     out = stream_dir(cfg)
     settings = {"data.ingest": "ray_data", **{f"data.{k}": v for k, v in data_settings(cfg).items()},
-                "data.tokenizer_path": storage.absolute(cfg.data.tokenizer_path), "data.vocab_size": cfg.data.vocab_size,
+                "data.tokenizer_path": storage.absolute(cfg.data.tokenizer_path),
+                "data.vocab_size": cfg.data.vocab_size,
                 "data.tokenizer_train_docs": cfg.data.tokenizer_train_docs, "data.train_files": files,
                 "run.seed": cfg.run.seed}
     if os.path.exists(os.path.join(out, "manifest.json")):
