@@ -1,5 +1,7 @@
 """Training throughput: `ptray pretrain` (2 Ray Train workers, DeepSpeed ZeRO-2) vs a bare single-process PyTorch loop,
-same model, same global batch, same cores, measured side by side in one run. Prints tokens/s of each and the ratio.
+same model, same global batch, same cores, measured side by side in one run. Prints tokens/s of each and the ratio,
+and for both ingest modes (prepared shards, and the corpus streamed through Ray Data: data.ingest=ray_data) the
+share of each step the workers spent waiting for data.
 
     python bench/pretrain_throughput.py                                   # tiny model (2 layers, width 64)
     python bench/pretrain_throughput.py model.num_layers=4 model.hidden_size=256 model.num_heads=8
@@ -53,19 +55,34 @@ def main(overrides: list[str]) -> None:
     cfg = load_config("tiny", [f"run.dir={run_dir}", f"pretrain.max_steps={STEPS}", "pretrain.log_every=10",
                                f"pretrain.ckpt_every={STEPS}", f"pretrain.eval_every={STEPS}", "deepspeed.zero_stage=2",
                                "cluster.num_workers=2", *overrides])
+    streamed = load_config("tiny", [f"run.dir={run_dir}-streamed", *[f"{k}={v}" for k, v in [
+        ("pretrain.max_steps", STEPS), ("pretrain.log_every", 10), ("pretrain.ckpt_every", STEPS),
+        ("pretrain.eval_every", STEPS), ("deepspeed.zero_stage", 2), ("cluster.num_workers", 2)]], *overrides,
+        "data.ingest=ray_data"])
     with ray_session(cfg):
         prepare(cfg)
         manifest = read_manifest(cfg.prepared_dir)
         bare = bare_pytorch_tokens_per_s(cfg, manifest, cfg.prepared_dir)
         pretrain(cfg)
-    rows = [r for r in read_metrics(run_dir) if "tokens_per_s" in r and r["step"] > WARMUP_STEPS]
-    ptray = statistics.median(r["tokens_per_s"] for r in rows)
-    mfu = statistics.median(r["mfu"] for r in rows)
+        pretrain(streamed)
+    ptray, mfu, wait = measured(cfg)
+    streamed_tokens_per_s, _, streamed_wait = measured(streamed)
     print(f"\nmodel: {cfg.model.family} {cfg.model.num_layers} layers x {cfg.model.hidden_size}, global batch "
           f"{cfg.pretrain.global_batch_size} x {cfg.data.seq_len} tokens, {os.cpu_count()} cores")
     print(f"bare PyTorch, 1 process        : {bare:12,.0f} tokens/s")
     print(f"ptray, 2 workers, ZeRO-2 (gloo): {ptray:12,.0f} tokens/s  (MFU {100 * mfu:.1f}% of measured CPU peak)")
     print(f"ratio ptray / bare             : {ptray / bare:12.2f}")
+    print(f"data wait, share of step time  : shards {100 * wait:.2f}%, ray_data {100 * streamed_wait:.2f}% "
+          f"(ray_data: {streamed_tokens_per_s:,.0f} tokens/s)")
+
+
+def measured(cfg) -> tuple[float, float, float]:
+    """Median tokens/s, MFU and data wait per step as a share of the step, after the warm-up steps (rank 0's log)."""
+    rows = [r for r in read_metrics(cfg.run_dir) if "tokens_per_s" in r and r["step"] > WARMUP_STEPS]
+    tokens_per_s = statistics.median(r["tokens_per_s"] for r in rows)
+    step_s = cfg.pretrain.global_batch_size * cfg.data.seq_len / tokens_per_s
+    return (tokens_per_s, statistics.median(r["mfu"] for r in rows),
+            statistics.median(r["data_wait_s"] for r in rows) / step_s)
 
 
 if __name__ == "__main__":
