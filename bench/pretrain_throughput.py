@@ -29,8 +29,9 @@ from ptray.session import ray_session
 STEPS, WARMUP_STEPS = 80, 20
 
 
-def bare_pytorch_tokens_per_s(cfg, manifest, prepared_dir) -> float:
-    """The same model and global batch in one process using all cores: the no-framework baseline."""
+def bare_pytorch_tokens_per_s(cfg, manifest, prepared_dir) -> tuple[float, dict]:
+    """The same model and global batch in one process using all cores: the no-framework baseline. Returns tokens/s
+    and the seconds per phase over the timed steps."""
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
     model = build_model(cfg.model, vocab_size=padded_vocab_size(manifest.vocab_size), special_ids={})
@@ -38,16 +39,24 @@ def bare_pytorch_tokens_per_s(cfg, manifest, prepared_dir) -> float:
     rows = read_rows(manifest.shard_paths(prepared_dir, "train"), manifest.seq_len + 1,
                      STEPS * cfg.pretrain.global_batch_size)
     batch = cfg.pretrain.global_batch_size
+    phases = dict.fromkeys(("data", "forward", "backward", "step"), 0.0)
     for step in range(STEPS):
         if step == WARMUP_STEPS:
             start = time.perf_counter()
+            phases = dict.fromkeys(phases, 0.0)
+        t0 = time.perf_counter()
         inputs, targets = causal_lm_batch(rows[step * batch: (step + 1) * batch])
-        loss = token_loss(model(input_ids=inputs).logits, targets)
+        t1 = time.perf_counter()
+        loss = token_loss(model(input_ids=inputs, use_cache=False).logits, targets)
+        t2 = time.perf_counter()
         loss.backward()
+        t3 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.pretrain.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return (STEPS - WARMUP_STEPS) * batch * manifest.seq_len / (time.perf_counter() - start)
+        for name, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)):
+            phases[name] += seconds
+    return (STEPS - WARMUP_STEPS) * batch * manifest.seq_len / (time.perf_counter() - start), phases
 
 
 def main(overrides: list[str]) -> None:
@@ -62,7 +71,7 @@ def main(overrides: list[str]) -> None:
     with ray_session(cfg):
         prepare(cfg)
         manifest = read_manifest(cfg.prepared_dir)
-        bare = bare_pytorch_tokens_per_s(cfg, manifest, cfg.prepared_dir)
+        bare, bare_phases = bare_pytorch_tokens_per_s(cfg, manifest, cfg.prepared_dir)
         pretrain(cfg)
         pretrain(streamed)
     ptray, mfu, wait = measured(cfg)
@@ -72,6 +81,13 @@ def main(overrides: list[str]) -> None:
     print(f"bare PyTorch, 1 process        : {bare:12,.0f} tokens/s")
     print(f"ptray, 2 workers, ZeRO-2 (gloo): {ptray:12,.0f} tokens/s  (MFU {100 * mfu:.1f}% of measured CPU peak)")
     print(f"ratio ptray / bare             : {ptray / bare:12.2f}")
+    timed_steps = STEPS - WARMUP_STEPS
+    print("seconds per step, by phase     : " + ", ".join(f"{k} {v / timed_steps * 1e3:.1f} ms"
+                                                        for k, v in bare_phases.items()) + " (bare)")
+    breakdown = [r for r in read_metrics(cfg.run_dir) if "time_breakdown_s" in r][-1]["time_breakdown_s"]
+    print("                                 " + ", ".join(f"{k} {breakdown[k] / STEPS * 1e3:.1f} ms" for k in
+                                                        ("data", "forward", "backward", "step", "logging"))
+          + " (ptray, rank 0, all steps; backward includes ZeRO's gradient reduction)")
     print(f"data wait, share of step time  : shards {100 * wait:.2f}%, ray_data {100 * streamed_wait:.2f}% "
           f"(ray_data: {streamed_tokens_per_s:,.0f} tokens/s)")
 

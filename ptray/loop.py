@@ -173,6 +173,9 @@ def fit(cfg: Config, schedule: Schedule, task: Task, model: torch.nn.Module, *, 
     window_steps, window_updates, window_data_wait, window_start = 0, 0, 0.0, time.perf_counter()
     window_paused = 0.0  # evaluation and checkpoint time inside the window: not training throughput
     paused_total = {"eval": 0.0, "checkpoint": 0.0}  # over the run, for the closing time breakdown
+    # Where training time goes, host-side (on CPU the work itself; on a GPU the time to queue it, unless a phase waits:
+    # use pretrain.profile_steps there). Backward includes ZeRO's gradient reduction, which DeepSpeed runs in it.
+    phases = dict.fromkeys(("data", "forward", "backward", "step", "logging"), 0.0)
     fit_start = time.perf_counter()
 
     @contextlib.contextmanager
@@ -198,19 +201,26 @@ def fit(cfg: Config, schedule: Schedule, task: Task, model: torch.nn.Module, *, 
             batch = task.next_batch(state)
             window_fingerprint += fingerprint(batch["input_ids"])
             batch = to_device(batch, engine.device)
-            window_data_wait += time.perf_counter() - wait_start
+            forward_start = time.perf_counter()
+            window_data_wait += forward_start - wait_start
             loss = task.loss(engine, batch)
             if rank == 0 and state.step + 1 in injected_nonfinite and micro_step == p.grad_accum_steps - 1:
                 loss = loss * float("nan")
+            backward_start = time.perf_counter()
             engine.backward(loss)
             step_loss += loss.detach() / p.grad_accum_steps
             if micro_step < p.grad_accum_steps - 1:
                 engine.step()  # counts the micro-batch; DeepSpeed updates only on the accumulation boundary
+            phases["data"] += forward_start - wait_start
+            phases["forward"] += backward_start - forward_start
+            phases["backward"] += time.perf_counter() - backward_start
+        step_start = time.perf_counter()
         # All ranks must agree whether to update: one scalar all-reduce (DeepSpeed syncs on the grad norm anyway).
         finite = torch.isfinite(step_loss).float()
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         update = bool(finite.item())
         ds.step(engine, apply_update=update)  # a non-finite loss skips the update; the batch is consumed all the same
+        phases["step"] += time.perf_counter() - step_start
         started_training()  # from here on a failure may be transient: the driver may retry it
         state.step += 1
         state.tokens += tokens_per_step
@@ -229,6 +239,7 @@ def fit(cfg: Config, schedule: Schedule, task: Task, model: torch.nn.Module, *, 
                       f"({nonfinite_in_a_row} in a row, {state.skipped_steps} in total)", flush=True)
 
         if state.step % p.log_every == 0 or state.step == p.max_steps or nonfinite_in_a_row >= p.max_nonfinite_steps:
+            logging_start = time.perf_counter()
             dist.all_reduce(window_loss)  # a sync point: the mean loss over ranks and the updated steps of this window
             fingerprint_sum = torch.tensor(window_fingerprint, dtype=torch.int64, device=engine.device)
             dist.all_reduce(fingerprint_sum)
@@ -250,6 +261,7 @@ def fit(cfg: Config, schedule: Schedule, task: Task, model: torch.nn.Module, *, 
             window_fingerprint = 0
             window_steps, window_updates, window_data_wait, window_start = 0, 0, 0.0, time.perf_counter()
             window_paused = 0.0
+            phases["logging"] += window_start - logging_start
 
         if nonfinite_in_a_row >= p.max_nonfinite_steps:
             # Stop without a checkpoint: the newest one is from before these steps. Returning (rather than raising)
@@ -292,9 +304,15 @@ def fit(cfg: Config, schedule: Schedule, task: Task, model: torch.nn.Module, *, 
     if rank == 0:
         total = time.perf_counter() - fit_start
         training = total - sum(paused_total.values())
-        print(f"[{label}] {total:.1f} s in the loop: training {training:.1f} s, "
-              f"evaluation {paused_total['eval']:.1f} s, "
-              f"checkpoints {paused_total['checkpoint']:.1f} s", flush=True)
+        print(f"[{label}] {total:.1f} s in the loop: training {training:.1f} s ("
+              + ", ".join(f"{name} {seconds:.1f}" for name, seconds in phases.items())
+              + f"), evaluation {paused_total['eval']:.1f} s, checkpoints {paused_total['checkpoint']:.1f} s",
+              flush=True)
+        if log:
+            log.write({"step": state.step, "time_breakdown_s": {"total": round(total, 3),
+                                                                "training": round(training, 3),
+                                                                **{k: round(v, 3) for k, v in phases.items()},
+                                                                **{k: round(v, 3) for k, v in paused_total.items()}}})
 
 
 def snapshot_dir(run_dir: str, step: int) -> str:

@@ -83,6 +83,10 @@ def test_zero2_loss_falls_and_metrics_follow_the_contract(zero2_run):
     assert [r["step"] for r in evals] == [10, 20, 30] and evals[-1]["val_loss"] < evals[0]["val_loss"]
     assert evals[-1]["val_ppl"] == pytest.approx(2.718281828 ** evals[-1]["val_loss"], rel=1e-6)
     assert 0 < [r for r in rows if "mfu" in r][-1]["mfu"] < 1
+    # The run ends with where its time went; the training phases add up to at most the training time.
+    breakdown = rows[-1]["time_breakdown_s"]
+    phases = [breakdown[k] for k in ("data", "forward", "backward", "step", "logging")]
+    assert min(phases[1:4]) > 0 and sum(phases) <= breakdown["training"] <= breakdown["total"], breakdown
     assert yaml_safe(os.path.join(result.run_dir, "config.yaml"))["pretrain"]["max_steps"] == 30
 
 
