@@ -309,10 +309,9 @@ def fit(cfg: Config, schedule: Schedule, task: Task, model: torch.nn.Module, *, 
               + f"), evaluation {paused_total['eval']:.1f} s, checkpoints {paused_total['checkpoint']:.1f} s",
               flush=True)
         if log:
-            log.write({"step": state.step, "time_breakdown_s": {"total": round(total, 3),
-                                                                "training": round(training, 3),
-                                                                **{k: round(v, 3) for k, v in phases.items()},
-                                                                **{k: round(v, 3) for k, v in paused_total.items()}}})
+            breakdown = {"total": total, "training": training, **phases, **paused_total}
+            log.write({"step": state.step, "tokens": state.tokens,
+                       "time_breakdown_s": {name: round(seconds, 3) for name, seconds in breakdown.items()}})
 
 
 def snapshot_dir(run_dir: str, step: int) -> str:
