@@ -7,6 +7,7 @@ Every client runs in a subprocess with RAY_AUTH_MODE=token: Ray reads the auth m
 
 import contextlib
 import glob
+import json
 import os
 import re
 import signal
@@ -67,6 +68,9 @@ def cluster(tmp_path_factory):
     env = {**os.environ, "RAY_AUTH_MODE": "token"}  # clients of the cluster, all in subprocesses
     head_temp_dir, node2_temp_dir = str(tmp_path_factory.mktemp("head")), str(tmp_path_factory.mktemp("node2"))
     try:
+        # On a machine where Ray never ran there is no ~/.ray/auth_token yet: `ray start` wants one, as users are told.
+        token = _run("ray", "get-auth-token", "--generate", env=env)
+        assert token.returncode == 0, token.stderr[-2000:]
         head = _run("ray", "start", "--head", "--temp-dir", head_temp_dir, "--node-ip-address", "127.0.0.1",
                     "--port", str(port),
                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--num-cpus", "2",
@@ -115,6 +119,27 @@ def test_job_submit_runs_the_pipeline(pipeline_job):
     for path in ["export/model.safetensors", "best/model.safetensors", "best.json", "sweep/leaderboard.csv",
                  "report.md", "metrics.jsonl", "config.yaml"]:
         assert (run_dir / path).exists(), path
+
+
+PREPARE_TASK_NODES = """
+import json, sys
+from ray.util.state import list_tasks
+tasks = list_tasks(address=sys.argv[1], limit=10_000, raise_on_missing_output=False)
+stages = ("ReadText", "clean_batch", "HashShuffle", "tokenize_and_pack")
+print(json.dumps({stage: sorted({t.node_id for t in tasks if stage in t.name}) for stage in stages}))
+"""
+
+
+def test_the_jobs_prepare_ran_its_ray_data_tasks_on_both_nodes(cluster, pipeline_job):
+    assert pipeline_job[1].returncode == 0
+    # Ray's state API, asked as a user would: which nodes ran prepare's Ray Data tasks (read, clean, dedup shuffle,
+    # tokenize + pack). Each stage of this small corpus has only a few tasks, which Ray may place on one node; the
+    # stages together use both.
+    found = _run(sys.executable, "-c", PREPARE_TASK_NODES, cluster["dashboard"], env=cluster["env"])
+    assert found.returncode == 0, found.stderr[-2000:]
+    stages = json.loads(found.stdout.strip().splitlines()[-1])
+    assert all(stages.values()), stages  # every stage ran as Ray tasks
+    assert len({node for nodes in stages.values() for node in nodes}) == 2, stages
 
 
 def test_failed_job_exits_non_zero_with_the_error_in_its_log(cluster, tmp_path):
