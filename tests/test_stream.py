@@ -66,9 +66,10 @@ def test_a_killed_worker_resumes_the_stream_and_every_row_is_trained_exactly_onc
     # The first epoch, row by row: exactly the rows its sources pack into, with their tokens (by CRC), each once.
     cfg = load_config(str(run_dir / "config.yaml"))
     expected = set()
-    for source, path in enumerate(read_manifest(str(run_dir / "stream")).source_files):
+    manifest = read_manifest(str(run_dir / "stream"))
+    for source, path in enumerate(manifest.source_files):
         rows = list(source_rows(path, data=data_settings(cfg), seed=cfg.run.seed, split="train",
-                                tokenizer_dir=str(run_dir / "stream" / "tokenizer"),
+                                tokenizer_dir=str(run_dir / "stream" / "tokenizer"), eos_id=manifest.eos_id,
                                 chunk_seed=cfg.run.seed * 1_000_003))
         expected |= {(source, index, zlib.crc32(row.tobytes()))
                      for index, row in enumerate(r for chunk in rows for r in chunk)}

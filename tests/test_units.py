@@ -10,9 +10,9 @@ import torch
 
 from ptray.config import load_config
 from ptray.data.clean import clean_batch, clean_text, is_validation, shuffle_block
-from ptray.data.pack import pack_token_lists
+from ptray.data.pack import encode_documents, pack_rows
 from ptray.data.readers import expand_files
-from ptray.data.tokenizer import load_tokenizer, train_bpe
+from ptray.data.tokenizer import end_of_document_id, fast_tokenizer, load_tokenizer, train_bpe
 from ptray.errors import DataError
 from ptray.objectives import IGNORE_INDEX, causal_lm_batch, masked_lm_batch
 from ptray.schedule import pretrain_schedule
@@ -62,12 +62,18 @@ def test_validation_split_fraction_is_respected():
     assert 800 < held_out < 1200
 
 
-def test_pack_conserves_tokens_and_rows_are_exact():
-    lists = [list(range(n)) for n in (5, 17, 3, 40, 1)]
-    rows, dropped = pack_token_lists(lists, row_len=9)
-    assert rows.shape == (7, 9)
-    assert rows.size + dropped == sum(map(len, lists))
-    assert list(rows.ravel()) == [t for ids in lists for t in ids][: rows.size]
+def test_pack_conserves_tokens_and_rows_are_exact(tmp_path):
+    texts = ["the cat sat on the mat", "", "a dog", "the cat and the dog sat " * 5, "mat"]
+    train_bpe(iter(texts * 20), vocab_size=300, out_dir=str(tmp_path / "tok"))
+    hf = load_tokenizer(str(tmp_path / "tok"))
+    eos = end_of_document_id(hf)
+    flat = encode_documents(fast_tokenizer(str(tmp_path / "tok")), texts, eos)
+    # The same ids transformers gives, each document followed by the end-of-document token (an empty one too).
+    assert flat.dtype == np.int32
+    assert flat.tolist() == [t for text in texts for t in hf(text)["input_ids"] + [eos]]
+    rows, tail = pack_rows(flat, row_len=9)
+    assert rows.shape == (len(flat) // 9, 9) and len(tail) == len(flat) % 9
+    assert np.concatenate([rows.ravel(), tail]).tolist() == flat.tolist()
 
 
 def test_causal_batch_shifts_targets():

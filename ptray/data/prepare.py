@@ -95,8 +95,8 @@ def prepare(cfg: Config) -> Manifest:
         stage_s["tokenizer"] = time.perf_counter() - started - sum(stage_s.values())
         shards, doc_tokens, dropped = {}, 0, 0
         for split in ("train", "val"):
-            shards[split], split_doc_tokens, split_dropped = _write_packed_split(cfg, out_dir, version, split,
-                                                                                 tokenizer_dir)
+            shards[split], split_doc_tokens, split_dropped = _write_packed_split(
+                cfg, out_dir, version, split, tokenizer_dir, end_of_document_id(tokenizer))
             doc_tokens += split_doc_tokens
             dropped += split_dropped
         if not shards["train"]:
@@ -206,20 +206,28 @@ def _num_rows(paths: list[str]) -> int:
 
 
 def _iter_texts(docs_dir: str, max_docs: int):
-    ds = ray.data.read_parquet(docs_dir).select_columns(["text"]).limit(max_docs)
-    for batch in ds.iter_batches(batch_size=1000, batch_format="numpy"):
-        yield from batch["text"]
+    """The first `max_docs` cleaned documents, streamed on the driver for tokenizer training (a plain sequential read:
+    a Ray Data job would cost more to start than reading these takes)."""
+    for path in storage.list_files(docs_dir, ".parquet"):
+        fs, inner = storage.filesystem_for(path)
+        with fs.open_input_file(inner) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=1000, columns=["text"]):
+                texts = batch.column(0).to_pylist()[:max_docs]
+                yield from texts
+                max_docs -= len(texts)
+                if max_docs <= 0:
+                    return
 
 
-def _write_packed_split(cfg: Config, out_dir: str, version: str, split: str,
-                        tokenizer_dir: str) -> tuple[list[Shard], int, int]:
+def _write_packed_split(cfg: Config, out_dir: str, version: str, split: str, tokenizer_dir: str,
+                        eos_id: int) -> tuple[list[Shard], int, int]:
     docs_dir = storage.join(out_dir, version, "docs", f"split={split}")
     if not storage.list_files(docs_dir, ".parquet"):
         return [], 0, 0
     packed_dir = storage.join(out_dir, version, split)
     ray.data.read_parquet(docs_dir).select_columns(["text"]).map_batches(
         tokenize_and_pack, batch_format="numpy", batch_size=2048,
-        fn_kwargs=dict(tokenizer_dir=tokenizer_dir, seq_len=cfg.data.seq_len),
+        fn_kwargs=dict(tokenizer_dir=tokenizer_dir, eos_id=eos_id, seq_len=cfg.data.seq_len),
     ).write_parquet(packed_dir, max_rows_per_file=cfg.data.rows_per_shard, row_group_size=rows_per_group(cfg))
     shards, doc_tokens, dropped = [], 0, 0
     for path in storage.list_files(packed_dir, ".parquet"):  # sorted: the manifest fixes the shard order

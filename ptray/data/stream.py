@@ -39,7 +39,9 @@ from ptray.config import Config
 from ptray.data.clean import clean_text, doc_hash, is_validation, shuffle_key
 from ptray.data.manifest import Manifest, Shard, read_manifest, write_manifest
 from ptray.data.readers import JSONL_EXTENSIONS, PARQUET_EXTENSIONS, _lines
-from ptray.data.tokenizer import copy_tokenizer, end_of_document_id, load_tokenizer, tokenizer_hash, train_bpe
+from ptray.data.pack import encode_documents, pack_rows
+from ptray.data.tokenizer import (copy_tokenizer, end_of_document_id, fast_tokenizer, load_tokenizer, tokenizer_hash,
+                                  train_bpe)
 from ptray.errors import ConfigError, DataError
 
 CHUNK_DOCS = 2048  # documents shuffled and tokenized together inside a source
@@ -96,30 +98,21 @@ def source_documents(path: str, data: dict, seed: int, split: str) -> Iterator[s
         yield text
 
 
-def source_rows(path: str, *, data: dict, seed: int, split: str, tokenizer_dir: str,
+def source_rows(path: str, *, data: dict, seed: int, split: str, tokenizer_dir: str, eos_id: int,
                 chunk_seed: int) -> Iterator[np.ndarray]:
     """A file's packed rows of `data.seq_len + 1` tokens, in chunks: documents shuffled within chunks of CHUNK_DOCS
-    (seeded by `chunk_seed`), each followed by the end-of-document token, the stream cut into rows. The tail shorter
-    than a row is dropped."""
-    tokenizer = load_tokenizer(tokenizer_dir)
-    eos = end_of_document_id(tokenizer)
+    (seeded by `chunk_seed`), each followed by the end-of-document token `eos_id`, the stream cut into rows. The tail
+    shorter than a row is dropped."""
+    tokenizer = fast_tokenizer(tokenizer_dir)
     row_len = data["seq_len"] + 1
     carry = np.empty(0, dtype=np.int32)
     documents = source_documents(path, data, seed, split)
     while chunk := list(itertools.islice(documents, CHUNK_DOCS)):
         hashes = np.array([doc_hash(t) for t in chunk], dtype=np.int64)
         chunk = [chunk[i] for i in np.argsort(shuffle_key(hashes, chunk_seed), kind="stable")]
-        encoded = tokenizer.backend_tokenizer.encode_batch(chunk, add_special_tokens=False)
-        lengths = np.fromiter((len(e.ids) + 1 for e in encoded), dtype=np.int64, count=len(encoded))
-        flat = np.full(int(lengths.sum()), eos, dtype=np.int32)
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        for start, e in zip(starts, encoded):
-            flat[start: start + len(e.ids)] = e.ids
-        flat = np.concatenate([carry, flat])
-        num_rows = len(flat) // row_len
-        carry = flat[num_rows * row_len:]
-        if num_rows:
-            yield flat[: num_rows * row_len].reshape(num_rows, row_len)
+        rows, carry = pack_rows(np.concatenate([carry, encode_documents(tokenizer, chunk, eos_id)]), row_len)
+        if len(rows):
+            yield rows
 
 
 # ---- what has been trained: per (epoch, source), a prefix and the rows past it -------------------------------------
@@ -151,7 +144,7 @@ class Delivered:
         return {key: [prefix, sorted(extra)] for key, (prefix, extra) in sorted(self.parts.items())}
 
 
-def stream_item_rows(batch: dict[str, np.ndarray], *, data: dict, seed: int, tokenizer_dir: str,
+def stream_item_rows(batch: dict[str, np.ndarray], *, data: dict, seed: int, tokenizer_dir: str, eos_id: int,
                      delivered: dict) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data batch function over (epoch, source, path) items: their rows not yet trained, tagged."""
     done = Delivered(delivered)
@@ -159,7 +152,7 @@ def stream_item_rows(batch: dict[str, np.ndarray], *, data: dict, seed: int, tok
         prefix, extra = done.trained(int(epoch), int(source))
         first = 0
         for rows in source_rows(str(path), data=data, seed=seed, split="train", tokenizer_dir=tokenizer_dir,
-                                chunk_seed=seed * 1_000_003 + int(epoch)):
+                                eos_id=eos_id, chunk_seed=seed * 1_000_003 + int(epoch)):
             index = np.arange(first, first + len(rows), dtype=np.int64)
             first += len(rows)
             keep = index >= prefix
@@ -183,7 +176,8 @@ def train_dataset(cfg: Config, manifest: Manifest, delivered: dict) -> ray.data.
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         stream_item_rows, batch_size=1, batch_format="numpy",
         fn_kwargs=dict(data=data_settings(cfg), seed=cfg.run.seed,
-                       tokenizer_dir=os.path.join(stream_dir(cfg), manifest.tokenizer_dir), delivered=delivered))
+                       tokenizer_dir=os.path.join(stream_dir(cfg), manifest.tokenizer_dir), eos_id=manifest.eos_id,
+                       delivered=delivered))
 
 
 def data_settings(cfg: Config) -> dict:
@@ -249,9 +243,10 @@ def validation_rows(cfg: Config, files: list[str], tokenizer_dir: str) -> np.nda
     p = cfg.pretrain
     wanted = 2 * cfg.cluster.num_workers * p.eval_batches * p.micro_batch_size
     found, total = [], 0
+    eos_id = end_of_document_id(load_tokenizer(tokenizer_dir))
     for path in files:
         for rows in source_rows(path, data=data_settings(cfg), seed=cfg.run.seed, split="val",
-                                tokenizer_dir=tokenizer_dir, chunk_seed=cfg.run.seed):
+                                tokenizer_dir=tokenizer_dir, eos_id=eos_id, chunk_seed=cfg.run.seed):
             found.append(rows)
             total += len(rows)
             if total >= wanted:

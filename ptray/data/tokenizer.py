@@ -75,6 +75,16 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
+@functools.lru_cache(maxsize=4)
+def fast_tokenizer(path: str):
+    """The Rust tokenizer (`tokenizers.Tokenizer`) of a tokenizer directory that `load_tokenizer` has checked, for
+    the Ray Data tasks that tokenize the corpus: it loads from tokenizer.json without importing transformers, which
+    costs a fresh worker process seconds."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(os.path.join(storage.local_dir(path), "tokenizer.json"))
+
+
 def end_of_document_id(tokenizer) -> int | None:
     return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
 
