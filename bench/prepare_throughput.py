@@ -1,42 +1,104 @@
-"""Data preparation throughput: `ptray prepare` (Ray Data: read, clean, dedup, split, train BPE, tokenize, pack, write)
-vs the bare `tokenizers` batch-encode rate of the same tokenizer on the same documents, in one run.
+"""Data preparation throughput, measured side by side in one run on the same documents and cores:
+
+- `ptray prepare` (Ray Data: read, clean, dedup, split, train BPE, tokenize, pack, write), whole and its
+  tokenize + pack + write stage;
+- a bare single-process script doing the same steps with the same functions (no Ray);
+- the bare `tokenizers` batch-encode rate of the same tokenizer (all cores): the ceiling for tokenize + pack.
 
     python bench/prepare_throughput.py                  # 200k built-in documents
     python bench/prepare_throughput.py data.builtin_docs=50000
+    python bench/prepare_throughput.py data.train_files=[corpus/*.txt]
 """
 
+import contextlib
+import io
+import os
+import re
 import sys
 import tempfile
 import time
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ptray.config import load_config
-from ptray.data.prepare import prepare
-from ptray.data.tokenizer import load_tokenizer
+from ptray.data.clean import clean_text, doc_hash, is_validation, shuffle_key
+from ptray.data.pack import encode_documents, pack_rows
+from ptray.data.prepare import corpus_files, prepare
+from ptray.data.stream import source_texts
+from ptray.data.tokenizer import end_of_document_id, fast_tokenizer, load_tokenizer, train_bpe
 from ptray.session import ray_session
+
+
+def bare_prepare(cfg, files: list[str], out_dir: str) -> int:
+    """`prepare`'s steps in one process, written plainly: read, clean, dedup, split, shuffle, train BPE, tokenize,
+    pack, write Parquet. Returns the document tokens."""
+    d = cfg.data
+    seen, docs = set(), {"train": [], "val": []}
+    for path in files:
+        for raw in source_texts(path, d.text_field):
+            text = clean_text(raw, normalize_unicode=d.normalize_unicode, strip_html=d.strip_html,
+                              collapse_whitespace=d.collapse_whitespace)
+            if len(text) < max(d.min_chars, 1):
+                continue
+            h = doc_hash(text)
+            if d.dedup and h in seen:
+                continue
+            seen.add(h)
+            docs["val" if is_validation(h, d.val_fraction, cfg.run.seed) else "train"].append((h, text))
+    train_bpe((text for _, text in docs["train"][: d.tokenizer_train_docs]), vocab_size=d.vocab_size,
+              out_dir=f"{out_dir}/tokenizer")
+    tokenizer, eos = fast_tokenizer(f"{out_dir}/tokenizer"), end_of_document_id(load_tokenizer(f"{out_dir}/tokenizer"))
+    doc_tokens = 0
+    for split, split_docs in docs.items():
+        order = np.argsort(shuffle_key(np.array([h for h, _ in split_docs], dtype=np.int64), cfg.run.seed))
+        texts = [split_docs[i][1] for i in order]
+        flat = np.concatenate([encode_documents(tokenizer, texts[i: i + 2048], eos)
+                               for i in range(0, len(texts), 2048)] or [np.empty(0, np.int32)])
+        doc_tokens += len(flat)
+        rows, _ = pack_rows(flat, d.seq_len + 1)
+        os.makedirs(f"{out_dir}/{split}")
+        for k, first in enumerate(range(0, len(rows), d.rows_per_shard)):
+            shard = rows[first: first + d.rows_per_shard]
+            pq.write_table(pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(
+                pa.array(shard.ravel(), type=pa.int32()), d.seq_len + 1)}), f"{out_dir}/{split}/{k:05d}.parquet",
+                row_group_size=d.rows_per_group)
+    return doc_tokens
 
 
 def main(overrides: list[str]) -> None:
     run_dir = tempfile.mkdtemp(prefix="ptray-bench-")
     cfg = load_config("tiny", [f"run.dir={run_dir}", "data.builtin_docs=200000", *overrides])
-    with ray_session(cfg):
+    files = corpus_files(cfg)  # the built-in corpus is generated here, outside every timing
+    printed = io.StringIO()  # prepare's closing line gives its stage times
+    with ray_session(cfg), contextlib.redirect_stdout(printed):
         start = time.perf_counter()
         manifest = prepare(cfg)
         prepare_s = time.perf_counter() - start
+    print(printed.getvalue(), end="")
+    stage_s = float(re.search(r"tokenize\+pack ([\d.]+)s", printed.getvalue()).group(1))
+    start = time.perf_counter()
+    bare_tokens = bare_prepare(cfg, files, os.path.join(run_dir, "bare"))
+    bare_s = time.perf_counter() - start
     version_dir = f"{cfg.prepared_dir}/{manifest.tokenizer_dir.split('/')[0]}"
     docs = pq.read_table(f"{version_dir}/docs", columns=["text"])["text"].to_pylist()
-    tokenizer = load_tokenizer(f"{cfg.prepared_dir}/{manifest.tokenizer_dir}").backend_tokenizer
+    tokenizer = fast_tokenizer(f"{cfg.prepared_dir}/{manifest.tokenizer_dir}")
     start = time.perf_counter()
     tokens = 0
     for i in range(0, len(docs), 10_000):  # Rust encode_batch, all cores
         tokens += sum(len(e.ids) + 1 for e in tokenizer.encode_batch(docs[i: i + 10_000], add_special_tokens=False))
     encode_s = time.perf_counter() - start
-    ptray_rate, bare_rate = manifest.num_doc_tokens / prepare_s, tokens / encode_s
-    print(f"\n{len(docs):,} documents, {manifest.num_doc_tokens:,} tokens")
-    print(f"ptray prepare (whole pipeline)    : {ptray_rate:12,.0f} tokens/s  ({prepare_s:.1f}s)")
-    print(f"bare tokenizers encode_batch      : {bare_rate:12,.0f} tokens/s  ({encode_s:.1f}s)")
-    print(f"ratio prepare / bare encode       : {ptray_rate / bare_rate:12.3f}")
+    ptray_rate, bare_rate, encode_rate = manifest.num_doc_tokens / prepare_s, bare_tokens / bare_s, tokens / encode_s
+    print(f"\n{len(docs):,} documents, {manifest.num_doc_tokens:,} tokens ({bare_tokens:,} in the bare script), "
+          f"{os.cpu_count()} cores")
+    print(f"ptray prepare, whole pipeline         : {ptray_rate:12,.0f} tokens/s  ({prepare_s:.1f}s)")
+    print(f"bare single-process prepare           : {bare_rate:12,.0f} tokens/s  ({bare_s:.1f}s)")
+    stage_rate = manifest.num_doc_tokens / stage_s
+    print(f"ptray tokenize + pack + write stage   : {stage_rate:12,.0f} tokens/s  ({stage_s:.1f}s)")
+    print(f"bare tokenizers encode_batch          : {encode_rate:12,.0f} tokens/s  ({encode_s:.1f}s)")
+    print(f"ratio whole prepare / bare prepare    : {ptray_rate / bare_rate:12.3f}")
+    print(f"ratio stage / bare encode             : {stage_rate / encode_rate:12.3f}")
 
 
 if __name__ == "__main__":
