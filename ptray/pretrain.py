@@ -94,8 +94,10 @@ def pretrain(cfg: Config) -> PretrainResult:
     for step in cfg.sweep.pretrained_steps:  # intermediate points of pretraining, to finetune from (sweep)
         snapshot = snapshot_dir(run_dir, step)
         if not os.path.isdir(os.path.join(snapshot, "export")) and not os.path.isdir(os.path.join(snapshot, "ds")):
-            print(f"[pretrain] WARNING: no snapshot at step {step}: this run had passed that step before "
-                  "sweep.pretrained_steps named it", flush=True)
+            why = (f"beyond this run's {cfg.pretrain.max_steps} steps" if step > cfg.pretrain.max_steps else
+                   "this run had passed that step before sweep.pretrained_steps named it")
+            print(f"[pretrain] WARNING: no snapshot at step {step} ({why}); a sweep that finetunes from it will stop",
+                  flush=True)
         elif not os.path.isdir(os.path.join(snapshot, "export")):
             ckpt.export_hf(cfg, snapshot, vocab_size=vocab_size, special_ids=special_ids(manifest),
                            tokenizer_dir=storage.join(prepared_dir, manifest.tokenizer_dir),
