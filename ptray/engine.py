@@ -73,11 +73,36 @@ def prepare_fused_adam_build(capability: tuple[int, int], arch_list: str | None)
     return f"{capability[0]}.{capability[1]}"
 
 
+STALE_BUILD_LOCK_S = 600  # DeepSpeed's ops build in well under a minute on CPU (its shared-memory all-reduce)
+
+
+def clear_stale_build_locks() -> list[str]:
+    """Remove lock files that a process killed while torch JIT-built an op (DeepSpeed's CPU shared-memory all-reduce,
+    built at the first run) left in torch's extensions directory: every later build of that op would wait on the lock
+    forever, a silent hang at start-up. A lock older than any build takes is stale; returns the paths removed."""
+    import glob
+    import time
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    removed = []
+    for lock in glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock")):
+        with contextlib.suppress(FileNotFoundError):  # another worker of this run may remove it first
+            if time.time() - os.path.getmtime(lock) > STALE_BUILD_LOCK_S:
+                os.remove(lock)
+                removed.append(lock)
+    return removed
+
+
 def adopt_process_group() -> None:
     """DeepSpeed's communication layer over the process group Ray Train created (on CPU it loads a shared-memory
     all-reduce, and prints so)."""
     import deepspeed
 
+    for lock in clear_stale_build_locks():
+        print(f"[ptray] removed {lock}: an op build that was interrupted left it, and the build would wait on it "
+              "forever", flush=True)
     with quiet_prints():
         deepspeed.init_distributed(dist_init_required=False)
 

@@ -504,3 +504,19 @@ def test_flash_attention_without_its_package_names_the_install():
 
     with pytest.raises(ConfigError, match=r"needs the flash-attn package \(pip install flash-attn"):
         _tiny_causal_lm("llama", "flash_attention_2")
+
+
+def test_a_build_lock_left_by_an_interrupted_op_build_is_removed(tmp_path, monkeypatch):
+    # A run killed while torch JIT-built DeepSpeed's shared-memory op left its lock: later runs hung on it forever.
+    from ptray.engine import STALE_BUILD_LOCK_S, clear_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    building = tmp_path / "py311_cpu" / "other_op" / "lock"  # a build going on now: left alone
+    for lock in (stale, building):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    old = os.path.getmtime(stale) - STALE_BUILD_LOCK_S - 60
+    os.utime(stale, (old, old))
+    assert clear_stale_build_locks() == [str(stale)]
+    assert not stale.exists() and building.exists() and stale.parent.exists()
