@@ -221,7 +221,7 @@ def start_stream(cfg: Config, files: list[str]) -> Manifest:
                             f"(data.min_chars={d.min_chars}); check the files and data.text_field={d.text_field!r}.")
         train_bpe(sample, vocab_size=d.vocab_size, out_dir=tokenizer_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
-    val = validation_rows(cfg, files, tokenizer_dir)
+    val = validation_rows(cfg, files, tokenizer_dir, end_of_document_id(tokenizer))
     os.makedirs(os.path.join(out, "val"), exist_ok=True)
     val_path = os.path.join(out, "val", "rows.parquet")
     pq.write_table(pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(
@@ -237,13 +237,12 @@ def start_stream(cfg: Config, files: list[str]) -> Manifest:
     return manifest
 
 
-def validation_rows(cfg: Config, files: list[str], tokenizer_dir: str) -> np.ndarray:
+def validation_rows(cfg: Config, files: list[str], tokenizer_dir: str, eos_id: int) -> np.ndarray:
     """The first validation rows of the corpus (files in order), as many as evaluation reads on any world size up to
     twice this one's."""
     p = cfg.pretrain
     wanted = 2 * cfg.cluster.num_workers * p.eval_batches * p.micro_batch_size
     found, total = [], 0
-    eos_id = end_of_document_id(load_tokenizer(tokenizer_dir))
     for path in files:
         for rows in source_rows(path, data=data_settings(cfg), seed=cfg.run.seed, split="val",
                                 tokenizer_dir=tokenizer_dir, eos_id=eos_id, chunk_seed=cfg.run.seed):
