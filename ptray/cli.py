@@ -18,6 +18,7 @@ import sys
 
 from ptray.config import load_config, reference_tables, resolved
 from ptray.errors import UserError
+from ptray.trackers import check_loggers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,11 +57,17 @@ def main(argv: list[str] | None = None) -> int:
             from ptray.report import report
 
             report(args.run_dir)
+            saved = os.path.join(args.run_dir, "config.yaml")
+            if os.path.exists(saved):  # a run that logs to trackers gets the report there too
+                from ptray.trackers import log_report
+
+                log_report(load_config(saved), args.run_dir)
             return 0
         if args.verbose:
             os.environ["PTRAY_VERBOSE"] = "1"
         overrides = list(args.overrides) + ([f"cluster.address={args.address}"] if args.address else [])
         cfg = load_config(args.config, overrides)
+        check_loggers(cfg)  # a missing tracker or an MLflow server that does not answer: before any work
         from ptray.session import ray_session  # imports Ray: keep `ptray config` fast
 
         with ray_session(cfg):

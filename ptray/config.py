@@ -23,6 +23,7 @@ import yaml
 
 from ptray import storage
 from ptray.errors import ConfigError
+from ptray.trackers import LOGGERS
 
 BUILTIN_CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -39,6 +40,12 @@ class RunConfig:
     `<run.dir>`. Credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...), never the URI."""
     seed: int = 0
     """Seeds model init, data shuffling, masking and the validation split."""
+    loggers: list[str] = field(default_factory=list)
+    """Experiment trackers that get every metrics.jsonl row too, with the config as parameters: any of tensorboard
+    (<run.dir>/tensorboard/), mlflow, wandb (offline unless WANDB_API_KEY is set). Needs pip install ptray[trackers]."""
+    mlflow_uri: str = ""
+    """MLflow tracking URI (http://host:5000, a database or a directory). Empty: $MLFLOW_TRACKING_URI, else
+    <run.dir>/mlruns."""
 
 
 @dataclass
@@ -463,6 +470,10 @@ def validate(cfg: Config) -> Config:
             low, high = interval[1:-1].split(", ")
             allowed = f"{'>=' if interval[0] == '[' else '>'} {low}" if high == "inf" else f"in {interval}"
             raise ConfigError(f"{key} must be {allowed}, got {value!r}.")
+    for name in cfg.run.loggers:
+        if name not in LOGGERS:
+            raise ConfigError(f"run.loggers has {name!r}, which is not a tracker ptray knows; choose from "
+                              f"{', '.join(LOGGERS)} (e.g. run.loggers=[tensorboard,mlflow]).")
     if not cfg.data.train_files:
         raise ConfigError("data.train_files is empty; give corpus paths or globs, e.g. "
                           "data.train_files=[corpus/*.txt].")

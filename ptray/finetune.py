@@ -240,8 +240,9 @@ def finetune_schedule(cfg: Config, num_train_examples: int) -> Schedule:
 
 
 def build_trainer(cfg: Config, data_ref: ray.ObjectRef, *, storage_path: str, name: str, num_examples: int,
-                  callbacks=(), metric: str | None = None, mode: str = "max") -> TorchTrainer:
-    """The TorchTrainer of one finetune run (also each sweep trial's)."""
+                  callbacks=(), metric: str | None = None, mode: str = "max", tracker_stage: str = "finetune",
+                  tracker_parent: dict | None = None) -> TorchTrainer:
+    """The TorchTrainer of one finetune run (also each sweep trial's; see `fit` for the tracker arguments)."""
     run_dir = os.path.join(storage_path, name)
     os.makedirs(run_dir, exist_ok=True)
     keep = CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=mode) \
@@ -251,7 +252,8 @@ def build_trainer(cfg: Config, data_ref: ray.ObjectRef, *, storage_path: str, na
         train_loop_config={"config": cfg.to_dict(), "data": data_ref, "run_dir": run_dir,
                            "pretrained": pretrained_dir(cfg),
                            "schedule": dataclasses.asdict(finetune_schedule(cfg, num_examples)),
-                           "keep_best": (metric, mode) if metric else None},
+                           "keep_best": (metric, mode) if metric else None,
+                           "tracker_stage": tracker_stage, "tracker_parent": tracker_parent},
         scaling_config=worker_scaling(cfg),
         run_config=RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks),
                              logging_config=train_logging(),
@@ -635,5 +637,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     fit(cfg, schedule, task, model, run_dir=loop_config["run_dir"], checkpoint_root=loop_config["run_dir"],
         tokens_per_step=schedule.global_batch_size * ft.max_len, label="finetune",
         flops_per_token=flops_per_token(model.config, num_params, ft.max_len),
-        keep_best=loop_config["keep_best"])
+        keep_best=loop_config["keep_best"], tracker_stage=loop_config["tracker_stage"],
+        tracker_parent=loop_config["tracker_parent"])
 

@@ -32,6 +32,7 @@ from ptray.errors import StartupError, TrainingStopped, UserError
 from ptray.metrics import MetricsLog, peak_flops_per_worker, progress_line, read_metrics, step_profiler
 from ptray.schedule import Schedule
 from ptray.session import exit_at_once_if_torn_down, quiet_libraries
+from ptray.trackers import Trackers
 
 
 class Task(Protocol):
@@ -98,7 +99,8 @@ def setup_worker(cfg: Config):
 
 def fit(cfg: Config, schedule: Schedule, task: Task, model: torch.nn.Module, *, run_dir: str, checkpoint_root: str,
         tokens_per_step: int, flops_per_token: float, label: str, snapshot_steps: tuple[int, ...] = (),
-        keep_best: tuple[str, str] | None = None, bound_to: dict | None = None) -> None:
+        keep_best: tuple[str, str] | None = None, bound_to: dict | None = None, tracker_stage: str = "",
+        tracker_parent: dict | None = None) -> None:
     """Wrap `model` in DeepSpeed, resume from the newest good checkpoint under `checkpoint_root` if there is one, and
     train `schedule.max_steps` steps.
 
@@ -110,6 +112,8 @@ def fit(cfg: Config, schedule: Schedule, task: Task, model: torch.nn.Module, *, 
     `keep_best=(metric, mode)`: write a checkpoint only when an evaluation improves `metric` (finetuning keeps just the
     best one anyway); every other evaluation is still reported to Ray, without one, so schedulers see it.
     `bound_to` is saved with every checkpoint: what it cannot be resumed without (see `pretrain.resume_key`).
+    `tracker_stage` names this run in the experiment trackers (default: `label`); `tracker_parent` is a sweep's tracker
+    ids when this is one of its trials (see ptray.trackers).
     """
     from ptray import engine as ds  # imports DeepSpeed; after setup_worker set DS_ACCELERATOR
 
@@ -128,7 +132,12 @@ def fit(cfg: Config, schedule: Schedule, task: Task, model: torch.nn.Module, *, 
         state.world_size = world_size
 
     peak_flops, peak_source = peak_flops_per_worker(cfg.cluster.use_gpu, p.peak_flops_per_worker)
-    log = MetricsLog(run_dir, state.step) if rank == 0 else None
+    log = None
+    if rank == 0:
+        trackers = Trackers(cfg, tracker_stage or label, run_dir, tracker_parent) if cfg.run.loggers else None
+        log = MetricsLog(run_dir, state.step, trackers)
+        if trackers:
+            print(f"[{label}] tracking: {trackers.describe()}", flush=True)
     if rank == 0:
         print(f"[{label}] {num_params:,} parameters, ZeRO-{cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision}"
               f"{', compiled' if engine.is_compiled else ''}, "
@@ -271,6 +280,7 @@ def fit(cfg: Config, schedule: Schedule, task: Task, model: torch.nn.Module, *, 
                       f"{p.max_nonfinite_steps}); each update was skipped, then training stopped")
             if log:
                 log.write({"step": state.step, "tokens": state.tokens, "stopped": reason})
+                log.close(finished=False)
                 print(f"[{label}] {reason}", flush=True)
             return
 
@@ -312,6 +322,7 @@ def fit(cfg: Config, schedule: Schedule, task: Task, model: torch.nn.Module, *, 
             breakdown = {"total": total, "training": training, **phases, **paused_total}
             log.write({"step": state.step, "tokens": state.tokens,
                        "time_breakdown_s": {name: round(seconds, 3) for name, seconds in breakdown.items()}})
+            log.close()
 
 
 def snapshot_dir(run_dir: str, step: int) -> str:

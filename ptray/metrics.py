@@ -57,11 +57,12 @@ def measured_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 
 
 
 class MetricsLog:
-    """Appends rows to `<run_dir>/metrics.jsonl` (rank 0 only). On resume, rows past the resumed step are dropped
-    first, so the file always describes one consistent history."""
+    """Appends rows to `<run_dir>/metrics.jsonl` (rank 0 only), and to the run's experiment trackers if any
+    (`ptray.trackers`). On resume, rows past the resumed step are dropped first, so the file always describes one
+    consistent history."""
 
-    def __init__(self, run_dir: str, resume_step: int):
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+    def __init__(self, run_dir: str, resume_step: int, trackers=None):
+        self.path, self.trackers = os.path.join(run_dir, "metrics.jsonl"), trackers
         if os.path.exists(self.path):
             rows, torn = _read_rows(self.path)
             kept = [r for r in rows if r.get("step", 0) <= resume_step]
@@ -73,6 +74,12 @@ class MetricsLog:
     def write(self, row: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.trackers:
+            self.trackers.log(row)
+
+    def close(self, finished: bool = True) -> None:
+        if self.trackers:
+            self.trackers.close(finished)
 
 
 def read_metrics(run_dir: str) -> list[dict]:

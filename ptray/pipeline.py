@@ -11,6 +11,7 @@ from ptray.config import Config, check_pretrained_steps, resolved
 from ptray.pretrain import pretrain
 from ptray.report import report
 from ptray.sweep import sweep
+from ptray.trackers import log_report
 
 
 def pipeline(cfg: Config) -> dict:
@@ -20,6 +21,7 @@ def pipeline(cfg: Config) -> dict:
     pretrained = pretrain(cfg)  # prepares the data first when there is none
     result = sweep(cfg)
     report_path = report(cfg.run_dir)
+    log_report(cfg, cfg.run_dir)
     run_dir = os.path.abspath(cfg.run_dir)
     print(f"\n[pipeline] done in {run_dir}\n"
           f"  pretrained model : {pretrained.export_dir}\n"

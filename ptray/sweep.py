@@ -43,6 +43,7 @@ from ptray.data.tokenizer import load_tokenizer
 from ptray.loop import snapshot_dir
 from ptray.metrics import read_metrics
 from ptray.session import fit_with_retries, verbose, worker_scaling
+from ptray.trackers import Trackers
 
 SIDES = ("pretrained", "scratch")
 TRIAL_CPUS = 0.01  # a Tune trial's own share: it only drives a TorchTrainer (0 is rejected)
@@ -202,18 +203,20 @@ def configured_point(cfg: Config) -> dict | None:
 
 
 def make_trial(base: dict, sets: LabelledSets, trials_dir: str, metric: str, mode: str,
-               plans: list[dict] | None = None):
+               plans: list[dict] | None = None, tracker_parent: dict | None = None):
     """Tune's function for one trial: a TorchTrainer over the trial's configuration. `plans`: a fixed list of
-    configurations, picked by the trial's `plan` index (follow-up runs), instead of sampled overrides."""
+    configurations, picked by the trial's `plan` index (follow-up runs), instead of sampled overrides.
+    `tracker_parent`: the sweep's experiment-tracker ids; each trial logs as their child."""
     refs, num_train = sets.refs, sets.num_train
 
     def trial(params: dict) -> None:
         overrides = plans[params["plan"]] if plans is not None else params
         cfg = trial_config(base, overrides)
-        key = data_key(cfg)
-        fit_with_retries(lambda: build_trainer(cfg, refs[key], storage_path=trials_dir,
-                                               name=tune.get_context().get_trial_id(), num_examples=num_train[key],
-                                               callbacks=[TuneReportCallback()], metric=metric, mode=mode),
+        key, trial_id = data_key(cfg), tune.get_context().get_trial_id()
+        fit_with_retries(lambda: build_trainer(cfg, refs[key], storage_path=trials_dir, name=trial_id,
+                                               num_examples=num_train[key], callbacks=[TuneReportCallback()],
+                                               metric=metric, mode=mode, tracker_stage=f"sweep/{trial_id}",
+                                               tracker_parent=tracker_parent),
                          max_failures=cfg.cluster.max_failures, label="finetune")
     return trial
 
@@ -273,6 +276,10 @@ def sweep(cfg: Config, resume: bool = False) -> SweepResult:
     run_dir = os.path.abspath(cfg.run_dir)
     sweep_dir = os.path.join(run_dir, "sweep")
     start_or_resume(cfg, sweep_dir, resume)
+    trackers = Trackers(cfg, "sweep", sweep_dir) if cfg.run.loggers else None  # the trials' parent run
+    parent = trackers.ids if trackers else None
+    if trackers:
+        print(f"[sweep] tracking: {trackers.describe()} (each trial a child run)", flush=True)
     trials_dir = os.path.join(sweep_dir, "trials")
     os.makedirs(trials_dir, exist_ok=True)
     if s.scheduler == "asha":
@@ -286,7 +293,8 @@ def sweep(cfg: Config, resume: bool = False) -> SweepResult:
     for side in SIDES if s.compare_scratch else SIDES[:1]:
         side_base = trial_config(base, {"finetune.init": side}).to_dict()
         name = "search" if side == "pretrained" else "search-scratch"
-        results = run_tune(cfg, make_trial(side_base, sets, trials_dir, s.metric, s.mode), sweep_dir=sweep_dir,
+        results = run_tune(cfg, make_trial(side_base, sets, trials_dir, s.metric, s.mode, tracker_parent=parent),
+                           sweep_dir=sweep_dir,
                            name=name, param_space=search_space(cfg), num_samples=s.num_samples,
                            search_alg=searcher(cfg, concurrent), sched=scheduler(cfg, longest, grace), resume=resume)
         rows = leaderboard_rows(results, cfg, sets, trials_dir, side)
@@ -299,7 +307,7 @@ def sweep(cfg: Config, resume: bool = False) -> SweepResult:
     write_leaderboard(ranked([r for side in sides.values() for r in side["rows"]], s.mode),
                       os.path.join(sweep_dir, "leaderboard.csv"))
 
-    followups = run_followups(cfg, sides, sets, sweep_dir, trials_dir, concurrent, resume)
+    followups = run_followups(cfg, sides, sets, sweep_dir, trials_dir, concurrent, resume, parent)
     summary = summarize(cfg, sides, followups, num_val=len(sets.data.val["labels"]))
     winner_side = summary["side"]
     winner = summary["sides"][winner_side]
@@ -314,6 +322,12 @@ def sweep(cfg: Config, resume: bool = False) -> SweepResult:
     with open(os.path.join(run_dir, "best.json.tmp"), "w") as f:
         json.dump(summary, f, indent=2)
     os.replace(os.path.join(run_dir, "best.json.tmp"), os.path.join(run_dir, "best.json"))
+    if trackers:
+        trackers.log({"step": 0, f"best_{s.metric}": summary["value"], "num_trials": summary["num_trials"],
+                      **{f"{side}_{s.metric}": found["seed_mean"] for side, found in summary["sides"].items()},
+                      **({"pretraining_gain": summary["pretraining_gain"]} if "pretraining_gain" in summary else {})})
+        trackers.log_files([os.path.join(run_dir, "best.json"), os.path.join(sweep_dir, "leaderboard.csv")])
+        trackers.close()
     print(f"[sweep] best {s.metric} {summary['value']:.4f} ({winner_side}, {winner['trial_id']}, {winner['config']}). "
           f"{summary['verdict']} Leaderboard {sweep_dir}/leaderboard.csv, best model {best_dir}, "
           f"summary {run_dir}/best.json", flush=True)
@@ -352,7 +366,7 @@ def results_key(cfg: Config) -> tuple:
 
 
 def run_followups(cfg: Config, sides: dict, sets: LabelledSets, sweep_dir: str, trials_dir: str, concurrent: int,
-                  resume: bool) -> list[dict]:
+                  resume: bool, tracker_parent: dict | None = None) -> list[dict]:
     """Each side's winner again with more seeds and at each label fraction, all in one Tune experiment."""
     s = cfg.sweep
     plans, meta = [], []
@@ -375,7 +389,8 @@ def run_followups(cfg: Config, sides: dict, sets: LabelledSets, sweep_dir: str, 
         sets.add(trial_config(cfg.to_dict(), plan))
     print(f"[sweep] follow-up runs of the winners: {len(plans)} ({s.num_seeds - 1} more seeds, label fractions "
           f"{[f for f in s.label_fractions if f < 1]}, pretrained steps {s.pretrained_steps})", flush=True)
-    results = run_tune(cfg, make_trial(cfg.to_dict(), sets, trials_dir, s.metric, s.mode, plans=plans),
+    results = run_tune(cfg, make_trial(cfg.to_dict(), sets, trials_dir, s.metric, s.mode, plans=plans,
+                                           tracker_parent=tracker_parent),
                        sweep_dir=sweep_dir, name="followup",
                        param_space={"plan": tune.grid_search(list(range(len(plans))))},
                        num_samples=1, search_alg=BasicVariantGenerator(max_concurrent=concurrent),
