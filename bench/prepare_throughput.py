@@ -43,7 +43,7 @@ def bare_prepare(cfg, files: list[str], out_dir: str) -> int:
             if len(text) < max(d.min_chars, 1):
                 continue
             h = doc_hash(text)
-            if d.dedup and h in seen:
+            if d.dedup != "none" and h in seen:
                 continue
             seen.add(h)
             docs["val" if is_validation(h, d.val_fraction, cfg.run.seed) else "train"].append((h, text))

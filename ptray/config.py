@@ -91,8 +91,16 @@ class DataConfig:
     max_bad_fraction: float = 0.01
     """JSONL/Parquet records whose text field is missing, null or not a string are skipped and counted; prepare stops
     when more than this fraction of all records are such (0: any one stops it)."""
-    dedup: bool = True
-    """Drop exact duplicate documents (after cleaning)."""
+    dedup: str = "exact"
+    """exact: drop documents equal after cleaning (a hash-partitioned shuffle, so no node holds all hashes);
+    minhash: near-duplicates too (MinHash + LSH over word shingles, data.minhash_*; `prepare` only); none: keep all."""
+    minhash_threshold: float = 0.8
+    """data.dedup=minhash: the estimated Jaccard similarity of word shingles at which two documents are near-duplicates
+    (each cluster keeps one)."""
+    minhash_shingle: int = 5
+    """data.dedup=minhash: words per shingle."""
+    minhash_permutations: int = 128
+    """data.dedup=minhash: hash functions per MinHash signature (more: a closer similarity estimate, slower)."""
     val_fraction: float = 0.01
     """Fraction of documents held out for validation, chosen by document hash."""
     seq_len: int = 128
@@ -378,6 +386,7 @@ CHOICES = {
     "model.family": ("gpt2", "llama", "bert"),
     "model.attention": ("sdpa", "eager", "flash_attention_2"),
     "data.ingest": ("shards", "ray_data"),
+    "data.dedup": ("exact", "minhash", "none"),
     "pretrain.objective": ("clm", "mlm"),
     "pretrain.schedule": ("cosine", "wsd", "constant"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
@@ -388,6 +397,8 @@ CHOICES = {
     "sweep.scheduler": ("asha", "none"),
     "sweep.mode": ("max", "min"),
 }
+# Values older configs may hold, read as what they meant.
+LEGACY_VALUES = {"data.dedup": {True: "exact", False: "none"}}
 SEARCH_KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
 # What a sweep trial may change: finetuning hyperparameters and the seed. Not the task, the data files and fields, the
 # validation split (trials would be scored on different sets) or the init (sweep.compare_scratch runs both sides).
@@ -408,6 +419,7 @@ RANGES = {
     "data.seq_len": "(0, inf)",
     "data.vocab_size": "(0, inf)", "data.tokenizer_train_docs": "(0, inf)", "data.rows_per_shard": "(0, inf)",
     "data.rows_per_group": "(0, inf)", "data.shuffle_window_rows": "(0, inf)", "data.builtin_docs": "(0, inf)",
+    "data.minhash_threshold": "(0, 1]", "data.minhash_shingle": "(0, inf)", "data.minhash_permutations": "(0, inf)",
     "model.num_layers": "(0, inf)", "model.hidden_size": "(0, inf)", "model.num_heads": "(0, inf)",
     "model.num_kv_heads": "[0, inf)", "model.intermediate_size": "[0, inf)", "model.max_positions": "(0, inf)",
     "model.vocab_size": "[0, inf)", "model.dropout": "[0, 1)", "model.rope_theta": "(0, inf)",
@@ -509,6 +521,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"pretrain.objective={cfg.pretrain.objective!r} does not fit model.family={cfg.model.family!r}: "
             "use objective mlm with family bert, and objective clm with gpt2 or llama.")
+    if cfg.data.dedup == "minhash" and cfg.data.ingest == "ray_data":
+        raise ConfigError("data.dedup=minhash needs data.ingest=shards: near-duplicates are found over the whole "
+                          "corpus before training, which a streamed corpus never is; use data.dedup=exact when "
+                          "streaming.")
     if cfg.data.document_masking and cfg.pretrain.objective != "clm":
         raise ConfigError("data.document_masking=true needs causal pretraining (pretrain.objective=clm, model.family "
                           "gpt2 or llama): transformers builds a per-document mask only for causal attention; "
@@ -661,6 +677,8 @@ def from_dict(raw: dict, source: str = "config") -> Config:
         values = {}
         for key, value in section_raw.items():
             _field(cls, key, prefix=section_name + ".")  # raises on unknown keys
+            value = LEGACY_VALUES.get(f"{section_name}.{key}", {}).get(value, value) if isinstance(value, bool) \
+                else value
             values[key] = _coerce(value, typing.get_type_hints(cls)[key], f"{section_name}.{key}")
         sections[section_name] = cls(**values)
     return Config(**sections)

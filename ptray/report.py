@@ -29,6 +29,7 @@ def report(run_dir: str) -> str:
     os.makedirs(figures, exist_ok=True)
     lines = [f"# ptray run report: `{os.path.basename(os.path.abspath(run_dir))}`", ""]
 
+    lines += _data_summary(run_dir)
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "val_loss" in r]
     if train:
@@ -129,6 +130,27 @@ def _pretraining_verdict(plt, figures: str, best: dict, metric: str) -> list[str
     return ["### Did pretraining pay off?", "", best["verdict"], "",
             f"Label fractions (each side's winner, one run per point; 1.0 is the seed mean): {curve}.", "",
             "![pretrained vs scratch](report/pretrained_vs_scratch.png)", ""]
+
+
+def _data_summary(run_dir: str) -> list[str]:
+    """What `prepare` made of the corpus (documents, tokens, duplicates dropped), when the run's data is at hand."""
+    from ptray.config import LEGACY_VALUES, load_config
+    from ptray.data.manifest import read_manifest
+
+    saved = os.path.join(run_dir, "config.yaml")
+    prepared = load_config(saved).prepared_dir if os.path.exists(saved) else os.path.join(run_dir, "data")
+    try:
+        manifest = read_manifest(prepared)
+    except Exception:  # no prepared data (streamed, or elsewhere and gone): nothing to say
+        return []
+    dedup = manifest.settings.get("data.dedup")
+    dedup = LEGACY_VALUES["data.dedup"].get(dedup, dedup) if isinstance(dedup, bool) else dedup
+    removed = (f"; {manifest.num_near_duplicates:,} near-duplicate documents dropped (MinHash, similarity >= "
+               f"{manifest.settings.get('data.minhash_threshold')})" if dedup == "minhash" else "")
+    return ["## Data", "",
+            f"{manifest.num_docs.get('train', 0):,} training and {manifest.num_docs.get('val', 0):,} validation "
+            f"documents, {manifest.num_doc_tokens:,} tokens (vocabulary {manifest.vocab_size:,}); duplicates: "
+            f"{dedup}{removed}.", ""]
 
 
 def _save(fig, directory: str, name: str) -> None:

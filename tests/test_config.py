@@ -139,6 +139,23 @@ def test_sweep_option_errors(override, message):
         load_config("tiny", [override])
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["data.dedup=fuzzy"], "data.dedup='fuzzy' is not valid; choose one of exact, minhash, none"),
+    (["data.dedup=minhash", "data.ingest=ray_data"], "data.dedup=minhash needs data.ingest=shards"),
+    (["data.minhash_threshold=0"], r"data.minhash_threshold must be in \(0, 1\]"),
+    (["data.minhash_shingle=0"], "data.minhash_shingle must be > 0"),
+    (["run.loggers=[tensorboard,neptune]"], "run.loggers has 'neptune', which is not a tracker ptray knows"),
+])
+def test_dedup_and_tracker_option_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", overrides)
+
+
+def test_an_older_config_s_boolean_dedup_reads_as_exact_or_none():
+    assert load_config("tiny", ["data.dedup=true"]).data.dedup == "exact"
+    assert load_config("tiny", ["data.dedup=false"]).data.dedup == "none"
+
+
 def test_pretrained_steps_must_fall_inside_pretraining_before_a_pipeline_starts(tmp_path):
     from ptray.pipeline import pipeline
 

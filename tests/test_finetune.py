@@ -228,6 +228,7 @@ def test_report_renders_plots(swept, pretrained_run):
         assert os.path.getsize(png) > 5000 and open(png, "rb").read(4) == b"\x89PNG"
         assert f"report/{name}" in text
     assert "| rank | trial_id |" in text
+    assert "## Data" in text and "documents" in text and "duplicates: exact" in text
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(pretrained_run, tmp_path):

@@ -8,10 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import tiny_config
+from ptray.data.clean import clean_text
 from ptray.data.manifest import read_manifest, verify_shards
 from ptray.data.prepare import prepare
 from ptray.data.tokenizer import load_tokenizer
 from ptray.errors import DataError
+from ptray.report import _data_summary
 
 SEQ_LEN = 32
 
@@ -195,3 +197,88 @@ def test_a_given_tokenizer_is_used_as_it_is(prepared, tmp_path):
     again = prepare(tiny_config(tmp_path, *_overrides(cfg), f"data.tokenizer_path={given}", "data.vocab_size=999"))
     assert again.tokenizer_hash == manifest.tokenizer_hash and again.vocab_size == manifest.vocab_size
     assert again.content_hash == manifest.content_hash  # the same tokenizer on the same corpus: the same rows
+
+
+def _real_docstrings() -> list[str]:
+    """Real English text that every Python ships: the standard library's longer docstrings, one line each."""
+    import importlib
+    import inspect
+
+    modules = ("os re json collections itertools functools string textwrap pathlib argparse logging subprocess "
+               "inspect asyncio email.message http.client urllib.request unittest decimal fractions statistics "
+               "datetime calendar csv sqlite3 zipfile tarfile shutil tempfile socket threading multiprocessing "
+               "concurrent.futures contextlib dataclasses enum abc io pickle copy heapq bisect random math").split()
+    docs = {}
+    for name in modules:
+        module = importlib.import_module(name)
+        for obj in [module] + [getattr(module, n) for n in dir(module) if not n.startswith("_")]:
+            members = [getattr(obj, a, None) for a in dir(obj) if not a.startswith("_")] if inspect.isclass(obj) else []
+            for member in [obj] + members:
+                text = " ".join((inspect.getdoc(member) or "").split()) if member is not None else ""
+                if len(text.split()) >= 60:
+                    docs.setdefault(text, None)
+    return sorted(docs)
+
+
+def _shingles(text: str, k: int = 5) -> set:
+    words = text.split()
+    return {" ".join(words[i: i + k]) for i in range(max(1, len(words) - k + 1))}
+
+
+def test_minhash_removes_planted_near_duplicates(ray_local, tmp_path):
+    """data.dedup=minhash on real text with planted near-copies (one word changed, or a sentence added): measured
+    against the exact Jaccard similarity of every pair, near-duplicate clusters are cut to one document each."""
+    originals = _real_docstrings()
+    assert len(originals) > 300
+    planted = []
+    for i, doc in enumerate(d for d in originals if len(d.split()) >= 90):
+        words = doc.split()
+        if i % 3 == 0:
+            words[len(words) // 2] = "altered"
+        elif i % 3 == 1:
+            words += ["This", "sentence", "was", "added."]
+        else:
+            continue
+        planted.append(" ".join(words))
+    cfg = tiny_config(tmp_path / "run", f"data.train_files=[{tmp_path}/docs.txt]", "data.dedup=minhash",
+                      "data.val_fraction=0.1", "data.vocab_size=400", "data.min_chars=10")
+    d = cfg.data  # cleaned beforehand, so a document's text is the same before and after prepare
+    corpus = list(dict.fromkeys(clean_text(doc, normalize_unicode=d.normalize_unicode, strip_html=d.strip_html,
+                                           collapse_whitespace=d.collapse_whitespace) for doc in originals + planted))
+    (tmp_path / "docs.txt").write_text("\n".join(corpus) + "\n")
+    manifest = prepare(cfg)
+    kept = set(_docs_of(cfg, "train") + _docs_of(cfg, "val"))
+    removed = set(corpus) - kept
+    assert manifest.num_near_duplicates == len(removed) and manifest.settings["data.dedup"] == "minhash"
+
+    # The truth: clusters of documents whose exact shingle Jaccard similarity reaches the threshold.
+    sets = [_shingles(d) for d in corpus]
+    parent = list(range(len(corpus)))
+
+    def root(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    near_any = set()  # documents with a partner at least 0.7 similar: not a mistake to drop near the threshold
+    for i in range(len(corpus)):
+        for j in range(i + 1, len(corpus)):
+            similarity = len(sets[i] & sets[j]) / len(sets[i] | sets[j])
+            if similarity >= 0.7:
+                near_any |= {corpus[i], corpus[j]}
+            if similarity >= 0.8:
+                parent[root(j)] = root(i)
+    clusters = {}
+    for i, doc in enumerate(corpus):
+        clusters.setdefault(root(i), []).append(doc)
+    should_drop = sum(len(c) - 1 for c in clusters.values())
+    dropped_right = sum(min(len(set(c) & removed), len(c) - 1) for c in clusters.values())
+    precision = len(removed & near_any) / max(1, len(removed))
+    recall = dropped_right / should_drop
+    print(f"MinHash near-duplicates: {len(planted)} planted among {len(originals)} docstrings; {should_drop} to drop "
+          f"(exact Jaccard >= 0.8), {len(removed)} dropped: precision {precision:.3f}, recall {recall:.3f}")
+    assert len(planted) >= 50 and precision >= 0.95 and recall >= 0.9
+    lost = [c for c in clusters.values() if not set(c) & kept]
+    assert not lost  # no cluster loses every copy
+    summary = " ".join(_data_summary(str(tmp_path / "run")))  # the report's data section says how many
+    assert f"{len(removed):,} near-duplicate documents dropped (MinHash, similarity >= 0.8)" in summary

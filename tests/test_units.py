@@ -520,3 +520,26 @@ def test_a_build_lock_left_by_an_interrupted_op_build_is_removed(tmp_path, monke
     os.utime(stale, (old, old))
     assert clear_stale_build_locks() == [str(stale)]
     assert not stale.exists() and building.exists() and stale.parent.exists()
+
+
+def test_minhash_signatures_estimate_jaccard_similarity_without_bias():
+    """Agreement of two MinHash signatures estimates the Jaccard similarity of the documents' word shingles: over 200
+    random pairs the error has mean ~0 and the spread theory gives for 128 functions (~0.04); hash functions that are
+    not independent (a multiply-add that barely wraps) gave errors of +0.2 and dropped documents 0.6 similar."""
+    from ptray.data.minhash import _permutations, lsh_bands, signature
+
+    a, b = _permutations(128)
+    rng = np.random.default_rng(0)
+    vocabulary = [f"w{i}" for i in range(2000)]
+    errors = []
+    for _ in range(200):
+        x = list(rng.choice(vocabulary, 120))
+        y = list(x)
+        for k in rng.choice(120, int(rng.integers(2, 30)), replace=False):
+            y[k] = f"changed{k}"
+        sx, sy = ({" ".join(w[i: i + 5]) for i in range(116)} for w in (x, y))
+        estimate = np.mean(signature(" ".join(x), 5, a, b) == signature(" ".join(y), 5, a, b))
+        errors.append(estimate - len(sx & sy) / len(sx | sy))
+    assert abs(np.mean(errors)) < 0.01 and np.std(errors) < 0.06
+    bands, rows = lsh_bands(0.65, 128)  # prepare's candidate bands for threshold 0.8
+    assert bands * rows <= 128 and 1 - (1 - 0.8 ** rows) ** bands > 0.9  # few pairs at the threshold are missed

@@ -76,10 +76,15 @@ def shuffle_key(hashes: np.ndarray, seed: int) -> np.ndarray:
         return (z ^ (z >> np.uint64(31))).astype(np.int64)
 
 
-def shuffle_block(batch: dict[str, np.ndarray], *, dedup: bool, seed: int) -> dict[str, np.ndarray]:
-    """A hash partition's documents in a seeded order; with `dedup`, one of each (equal hashes share a partition)."""
+def shuffle_block(batch: dict[str, np.ndarray], *, dedup: bool, seed: int,
+                  drop: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """A hash partition's documents in a seeded order; with `dedup`, one of each (equal hashes share a partition);
+    without the documents whose hashes are in `drop` (near-duplicates, see ptray.data.minhash)."""
     if dedup:
         _, first = np.unique(batch["doc_hash"], return_index=True)
         batch = {k: v[first] for k, v in batch.items()}
+    if drop is not None and len(drop):
+        keep = ~np.isin(batch["doc_hash"], drop)
+        batch = {k: v[keep] for k, v in batch.items()}
     order = np.argsort(shuffle_key(batch["doc_hash"], seed), kind="stable")
     return {k: v[order] for k, v in batch.items()}

@@ -44,6 +44,8 @@ class Manifest:
     num_docs: dict[str, int] = field(default_factory=dict)
     num_doc_tokens: int = 0
     num_dropped_tokens: int = 0
+    num_near_duplicates: int = 0
+    """Documents dropped as near-duplicates of others (data.dedup=minhash)."""
     tokenizer_dir: str = "tokenizer"
     """Relative to the prepared directory."""
     rows_per_group: int = 256

@@ -39,10 +39,11 @@ import ray
 import ray.data
 
 from ptray import storage
-from ptray.config import Config
+from ptray.config import LEGACY_VALUES, Config
 from ptray.data.builtin import write_builtin_corpus
 from ptray.data.clean import clean_batch, shuffle_block
 from ptray.data.manifest import Manifest, Shard, read_manifest, write_manifest
+from ptray.data.minhash import near_duplicates
 from ptray.data.pack import tokenize_and_pack
 from ptray.data.readers import check_records, expand_files, read_corpus
 from ptray.data.tokenizer import copy_tokenizer, end_of_document_id, load_tokenizer, tokenizer_hash, train_bpe
@@ -78,7 +79,7 @@ def prepare(cfg: Config) -> Manifest:
     if cores := _cores_of_one_machine_cluster():
         execution.resource_limits = limits.copy(cpu=min(limits.cpu, cores))
     try:
-        num_docs = _write_clean_docs(cfg, files, storage.join(root, "docs"))
+        num_docs, num_near = _write_clean_docs(cfg, files, storage.join(root, "docs"))
         stage_s["clean+dedup"] = time.perf_counter() - started
         if num_docs["train"] == 0:
             raise DataError(
@@ -111,6 +112,7 @@ def prepare(cfg: Config) -> Manifest:
             eos_id=end_of_document_id(tokenizer), pad_id=tokenizer.pad_token_id, mask_id=tokenizer.mask_token_id,
             source_files=files, train=shards["train"], val=shards["val"], num_docs=num_docs,
             num_doc_tokens=doc_tokens, num_dropped_tokens=dropped, tokenizer_dir=f"{version}/tokenizer",
+            num_near_duplicates=num_near,
             rows_per_group=rows_per_group(cfg), settings=prepare_settings(cfg),
             content_hash=hashlib.sha256("".join(s.sha256 for s in shards["train"] + shards["val"]).encode())
             .hexdigest())
@@ -124,8 +126,10 @@ def prepare(cfg: Config) -> Manifest:
         storage.delete_dir(storage.join(out_dir, old))
     elapsed = time.perf_counter() - started
     print(f"[prepare] {num_docs['train']} train / {num_docs['val']} val docs, {manifest.num_train_rows} train rows "
-          f"of {cfg.data.seq_len + 1} tokens, vocab {manifest.vocab_size}, {elapsed:.1f}s "
-          f"({doc_tokens / elapsed:,.0f} tokens/s; " + ", ".join(f"{k} {v:.1f}s" for k, v in stage_s.items()) + ")",
+          f"of {cfg.data.seq_len + 1} tokens, vocab {manifest.vocab_size}, "
+          + (f"{num_near:,} near-duplicates dropped, " if cfg.data.dedup == "minhash" else "")
+          + f"{elapsed:.1f}s ({doc_tokens / elapsed:,.0f} tokens/s; "
+          + ", ".join(f"{k} {v:.1f}s" for k, v in stage_s.items()) + ")",
           flush=True)
     return manifest
 
@@ -151,7 +155,8 @@ def _versions(out_dir: str) -> set[str]:
 
 # What decides the prepared rows (the reader-side data.shuffle_window_rows and data.max_bad_fraction do not).
 PREPARE_KEYS = ("train_files", "text_field", "normalize_unicode", "strip_html", "collapse_whitespace", "min_chars",
-                "dedup", "val_fraction", "seq_len", "tokenizer_path", "vocab_size", "tokenizer_train_docs",
+                "dedup", "minhash_threshold", "minhash_shingle", "minhash_permutations", "val_fraction", "seq_len",
+                "tokenizer_path", "vocab_size", "tokenizer_train_docs",
                 "rows_per_shard", "rows_per_group", "builtin_docs")
 
 
@@ -161,6 +166,9 @@ def prepare_settings(cfg: Config) -> dict:
     settings["data.tokenizer_path"] = storage.absolute(cfg.data.tokenizer_path)
     if cfg.data.train_files != ["builtin"]:
         del settings["data.builtin_docs"]
+    if cfg.data.dedup != "minhash":
+        for key in ("data.minhash_threshold", "data.minhash_shingle", "data.minhash_permutations"):
+            del settings[key]
     return {**settings, "run.seed": cfg.run.seed}
 
 
@@ -173,8 +181,10 @@ def ensure_prepared(cfg: Config) -> Manifest:
     if storage.exists(storage.join(cfg.prepared_dir, "manifest.json")):
         manifest = read_manifest(cfg.prepared_dir)
         wanted = prepare_settings(cfg)
-        changed = [f"{key} {manifest.settings[key]!r} -> {value!r}" for key, value in wanted.items()
-                   if key in manifest.settings and manifest.settings[key] != value]
+        before = {key: LEGACY_VALUES.get(key, {}).get(value, value) if isinstance(value, bool) else value
+                  for key, value in manifest.settings.items()}  # data.dedup: true is "exact" now
+        changed = [f"{key} {before[key]!r} -> {value!r}" for key, value in wanted.items()
+                   if key in before and before[key] != value]
         own_data = storage.absolute(cfg.prepared_dir) == storage.absolute(os.path.join(cfg.run_dir, "data"))
         if changed and not own_data:
             print(f"[prepare] note: the data in {cfg.prepared_dir} was prepared with other settings "
@@ -189,24 +199,36 @@ def ensure_prepared(cfg: Config) -> Manifest:
     return prepare(cfg)
 
 
-def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> dict[str, int]:
+def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> tuple[dict[str, int], int]:
+    """Clean, deduplicate and shuffle the corpus into `docs_dir`; returns (documents per split, near-duplicates
+    dropped)."""
     d = cfg.data
     check_records(files, d.text_field, d.max_bad_fraction)
-    docs = read_corpus(files, d.text_field).map_batches(
-        clean_batch, batch_format="numpy", batch_size=1024,
-        fn_kwargs=dict(normalize_unicode=d.normalize_unicode, strip_html=d.strip_html,
-                       collapse_whitespace=d.collapse_whitespace, min_chars=d.min_chars,
-                       val_fraction=d.val_fraction, seed=cfg.run.seed))
+
+    def cleaned():
+        return read_corpus(files, d.text_field).map_batches(
+            clean_batch, batch_format="numpy", batch_size=1024,
+            fn_kwargs=dict(normalize_unicode=d.normalize_unicode, strip_html=d.strip_html,
+                           collapse_whitespace=d.collapse_whitespace, min_chars=d.min_chars,
+                           val_fraction=d.val_fraction, seed=cfg.run.seed))
+
     # Hash-partition by content: equal documents land in the same block (for dedup), and every block is a uniform
     # sample of the whole corpus. Sorting each block by a seeded key then shuffles the documents before packing, the
     # same way on every run, so packed rows mix the corpus instead of following one file or book. The number of blocks
     # follows the corpus size (about 64 MiB of raw text each), not the cluster, so the order is the same everywhere.
     num_blocks = min(1024, max(2, math.ceil(storage.total_size(files) / (64 << 20))))
-    docs = docs.repartition(num_blocks, keys=["doc_hash"]).map_batches(
-        shuffle_block, batch_format="numpy", batch_size=None, fn_kwargs={"dedup": d.dedup, "seed": cfg.run.seed})
+    near = None
+    if d.dedup == "minhash":  # a pass of its own over the cleaned corpus, before the split (see ptray.data.minhash)
+        near = near_duplicates(cleaned(), threshold=d.minhash_threshold, shingle=d.minhash_shingle,
+                               num_perm=d.minhash_permutations, num_blocks=num_blocks)
+        print(f"[prepare] MinHash: {len(near):,} near-duplicate documents to drop "
+              f"(similarity >= {d.minhash_threshold})", flush=True)
+    docs = cleaned().repartition(num_blocks, keys=["doc_hash"]).map_batches(
+        shuffle_block, batch_format="numpy", batch_size=None,
+        fn_kwargs={"dedup": d.dedup != "none", "seed": cfg.run.seed, "drop": near})
     docs.write_parquet(docs_dir, partition_cols=["split"])
-    return {split: _num_rows(storage.list_files(storage.join(docs_dir, f"split={split}"), ".parquet"))
-            for split in ("train", "val")}
+    return ({split: _num_rows(storage.list_files(storage.join(docs_dir, f"split={split}"), ".parquet"))
+             for split in ("train", "val")}, 0 if near is None else len(near))
 
 
 def _num_rows(paths: list[str]) -> int:

@@ -91,7 +91,7 @@ def source_documents(path: str, data: dict, seed: int, split: str) -> Iterator[s
         h = doc_hash(text)
         if is_validation(h, data["val_fraction"], seed) != (split == "val"):
             continue
-        if data["dedup"]:
+        if data["dedup"] != "none":
             if h in seen:
                 continue
             seen.add(h)
