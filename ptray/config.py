@@ -238,7 +238,8 @@ class DeepSpeedConfig:
 @dataclass
 class FinetuneConfig:
     task: str = "classification"
-    """classification (sequence-classification head) or sft (prompt/response, loss on response tokens only)."""
+    """classification (sequence-classification head), sft (prompt/response, loss on response tokens only) or chat
+    (conversations as role/content messages rendered with the tokenizer's chat template, loss on assistant turns)."""
     pretrained: str = ""
     """Local Hugging Face model directory to start from. Empty: this run's pretraining export, `<run.dir>/export`."""
     init: str = "pretrained"
@@ -253,7 +254,7 @@ class FinetuneConfig:
     group_field: str = ""
     """Hold out whole groups by this field's value (an author, a user, a source document) rather than single
     examples, so related examples never straddle the train/validation split. The built-in tasks group by word
-    (classification) or person (sft)."""
+    (classification) or person (sft, chat)."""
     text_field: str = "text"
     """classification: the text field."""
     label_field: str = "label"
@@ -262,6 +263,8 @@ class FinetuneConfig:
     """sft: the prompt field."""
     response_field: str = "response"
     """sft: the response field."""
+    messages_field: str = "messages"
+    """chat: the field holding a conversation, a list of {"role": system|user|assistant, "content": text}."""
     max_len: int = 64
     """Tokens per example (truncated and padded to this length)."""
     epochs: int = 3
@@ -327,7 +330,8 @@ class SweepConfig:
     scheduler: str = "asha"
     """asha (stop poor trials early at evaluation rungs) or none."""
     metric: str = "val_accuracy"
-    """The reported metric to optimize (classification: val_accuracy, val_f1, val_loss; sft: val_loss, val_ppl)."""
+    """The reported metric to optimize (classification: val_accuracy, val_f1, val_loss; sft, chat: val_loss,
+    val_ppl)."""
     mode: str = "max"
     """max or min."""
     grace_period: int = 0
@@ -391,7 +395,7 @@ CHOICES = {
     "pretrain.schedule": ("cosine", "wsd", "constant"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
     "deepspeed.precision": ("fp32", "bf16", "fp16"),
-    "finetune.task": ("classification", "sft"),
+    "finetune.task": ("classification", "sft", "chat"),
     "finetune.init": ("pretrained", "scratch"),
     "sweep.searcher": ("random", "grid", "optuna"),
     "sweep.scheduler": ("asha", "none"),
@@ -403,7 +407,7 @@ SEARCH_KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
 # What a sweep trial may change: finetuning hyperparameters and the seed. Not the task, the data files and fields, the
 # validation split (trials would be scored on different sets) or the init (sweep.compare_scratch runs both sides).
 NOT_SWEEPABLE = ("task", "pretrained", "init", "train_files", "val_files", "val_fraction", "group_field", "text_field",
-                 "label_field", "prompt_field", "response_field", "builtin_examples")
+                 "label_field", "prompt_field", "response_field", "messages_field", "builtin_examples")
 SWEEPABLE = ["run.seed"] + [f"finetune.{f.name}" for f in dataclasses.fields(FinetuneConfig)
                             if f.name not in NOT_SWEEPABLE]
 DATA_KEYS = ("finetune.max_len", "finetune.train_fraction")  # change the tokenized data a trial sees
@@ -557,14 +561,15 @@ def validate(cfg: Config) -> Config:
     if ft.dropout != -1 and not 0 <= ft.dropout < 1:
         raise ConfigError(f"finetune.dropout must be in [0, 1), or -1 to keep the pretrained model's, got "
                           f"{ft.dropout}.")
-    if ft.task == "sft":  # these act on the classification head, which SFT has none of
+    if ft.task in ("sft", "chat"):  # these act on the classification head, which a language model has none of
         for key, neutral in (("pooling", "mean"), ("head_lr", 0.0), ("label_smoothing", 0.0)):
             if getattr(ft, key) != neutral:
                 raise ConfigError(f"finetune.{key}={getattr(ft, key)!r} applies to finetune.task=classification only; "
-                                  f"with task=sft leave it at {neutral!r}.")
+                                  f"with task={ft.task} leave it at {neutral!r}.")
         if ft.method == "head":
-            raise ConfigError("finetune.method=head trains only a new classification head, which finetune.task=sft "
-                              "does not have (its output layer is pretrained); use method=full or method=lora.")
+            raise ConfigError(f"finetune.method=head trains only a new classification head, which finetune.task="
+                              f"{ft.task} does not have (its output layer is pretrained); use method=full or "
+                              "method=lora.")
     validate_space(cfg.sweep.space)
     for fraction in cfg.sweep.label_fractions:
         if not 0 < fraction <= 1:

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 
 import numpy as np
 import pyarrow.csv as pacsv
@@ -47,7 +48,8 @@ from ptray.schedule import Schedule
 from ptray.session import fit_with_retries, train_logging, worker_scaling
 from ptray.storage import filesystem_for
 
-METRICS = {"classification": ("val_loss", "val_accuracy", "val_f1"), "sft": ("val_loss", "val_ppl")}
+METRICS = {"classification": ("val_loss", "val_accuracy", "val_f1"), "sft": ("val_loss", "val_ppl"),
+           "chat": ("val_loss", "val_ppl")}
 
 
 # ---- labelled data (driver) ----------------------------------------------------------------------------------------
@@ -115,11 +117,15 @@ def load_labelled(cfg: Config, tokenizer) -> LabelledData:
             key = lambda r: str(r.get(group))  # noqa: E731  related examples never straddle the split
         elif ft.task == "classification":
             key = lambda r: str(r.get(ft.text_field))  # noqa: E731
+        elif ft.task == "chat":
+            key = lambda r: json.dumps(r.get(ft.messages_field), sort_keys=True)  # noqa: E731
         else:
             key = lambda r: f"{r.get(ft.prompt_field)}\x00{r.get(ft.response_field)}"  # noqa: E731
         held = [is_validation(doc_hash(key(r)), ft.val_fraction, cfg.run.seed) for r in rows]
         train_rows = [r for r, h in zip(rows, held) if not h]
         val_rows = [r for r, h in zip(rows, held) if h]
+    if ft.task == "chat":
+        return _load_chat(train_rows, val_rows, rows[0], tokenizer, ft)
     fields = (ft.text_field, ft.label_field) if ft.task == "classification" else (ft.prompt_field, ft.response_field)
     for name in fields:
         if name not in rows[0]:
@@ -194,9 +200,9 @@ def check_pretrained(cfg: Config, tokenizer_dir: str) -> AutoConfig:
     if hf.model_type not in ("gpt2", "llama", "bert"):
         raise ConfigError(f"finetune.pretrained={path!r} is a {hf.model_type!r} model; ptray finetunes gpt2, llama "
                           "and bert models.")
-    if cfg.finetune.task == "sft" and hf.model_type == "bert":
-        raise ConfigError(f"finetune.task=sft needs a causal LM, but {path!r} is a bert (masked LM) model; use "
-                          "finetune.task=classification or a gpt2/llama export.")
+    if cfg.finetune.task != "classification" and hf.model_type == "bert":
+        raise ConfigError(f"finetune.task={cfg.finetune.task} needs a causal LM, but {path!r} is a bert (masked LM) "
+                          "model; use finetune.task=classification or a gpt2/llama export.")
     positions = getattr(hf, "n_positions", None) or getattr(hf, "max_position_embeddings", None)
     if positions and cfg.finetune.max_len > positions:
         raise ConfigError(f"finetune.max_len={cfg.finetune.max_len} exceeds the {positions} positions of the model in "
@@ -484,8 +490,14 @@ def export_finetuned(cfg: Config, checkpoint_dir: str, data: LabelledData, out_d
     torch.manual_seed(cfg.run.seed)
     model = finetune_model(dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, init="scratch")),
                            pretrained_dir(cfg), len(data.id2label), data.id2label)
-    return ckpt.export_model(cfg, checkpoint_dir, model=model, tokenizer_dir=pretrained_dir(cfg), out_dir=out_dir,
-                             unwrap=merge_lora if cfg.finetune.method == "lora" else None)
+    unwrap = merge_lora if cfg.finetune.method == "lora" else None
+    if cfg.finetune.task != "chat":
+        return ckpt.export_model(cfg, checkpoint_dir, model=model, tokenizer_dir=pretrained_dir(cfg), out_dir=out_dir,
+                                 unwrap=unwrap)
+    with tempfile.TemporaryDirectory() as tokenizer_dir:  # the export's tokenizer carries the template it learned
+        chat_tokenizer(load_tokenizer(pretrained_dir(cfg))).save_pretrained(tokenizer_dir)
+        return ckpt.export_model(cfg, checkpoint_dir, model=model, tokenizer_dir=tokenizer_dir, out_dir=out_dir,
+                                 unwrap=unwrap)
 
 
 # ---- worker --------------------------------------------------------------------------------------------------------
@@ -508,8 +520,72 @@ def freeze(model, num_layers: int) -> int:
     return len({id(p) for p in frozen})
 
 
+# The chat template for tokenizers without one (ptray's own BPE): role markers as plain text, each turn ended by the
+# end-of-document token, so a model pretrained on ptray's packed documents has seen that token end text.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def chat_tokenizer(tokenizer):
+    """The tokenizer with a chat template: its own, or ptray's default."""
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _load_chat(train_rows: list[dict], val_rows: list[dict], first: dict, tokenizer, ft) -> LabelledData:
+    if ft.messages_field not in first:
+        raise DataError(f"the labelled data has no field {ft.messages_field!r} (fields: {', '.join(first)}); set "
+                        "finetune.messages_field to the field that holds each conversation.")
+    for split, part in (("training", train_rows), ("validation", val_rows)):
+        for i, row in enumerate(part):
+            messages = row.get(ft.messages_field)
+            if not isinstance(messages, list) or not all(
+                    isinstance(m, dict) and m.get("role") in CHAT_ROLES and isinstance(m.get("content"), str)
+                    for m in messages):
+                raise DataError(f"{split} example {i} is not a conversation: {ft.messages_field!r} must be a list of "
+                                f"{{\"role\": {'|'.join(CHAT_ROLES)}, \"content\": text}} (got "
+                                f"{str(messages)[:120]}).")
+            if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+                raise DataError(f"{split} example {i} has no assistant turn, so there is nothing to learn from it "
+                                f"(roles: {[m['role'] for m in messages]}); add the reply or remove the example.")
+    tokenizer = chat_tokenizer(tokenizer)
+    return LabelledData(train=_encode_chat(train_rows, tokenizer, ft), val=_encode_chat(val_rows, tokenizer, ft),
+                        id2label={})
+
+
+def _encode_chat(rows, tokenizer, ft) -> dict[str, torch.Tensor]:
+    """Conversations rendered with the chat template, right-padded to max_len; labels are the tokens of assistant
+    turns only. A turn's span is found by rendering the conversation up to it (with the generation prompt) and
+    through it, as text, and mapping those character spans to tokens by offset: any template that renders a
+    conversation's start the same way (as chat templates do) works, whatever its markup."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.full((len(rows), ft.max_len), pad, dtype=torch.long)
+    labels = torch.full((len(rows), ft.max_len), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(rows), ft.max_len), dtype=torch.long)
+    for i, row in enumerate(rows):
+        messages = row[ft.messages_field]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        spans = []
+        for k, message in enumerate(messages):
+            if message["role"] == "assistant":
+                start = len(tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True))
+                spans.append((start, len(tokenizer.apply_chat_template(messages[: k + 1], tokenize=False))))
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"][: ft.max_len]
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention[i, : len(ids)] = 1
+        for t, (begin, _) in enumerate(enc["offset_mapping"][: len(ids)]):
+            if any(start <= begin < end for start, end in spans):
+                labels[i, t] = ids[t]
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
 class FinetuneTask:
-    """Classification or SFT over the labelled tensors: what `loop.fit` needs from finetuning."""
+    """Classification, or SFT and chat (a causal LM's loss on the labelled tokens), over the labelled tensors: what
+    `loop.fit` needs from finetuning."""
 
     def __init__(self, cfg: Config, schedule: Schedule, data: LabelledData, rank: int, world_size: int):
         self.cfg, self.schedule, self.task = cfg, schedule, cfg.finetune.task
@@ -548,7 +624,7 @@ class FinetuneTask:
         # world x accum / (real examples in this global batch) makes that the mean over the real examples.
         real_in_step = min(sched.global_batch_size, num_examples - step * sched.global_batch_size)
         batch["weight"] = real.float() * (self.world_size * accum / real_in_step)
-        if self.task == "sft":
+        if self.task != "classification":
             batch["labels"][~real] = IGNORE_INDEX
         return batch
 
@@ -590,7 +666,7 @@ class FinetuneTask:
             dist.all_reduce(totals)
             totals = totals.cpu()
         val_loss = (totals[0] / totals[1]).item()
-        if self.task == "sft":
+        if self.task != "classification":
             return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
         accuracy, f1 = metrics_from_counts(totals[2:])
         return {"val_loss": val_loss, "val_accuracy": accuracy, "val_f1": f1}

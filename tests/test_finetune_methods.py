@@ -360,3 +360,70 @@ def test_head_only_with_mean_pooling_and_head_lr(pretrained, tmp_path):
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         assert not torch.allclose(plain(input_ids=ids).logits, model(ids).logits)
+
+
+# ---- chat ----------------------------------------------------------------------------------------------------------
+
+
+def test_chat_labels_cover_the_assistant_turns_only(pretrained):
+    from ptray.finetune import _encode_chat, chat_tokenizer
+
+    tokenizer = chat_tokenizer(load_tokenizer(pretrained))  # ptray's BPE has no template: the default one
+    messages = [{"role": "system", "content": "answer briefly."},
+                {"role": "user", "content": "where does merege live?"},
+                {"role": "assistant", "content": "merege lives in vuri."},
+                {"role": "user", "content": "and her pet?"},
+                {"role": "assistant", "content": "a red kibe."}]
+    ft = load_config("tiny", ["finetune.task=chat", "finetune.max_len=200"]).finetune
+    encoded = _encode_chat([{"messages": messages}], tokenizer, ft)
+    ids, labels, mask = encoded["input_ids"][0], encoded["labels"][0], encoded["attention_mask"][0]
+    eos = tokenizer.eos_token
+    assert tokenizer.decode(ids[mask.bool()]) == tokenizer.apply_chat_template(messages, tokenize=False)
+    assert tokenizer.decode(ids[labels >= 0]) == f"merege lives in vuri.{eos}\na red kibe.{eos}\n"
+    assert torch.equal(labels[labels >= 0], ids[labels >= 0])
+    short = _encode_chat([{"messages": messages}], tokenizer, dataclasses.replace(ft, max_len=20))
+    assert short["input_ids"].shape == (1, 20) and tokenizer.decode(short["input_ids"][0]).startswith("<|system|>")
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"messages": [{"role": "user", "content": "hello?"}]}, "has no assistant turn"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}, "no assistant turn"),
+    ({"messages": "just text"}, "is not a conversation"),
+    ({"messages": [{"role": "robot", "content": "beep"}]}, "is not a conversation"),
+    ({"conversation": []}, "has no field 'messages'"),
+])
+def test_a_chat_record_that_is_not_a_conversation_with_a_reply_is_an_error(pretrained, tmp_path, record, message):
+    from ptray.errors import DataError
+
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello."}]}
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [record] + [good] * 20) + "\n")
+    cfg = _config(pretrained, tmp_path, "finetune.task=chat", f"finetune.train_files=[{path}]",
+                  f"finetune.val_files=[{path}]")
+    with pytest.raises(DataError, match=message):
+        load_labelled(cfg, load_tokenizer(pretrained))
+
+
+def test_chat_finetunes_and_the_export_chats_in_plain_transformers(pretrained, tmp_path):
+    from transformers import AutoTokenizer
+
+    from ptray.finetune import DEFAULT_CHAT_TEMPLATE
+
+    cfg = _config(pretrained, tmp_path, "finetune.task=chat", "finetune.max_len=64", "finetune.lr=3e-3")
+    out = finetune(cfg)
+    export = os.path.join(tmp_path, "finetune-chat", "export")
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    model = AutoModelForCausalLM.from_pretrained(export).eval()
+    assert tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE  # saved with the model: plain transformers renders it
+    # The export is the best checkpoint: its loss on the validation conversations' assistant tokens is the reported one.
+    val = load_labelled(cfg, load_tokenizer(pretrained)).val
+    with torch.no_grad():
+        logits = model(input_ids=val["input_ids"], attention_mask=val["attention_mask"]).logits
+    targets = val["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+    assert loss.item() == pytest.approx(out["best"]["metrics"]["val_loss"], rel=1e-4)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "where does merege live?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    generated = model.generate(**prompt, max_new_tokens=6, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+    assert tokenizer.decode(prompt["input_ids"][0]).endswith("<|assistant|>\n")

@@ -119,15 +119,27 @@ WORD_PROMPTS = ["{word}", "we spoke of {word}", "the word was {word}", "she wrot
 
 def generate_labelled(num_examples: int, task: str, seed: int = 0) -> list[dict]:
     """The built-in labelled task over the same world as the corpus. Each example names its `group` (a word, or a
-    person for sft), by which `finetune` splits train from validation.
+    person for sft and chat), by which `finetune` splits train from validation.
 
     classification: a word in a neutral frame -> what kind of thing it names (5 classes, balanced).
     sft: a question about a person -> the answer sentence (the facts are the corpus's facts).
+    chat: the same questions and answers as one- or two-turn conversations.
     """
     rng = random.Random(seed + 1)
     people = _people(random.Random(1234))
     examples = []
     for _ in range(num_examples):
+        if task == "chat":  # one or two turns about a person
+            name = rng.choice(NAMES)
+            p = people[name]
+            turns = [(f"where does {name} live?", f"{name} lives in {p['town']}."),
+                     (f"what pet does {name} have?", f"{name} has a {p['color']} {p['pet']}.")]
+            rng.shuffle(turns)
+            messages = []
+            for question, answer in turns[: rng.choice((1, 2))]:
+                messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+            examples.append({"messages": messages, "group": name})
+            continue
         if task == "sft":
             name = rng.choice(NAMES)
             p = people[name]
