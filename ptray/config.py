@@ -312,6 +312,14 @@ class FinetuneConfig:
     same schedule as the rest (LoRA adapters count as the rest). 0: finetune.lr."""
     label_smoothing: float = 0.0
     """classification: label smoothing of the training cross-entropy (val_loss stays the plain cross-entropy)."""
+    teacher: str = ""
+    """sft, chat: a local causal LM directory (same tokenizer) to distill from: the training loss mixes the labels'
+    cross-entropy with the KL divergence to the teacher's softened next-token distribution on the same tokens. The
+    teacher runs in every worker, without gradients. Empty: no distillation."""
+    distill_weight: float = 0.5
+    """With finetune.teacher: the share of the distillation term in the loss ((1 - w) x cross-entropy + w x KL)."""
+    distill_temperature: float = 2.0
+    """With finetune.teacher: the softmax temperature of both distributions (the KL term is scaled by its square)."""
     dropout: float = -1.0
     """Dropout probability for every dropout of the model (gpt2: resid/embd/attn_pdrop, summary_first_dropout; llama:
     attention_dropout; bert: hidden/attention_probs/classifier dropout). -1: keep the pretrained model's."""
@@ -441,6 +449,7 @@ RANGES = {
     "finetune.freeze_layers": "[0, inf)", "finetune.train_fraction": "(0, 1]", "finetune.eval_every": "(0, inf)",
     "finetune.builtin_examples": "(0, inf)", "finetune.lora_rank": "(0, inf)", "finetune.lora_alpha": "(0, inf)",
     "finetune.lora_dropout": "[0, 1)", "finetune.head_lr": "[0, inf)", "finetune.label_smoothing": "[0, 1)",
+    "finetune.distill_weight": "[0, 1]", "finetune.distill_temperature": "(0, inf)",
     "sweep.num_samples": "(0, inf)", "sweep.grace_period": "[0, inf)", "sweep.reduction_factor": "[2, inf)",
     "sweep.max_concurrent": "[0, inf)", "sweep.num_seeds": "(0, inf)",
 }
@@ -561,6 +570,9 @@ def validate(cfg: Config) -> Config:
     if ft.dropout != -1 and not 0 <= ft.dropout < 1:
         raise ConfigError(f"finetune.dropout must be in [0, 1), or -1 to keep the pretrained model's, got "
                           f"{ft.dropout}.")
+    if ft.teacher and ft.task == "classification":
+        raise ConfigError("finetune.teacher distills a causal LM's next-token distribution, which a classification "
+                          "head does not have; use it with finetune.task=sft or chat, or leave finetune.teacher empty.")
     if ft.task in ("sft", "chat"):  # these act on the classification head, which a language model has none of
         for key, neutral in (("pooling", "mean"), ("head_lr", 0.0), ("label_smoothing", 0.0)):
             if getattr(ft, key) != neutral:

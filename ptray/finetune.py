@@ -39,7 +39,7 @@ from ptray.config import Config, from_dict, save_config, with_absolute_paths
 from ptray.data.builtin import generate_labelled
 from ptray.data.clean import doc_hash, is_validation
 from ptray.data.readers import expand_files
-from ptray.data.tokenizer import load_tokenizer
+from ptray.data.tokenizer import load_tokenizer, tokenizer_hash
 from ptray.errors import ConfigError, DataError
 from ptray.loop import fit, raise_if_stopped, setup_worker, worker_entry
 from ptray.model import check_attention, flops_per_token
@@ -213,7 +213,31 @@ def check_pretrained(cfg: Config, tokenizer_dir: str) -> AutoConfig:
                           f"embeds only {hf.vocab_size}: they do not belong together. Use the tokenizer saved with "
                           "the model (its own directory).")
     check_method(cfg.finetune, hf, path)
+    if cfg.finetune.teacher:
+        check_teacher(cfg.finetune.teacher, path, hf)
     return hf
+
+
+def check_teacher(teacher: str, student: str, student_config) -> None:
+    """A teacher must be a local causal LM that speaks the student's vocabulary, token for token."""
+    if not os.path.isfile(os.path.join(teacher, "config.json")):
+        raise ConfigError(f"finetune.teacher={teacher!r} is not a model directory (config.json missing); give a local "
+                          "causal LM export, e.g. another run's <run.dir>/export.")
+    hf = AutoConfig.from_pretrained(teacher, local_files_only=True)
+    if hf.model_type not in ("gpt2", "llama"):
+        raise ConfigError(f"finetune.teacher={teacher!r} is a {hf.model_type!r} model; a teacher must be a causal LM "
+                          "(gpt2 or llama).")
+    # With a tokenizer beside it, the tokenizers must be the same (embeddings may be padded differently); without,
+    # at least the embedding sizes must agree.
+    if os.path.isfile(os.path.join(teacher, "tokenizer.json")):
+        differs = tokenizer_hash(teacher) != tokenizer_hash(student) and "its tokenizer differs"
+    else:
+        differs = hf.vocab_size != student_config.vocab_size and \
+            f"it embeds {hf.vocab_size} tokens, the student {student_config.vocab_size}"
+    if differs:
+        raise ConfigError(f"finetune.teacher={teacher!r} has another vocabulary than the model it would teach "
+                          f"({differs}): distillation compares the two models' next-token distributions token by "
+                          "token. Use a teacher trained with the same tokenizer.")
 
 
 # ---- driver --------------------------------------------------------------------------------------------------------
@@ -596,6 +620,10 @@ class FinetuneTask:
         self.val = {k: v[rank::world_size] for k, v in data.val.items()}
         self.num_classes = len(data.id2label)
         self._order: tuple[int, torch.Tensor] | None = None
+        self.teacher = None
+        if cfg.finetune.teacher:  # in every worker, frozen; moved to the device at the first step
+            self.teacher = AutoModelForCausalLM.from_pretrained(cfg.finetune.teacher, local_files_only=True,
+                                                                dtype=torch.float32).eval().requires_grad_(False)
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """The examples' order in an epoch: depends only on (seed, epoch), so a resumed run continues it exactly."""
@@ -634,7 +662,15 @@ class FinetuneTask:
             per_example = F.cross_entropy(logits.float(), batch["labels"], reduction="none",
                                           label_smoothing=self.cfg.finetune.label_smoothing)
             return (per_example * batch["weight"]).sum()
-        return self._loss(logits, batch["labels"])
+        if self.teacher is None:
+            return self._loss(logits, batch["labels"])
+        if self.teacher.device != logits.device:
+            self.teacher.to(logits.device)
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        weight = self.cfg.finetune.distill_weight
+        return (1 - weight) * self._loss(logits, batch["labels"]) + weight * distill_loss(
+            logits, teacher_logits, batch["labels"], self.cfg.finetune.distill_temperature)
 
     def _loss(self, logits, labels):
         """The mean loss of a batch (evaluation, and SFT training: the mean over its answer tokens)."""
@@ -673,6 +709,19 @@ class FinetuneTask:
 
     def probe_inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.val["input_ids"][:2], "attention_mask": self.val["attention_mask"][:2]}
+
+
+def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                 temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions softened by `temperature`, times its square (Hinton et
+    al.: keeps the gradient's scale as the temperature changes), averaged over the labelled positions (those the
+    cross-entropy trains on). The teacher's vocabulary may be padded differently: only the shared ids count."""
+    vocab = min(logits.size(-1), teacher_logits.size(-1))
+    mask = (labels[:, 1:] != IGNORE_INDEX).float()  # multiplied, not indexed: no host sync on a GPU
+    student = F.log_softmax(logits[:, :-1, :vocab].float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits[:, :-1, :vocab].float() / temperature, dim=-1)
+    kl = (teacher.exp() * (teacher - student)).sum(-1)  # per position
+    return (kl * mask).sum() * temperature**2 / mask.sum().clamp(min=1)
 
 
 def confusion_counts(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

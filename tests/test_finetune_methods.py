@@ -24,6 +24,7 @@ from ptray import engine as ds
 from ptray.config import load_config
 from ptray.data.tokenizer import load_tokenizer
 from ptray.errors import ConfigError
+from ptray.metrics import read_metrics
 from ptray.finetune import (FinetuneTask, LabelledData, MeanPooledClassifier, confusion_counts, finetune,
                             finetune_model, finetune_schedule, load_classifier, load_labelled, metrics_from_counts,
                             prepare_finetune)
@@ -427,3 +428,55 @@ def test_chat_finetunes_and_the_export_chats_in_plain_transformers(pretrained, t
     generated = model.generate(**prompt, max_new_tokens=6, do_sample=False)
     assert generated.shape[1] > prompt["input_ids"].shape[1]
     assert tokenizer.decode(prompt["input_ids"][0]).endswith("<|assistant|>\n")
+
+
+# ---- distillation --------------------------------------------------------------------------------------------------
+
+
+def test_distill_loss_is_the_tempered_kl_on_labelled_positions():
+    from ptray.finetune import distill_loss
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 6, 11), torch.randn(2, 6, 13)  # the teacher's vocabulary padded further
+    labels = torch.full((2, 6), -100)
+    labels[0, 3:], labels[1, 1:3] = 5, 7
+    assert distill_loss(student, student, labels, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    mask = labels[:, 1:] != -100
+    s = F.log_softmax(student[:, :-1] / 2.0, dim=-1)[mask]
+    t = F.log_softmax(teacher[:, :-1, :11] / 2.0, dim=-1)[mask]
+    expected = F.kl_div(s, t, log_target=True, reduction="batchmean") * 4.0
+    assert distill_loss(student, teacher, labels, 2.0).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_a_teacher_must_be_a_causal_lm_with_the_same_vocabulary(pretrained, random_models, tmp_path):
+    import shutil
+
+    from ptray.data.tokenizer import train_bpe
+
+    with pytest.raises(ConfigError, match="finetune.teacher distills a causal LM"):
+        load_config("tiny", ["finetune.teacher=/some/model"])  # classification
+    sft = ("finetune.task=sft",)
+    with pytest.raises(ConfigError, match="is not a model directory"):
+        prepare_finetune(_config(pretrained, tmp_path, *sft, f"finetune.teacher={tmp_path}/missing"))
+    with pytest.raises(ConfigError, match="a teacher must be a causal LM"):
+        prepare_finetune(_config(pretrained, tmp_path, *sft, f"finetune.teacher={random_models['bert']}"))
+    other = tmp_path / "other"
+    shutil.copytree(pretrained, other)
+    train_bpe((f"different words number {i} here" for i in range(500)), vocab_size=300, out_dir=str(tmp_path / "t"))
+    shutil.copy(tmp_path / "t" / "tokenizer.json", other / "tokenizer.json")
+    with pytest.raises(ConfigError, match="has another vocabulary.*its tokenizer differs"):
+        prepare_finetune(_config(pretrained, tmp_path, *sft, f"finetune.teacher={other}"))
+
+
+def test_distillation_runs_the_teacher_in_the_workers(pretrained, tmp_path):
+    """Distilling only (weight 1) from a teacher identical to the starting weights: the student already matches it,
+    so the training loss is ~0 from the first step, where the labels' cross-entropy is several nats. Validation stays
+    the plain cross-entropy."""
+    overrides = ("finetune.task=sft", "finetune.dropout=0", "finetune.max_len=48")
+    plain = finetune(_config(pretrained, tmp_path / "plain", *overrides))
+    distilled = finetune(_config(pretrained, tmp_path / "distilled", *overrides, f"finetune.teacher={pretrained}",
+                                 "finetune.distill_weight=1.0"))
+    first = {name: next(r for r in read_metrics(out["train_dir"]) if "loss" in r)
+             for name, out in (("plain", plain), ("distilled", distilled))}
+    assert first["plain"]["loss"] > 2.0 and first["distilled"]["loss"] < 1e-3, first
+    assert distilled["best"]["metrics"]["val_loss"] > 2.0
