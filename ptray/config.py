@@ -73,6 +73,10 @@ class DataConfig:
     train_files: list[str] = field(default_factory=lambda: ["builtin"])
     """Corpus files: paths, globs or URIs (s3://, gs://) of .txt, .jsonl or .parquet. `builtin`: the generated
     corpus."""
+    sources: list[dict] = field(default_factory=list)
+    """A weighted mixture instead of train_files: [{name: web, files: [...], weight: 0.7}, {files: [...], weight:
+    0.3}]. Each source is cleaned, deduplicated and packed on its own; training draws its rows in these proportions
+    over any window of steps, deterministically and exactly resumable (data.ingest=shards)."""
     text_field: str = "text"
     """Field (.jsonl) or column (.parquet) holding the document text."""
     prepared_dir: str = ""
@@ -481,6 +485,43 @@ def cluster_host_port(address: str) -> tuple[str, int] | None:
     return parsed.hostname, port
 
 
+def source_names(sources: list[dict]) -> list[str]:
+    return [str(source.get("name") or f"source{i}") for i, source in enumerate(sources)]
+
+
+def check_sources(cfg: Config) -> None:
+    """data.sources: each a mapping with files and a weight; weights not negative and not all zero."""
+    d = cfg.data
+    if d.train_files != ["builtin"]:
+        raise ConfigError("data.sources and data.train_files are both set; a mixture names its files in its sources: "
+                          "remove data.train_files (or data.sources).")
+    if d.ingest != "shards":
+        raise ConfigError("data.sources needs data.ingest=shards: a mixture's proportions are kept by the prepared "
+                          "shards' reader; set data.ingest=shards or use data.train_files.")
+    example = "data.sources=[{name: web, files: [web/*.jsonl], weight: 0.7}, {files: [books/*.txt], weight: 0.3}]"
+    for i, source in enumerate(d.sources):
+        unknown = set(source) - {"name", "files", "weight"}
+        if unknown:
+            raise ConfigError(f"data.sources[{i}] has unknown key(s) {sorted(unknown)}; a source has name, files and "
+                              f"weight, e.g. {example}.")
+        files = source.get("files")
+        if isinstance(files, str):
+            files = source["files"] = [files]
+        if not files or not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
+            raise ConfigError(f"data.sources[{i}] has no files; give each source its corpus paths or globs, e.g. "
+                              f"{example}.")
+        for f in files:
+            storage.check_uri(f, f"data.sources[{i}].files")
+        weight = source.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise ConfigError(f"data.sources[{i}].weight must be a number >= 0, got {weight!r}.")
+    if sum(float(source.get("weight", 1.0)) for source in d.sources) <= 0:
+        raise ConfigError("data.sources' weights sum to 0; give at least one source a positive weight.")
+    names = source_names(d.sources)
+    if len(set(names)) != len(names):
+        raise ConfigError(f"data.sources has repeated names {names}; give each source its own name.")
+
+
 def validate(cfg: Config) -> Config:
     """Check values and cross-field rules; raise ConfigError with the key and the fix."""
     for key, allowed in CHOICES.items():
@@ -502,6 +543,8 @@ def validate(cfg: Config) -> Config:
     if not cfg.data.train_files:
         raise ConfigError("data.train_files is empty; give corpus paths or globs, e.g. "
                           "data.train_files=[corpus/*.txt].")
+    if cfg.data.sources:
+        check_sources(cfg)
     for key, path in [("run.storage_path", cfg.run.storage_path), ("data.prepared_dir", cfg.data.prepared_dir),
                       *[("data.train_files", f) for f in cfg.data.train_files]]:
         storage.check_uri(path, key)

@@ -261,6 +261,8 @@ def fit(cfg: Config, schedule: Schedule, task: Task, model: torch.nn.Module, *, 
                        "data_wait_s": window_data_wait / window_steps, "grad_norm": ds.grad_norm(engine),
                        "epoch": state.epoch, "skipped_steps": state.skipped_steps,
                        "data_fingerprint": int(fingerprint_sum.item())}
+            if hasattr(task, "position_metrics"):  # e.g. tokens per source of a data mixture
+                metrics.update(task.position_metrics(state))
             if engine.device.type == "cuda":  # rank 0's high-water mark: how close the run is to running out
                 metrics["max_memory_gib"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
             if log:

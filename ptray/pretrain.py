@@ -28,7 +28,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ptray import checkpoint as ckpt
 from ptray import storage
 from ptray.config import Config, from_dict, save_config, with_absolute_paths
-from ptray.data.loader import RowStream, ShardRows, rank_micro_batches
+from ptray.data.loader import MixtureStream, RowStream, ShardRows, rank_micro_batches
 from ptray.data.manifest import Manifest, Shard, verify_shards
 from ptray.data.prepare import corpus_files, ensure_prepared
 from ptray.data.stream import Delivered, start_stream, stream_dir, train_dataset
@@ -192,12 +192,22 @@ def read_rows(paths: list[str], row_len: int, max_rows: int) -> torch.Tensor:
     return torch.from_numpy(ShardRows(paths, row_len).head(max_rows)).long()
 
 
-def training_stream(cfg: Config, manifest: Manifest, prepared_dir: str) -> tuple[RowStream, ShardRows]:
+def training_stream(cfg: Config, manifest: Manifest,
+                    prepared_dir: str) -> tuple[RowStream | MixtureStream, ShardRows]:
     """The seeded order of the training rows and a reader whose cache holds a shuffle window (plus the next one's
     first row groups: a micro-batch may straddle two windows)."""
     window_chunks = max(1, cfg.data.shuffle_window_rows // manifest.rows_per_group)
-    stream = RowStream([s.num_rows for s in manifest.train], chunk_rows=manifest.rows_per_group, seed=cfg.run.seed,
+    rows_per_shard = [s.num_rows for s in manifest.train]
+    if manifest.sources:  # a mixture: each source shuffled on its own, then interleaved by weight
+        stream = MixtureStream(
+            [RowStream(rows_per_shard[first:end], chunk_rows=manifest.rows_per_group, seed=cfg.run.seed * 65536 + i + 1,
                        window_chunks=window_chunks)
+             for i, (first, end) in enumerate(source["train_shards"] for source in manifest.sources)],
+            first_shards=[source["train_shards"][0] for source in manifest.sources],
+            weights=[source["weight"] for source in manifest.sources])
+    else:
+        stream = RowStream(rows_per_shard, chunk_rows=manifest.rows_per_group, seed=cfg.run.seed,
+                           window_chunks=window_chunks)
     reader = ShardRows(manifest.shard_paths(prepared_dir, "train"), manifest.seq_len + 1,
                        cache_groups=window_chunks + 2)
     return stream, reader
@@ -210,7 +220,8 @@ class LanguageModelingTask:
         self.cfg, self.manifest, self.prepared_dir, self.rank = cfg, manifest, prepared_dir, rank
         self.special = [i for i in (manifest.eos_id, manifest.pad_id, manifest.mask_id) if i is not None]
         self.world_size = world_size
-        self.batches = None  # created on first use, at the data position of the (possibly resumed) state
+        self.stream, self.batches = None, None  # created on first use, at the data position of the (possibly
+        # resumed) state
         # Validation: every rank takes an equal slice (ZeRO-3 needs every rank in every forward).
         p = cfg.pretrain
         self.val_all = read_rows(manifest.shard_paths(prepared_dir, "val"), manifest.seq_len + 1,
@@ -235,8 +246,8 @@ class LanguageModelingTask:
     def next_batch(self, state: ckpt.TrainerState) -> dict[str, torch.Tensor]:
         m, p = self.manifest, self.cfg.pretrain
         if self.batches is None:
-            stream, reader = training_stream(self.cfg, m, self.prepared_dir)
-            self.batches = rank_micro_batches(stream, reader, position=state.rows_consumed,
+            self.stream, reader = training_stream(self.cfg, m, self.prepared_dir)
+            self.batches = rank_micro_batches(self.stream, reader, position=state.rows_consumed,
                                               global_batch_rows=p.global_batch_size,
                                               micro_batch_rows=p.micro_batch_size,
                                               rank=self.rank, world_size=self.world_size)
@@ -245,6 +256,13 @@ class LanguageModelingTask:
         state.epoch = first_row // m.num_train_rows
         # MLM masks depend only on (seed, stream position): the same after a resume.
         return self.make_batch(torch.from_numpy(rows).long(), seed=hash((self.cfg.run.seed, first_row)))
+
+    def position_metrics(self, state: ckpt.TrainerState) -> dict[str, int]:
+        """For a mixture: the tokens trained from each source so far (`tokens_<name>` in metrics.jsonl)."""
+        if not self.manifest.sources or self.batches is None:
+            return {}
+        return {f"tokens_{source['name']}": self.stream.source_position(i, state.rows_consumed) * self.manifest.seq_len
+                for i, source in enumerate(self.manifest.sources)}  # counted like `tokens`: seq_len per row
 
     def loss(self, engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "targets"}

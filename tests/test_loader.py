@@ -110,3 +110,29 @@ def test_a_corrupt_shard_surfaces_in_the_consumer(shards, tmp_path):
                                  global_batch_rows=4, micro_batch_rows=4, rank=0, world_size=1)
     with pytest.raises(Exception, match="Parquet|parquet|magic"):
         next(batches)
+
+
+def test_a_mixture_keeps_its_proportions_in_any_window_and_is_reached_by_arithmetic():
+    from ptray.data.loader import MixtureStream
+
+    small = RowStream([37, 64], chunk_rows=7, seed=1, window_chunks=3)   # 101 rows: repeats 2x as fast as its share
+    large = RowStream([1, 50, 300], chunk_rows=7, seed=2, window_chunks=3)
+    mix = MixtureStream([small, large], first_shards=[0, 2], weights=[0.7, 0.3], block_rows=100)
+    shards, rows = mix.rows(0, 3000)
+    source = (shards >= 2).astype(int)
+    for start in range(0, 2900, 37):  # any window of 100 rows: 70 / 30, to within a row
+        assert abs(int((source[start: start + 100] == 0).sum()) - 70) <= 1
+    # Each source's rows are its own stream, in order, with shards offset into the mixture's list: a source that runs
+    # out starts its next epoch alone (the small one here, 2100 rows = 20+ of its epochs).
+    small_shards, small_rows = small.rows(0, int((source == 0).sum()))
+    assert np.array_equal(shards[source == 0], small_shards) and np.array_equal(rows[source == 0], small_rows)
+    large_shards, large_rows = large.rows(0, int((source == 1).sum()))
+    assert np.array_equal(shards[source == 1], large_shards + 2) and np.array_equal(rows[source == 1], large_rows)
+    # Any position by arithmetic: a read split anywhere gives the same rows (what exact resume needs).
+    for cut in (1, 99, 100, 1234):
+        head, tail = mix.rows(0, cut), mix.rows(cut, 3000 - cut)
+        assert np.array_equal(np.concatenate([head[0], tail[0]]), shards)
+        assert np.array_equal(np.concatenate([head[1], tail[1]]), rows)
+    assert mix.source_position(0, 3000) == int((source == 0).sum()) == 2100
+    zero = MixtureStream([small, large], first_shards=[0, 2], weights=[1.0, 0.0], block_rows=100)
+    assert (zero.rows(0, 500)[0] < 2).all()  # weight 0: never drawn

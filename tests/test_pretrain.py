@@ -216,3 +216,32 @@ def test_model_must_fit_the_prepared_data(prepared_dir, tmp_path):
     with pytest.raises(ConfigError, match="has seq_len 64 but data.seq_len=32"):
         pretrain(tiny_config(tmp_path, f"data.prepared_dir={prepared_dir}", "data.seq_len=32"))
     assert not os.path.exists(os.path.join(tmp_path, "train"))  # nothing started
+
+
+def test_a_weighted_mixture_of_sources_trains_in_its_proportions(ray_local, tmp_path):
+    """data.sources: two corpora prepared side by side; pretraining draws 70% / 30% of its rows from them, whatever
+    their sizes, and logs the tokens of each."""
+    from ptray.data.builtin import generate_documents
+
+    docs = list(generate_documents(3000))
+    (tmp_path / "web.txt").write_text("\n".join(docs[:2400]) + "\n")     # 4x the other
+    (tmp_path / "books.txt").write_text("\n".join(docs[2400:]) + "\n")
+    sources = f"data.sources=[{{name: web, files: [{tmp_path}/web.txt], weight: 0.7}}, " \
+              f"{{name: books, files: [{tmp_path}/books.txt], weight: 0.3}}]"
+    cfg = tiny_config(tmp_path / "run", sources, "pretrain.max_steps=20", *FAST)
+    manifest = prepare(cfg)
+    assert [s["name"] for s in manifest.sources] == ["web", "books"]
+    web, books = (s["train_shards"] for s in manifest.sources)
+    assert web[0] == 0 and web[1] == books[0] and books[1] == len(manifest.train)
+    assert manifest.sources[0]["num_train_tokens"] > 3 * manifest.sources[1]["num_train_tokens"]
+    pretrain(cfg)
+    rows = [r for r in read_metrics(cfg.run_dir) if "loss" in r]
+    last = rows[-1]
+    assert last["tokens_web"] + last["tokens_books"] == last["tokens"]
+    assert last["tokens_web"] / last["tokens"] == pytest.approx(0.7, abs=0.01)
+    with pytest.raises(ConfigError, match="data.sources' weights sum to 0"):
+        tiny_config(tmp_path / "x", sources.replace("0.7", "0").replace("0.3", "0"))
+    from ptray.errors import DataError
+
+    with pytest.raises(DataError, match=r"data.sources\[1\].files entry .* matched no"):
+        prepare(tiny_config(tmp_path / "y", sources.replace("books.txt", "missing.txt")))

@@ -88,6 +88,51 @@ class RowStream:
         return np.concatenate(shards), np.concatenate(rows)
 
 
+class MixtureStream:
+    """A weighted mixture of sources (data.sources), each a RowStream over its own shards, with RowStream's contract:
+    position -> (shard, row) by index arithmetic alone.
+
+    The stream is cut into blocks of `block_rows` rows; a block holds a fixed number of each source's rows (the
+    weights times the block, rounded by largest remainder), spread evenly through the block (slot j of source s sits
+    at (j + 1/2) / n_s of the way through). So any window of training holds the proportions to within a row or two
+    per source, and source s's own position at stream position p is (p // block) * n_s + (its slots before p % block).
+    A source that runs out starts its next epoch on its own: small sources repeat, as the weights ask.
+    """
+
+    def __init__(self, streams: list[RowStream], first_shards: list[int], weights: list[float],
+                 block_rows: int = 1000):
+        self.streams, self.first_shards = streams, np.asarray(first_shards, dtype=np.int64)
+        quotas = np.asarray(weights, dtype=np.float64) / sum(weights) * block_rows
+        counts = np.floor(quotas).astype(np.int64)
+        counts[np.argsort(-(quotas - counts), kind="stable")[: block_rows - counts.sum()]] += 1
+        self.counts = counts
+        keys = np.concatenate([(np.arange(n) + 0.5) / n for n in counts if n])
+        owners = np.concatenate([np.full(n, s) for s, n in enumerate(counts) if n])
+        self.pattern = owners[np.argsort(keys, kind="stable")]  # which source each slot of a block belongs to
+        # before[s, i]: source s's slots among the first i of a block
+        self.before = np.zeros((len(streams), block_rows + 1), dtype=np.int64)
+        for source in range(len(streams)):
+            self.before[source, 1:] = np.cumsum(self.pattern == source)
+        self.block_rows = block_rows
+        self.num_rows = sum(stream.num_rows for stream in streams)  # rows of one pass over every source
+
+    def source_position(self, source: int, position: int) -> int:
+        """How many of source `source`'s rows the stream holds before `position`."""
+        blocks, within = divmod(position, self.block_rows)
+        return blocks * int(self.counts[source]) + int(self.before[source, within])
+
+    def rows(self, position: int, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+        owners = self.pattern[np.arange(position, position + num_rows) % self.block_rows]
+        shards, rows = np.empty(num_rows, dtype=np.int64), np.empty(num_rows, dtype=np.int64)
+        for source, stream in enumerate(self.streams):
+            first, end = self.source_position(source, position), self.source_position(source, position + num_rows)
+            if end > first:  # this source's rows of the range are consecutive in its own stream
+                source_shards, source_rows = stream.rows(first, end - first)
+                slots = np.flatnonzero(owners == source)
+                shards[slots], rows[slots] = source_shards + self.first_shards[source], source_rows
+        return shards, rows
+
+
 class ShardRows:
     """Reads rows of the packed Parquet shards (local or object store), a row group at a time, with a cache of
     `cache_groups` row groups: size it to the stream's window, whose rows a rank reads in random order."""

@@ -46,6 +46,9 @@ class Manifest:
     num_dropped_tokens: int = 0
     num_near_duplicates: int = 0
     """Documents dropped as near-duplicates of others (data.dedup=minhash)."""
+    sources: list[dict] = field(default_factory=list)
+    """A mixture's sources (data.sources), in order: name, weight, files, train_shards ([first, end) indices into
+    `train`), num_docs, num_train_tokens. Empty: one corpus."""
     tokenizer_dir: str = "tokenizer"
     """Relative to the prepared directory."""
     rows_per_group: int = 256

@@ -25,7 +25,9 @@ deleted after the commit; a failed prepare deletes its own version and leaves th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 import math
 import os
 import re
@@ -39,7 +41,7 @@ import ray
 import ray.data
 
 from ptray import storage
-from ptray.config import LEGACY_VALUES, Config
+from ptray.config import LEGACY_VALUES, Config, source_names
 from ptray.data.builtin import write_builtin_corpus
 from ptray.data.clean import clean_batch, shuffle_block
 from ptray.data.manifest import Manifest, Shard, read_manifest, write_manifest
@@ -50,6 +52,24 @@ from ptray.data.tokenizer import copy_tokenizer, end_of_document_id, load_tokeni
 from ptray.errors import ConfigError, DataError
 
 BUILTIN = "builtin"
+
+
+@dataclasses.dataclass
+class CorpusPart:
+    """The whole corpus, or one source of a mixture (data.sources): its files, and where its documents go."""
+    name: str
+    files: list[str]
+    weight: float = 1.0
+    docs: str = "docs"
+    num_docs: dict = dataclasses.field(default_factory=dict)
+
+
+def corpus_parts(cfg: Config) -> list[CorpusPart]:
+    if not cfg.data.sources:
+        return [CorpusPart(name="", files=corpus_files(cfg))]
+    return [CorpusPart(name=name, files=expand_files(source["files"], f"data.sources[{i}].files"),
+                       weight=float(source.get("weight", 1.0)), docs=f"docs/{name}")
+            for i, (name, source) in enumerate(zip(source_names(cfg.data.sources), cfg.data.sources))]
 
 
 def corpus_files(cfg: Config) -> list[str]:
@@ -70,8 +90,10 @@ def prepare(cfg: Config) -> Manifest:
     storage.check_writable(out_dir, "data.prepared_dir")
     version = time.strftime("v%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     root = storage.join(out_dir, version)
-    files = corpus_files(cfg)
-    print(f"[prepare] {len(files)} corpus files -> {root}", flush=True)
+    parts = corpus_parts(cfg)
+    files = [f for part in parts for f in part.files]
+    print(f"[prepare] {len(files)} corpus files{f' in {len(parts)} sources' if cfg.data.sources else ''} -> {root}",
+          flush=True)
     stage_s = {}  # wall time per stage, printed at the end
     execution = ray.data.DataContext.get_current().execution_options
     preserve_order, execution.preserve_order = execution.preserve_order, True  # else blocks finish in any order
@@ -79,40 +101,57 @@ def prepare(cfg: Config) -> Manifest:
     if cores := _cores_of_one_machine_cluster():
         execution.resource_limits = limits.copy(cpu=min(limits.cpu, cores))
     try:
-        num_docs, num_near = _write_clean_docs(cfg, files, storage.join(root, "docs"))
+        num_docs, num_near = {"train": 0, "val": 0}, 0
+        for part in parts:
+            part.num_docs, near = _write_clean_docs(cfg, part.files, storage.join(root, part.docs))
+            num_near += near
+            num_docs = {split: num_docs[split] + part.num_docs[split] for split in num_docs}
+            if part.num_docs["train"] == 0:
+                raise DataError(
+                    f"the corpus{f' source {part.name!r}' if part.name else ''} ({len(part.files)} files, e.g. "
+                    f"{part.files[0]}) has no documents left after cleaning (data.min_chars={cfg.data.min_chars}). "
+                    f"Check that the files are not empty and that data.text_field={cfg.data.text_field!r} names the "
+                    "text, or lower data.min_chars.")
         stage_s["clean+dedup"] = time.perf_counter() - started
-        if num_docs["train"] == 0:
-            raise DataError(
-                f"the corpus ({len(files)} files, e.g. {files[0]}) has no documents left after cleaning "
-                f"(data.min_chars={cfg.data.min_chars}). Check that the files are not empty and that "
-                f"data.text_field={cfg.data.text_field!r} names the text, or lower data.min_chars.")
         with tempfile.TemporaryDirectory() as local_tokenizer:
             if cfg.data.tokenizer_path:
                 copy_tokenizer(cfg.data.tokenizer_path, local_tokenizer)
-            else:
-                texts = _iter_texts(storage.join(root, "docs", "split=train"), cfg.data.tokenizer_train_docs)
+            else:  # an equal share of the training documents of every source
+                share = math.ceil(cfg.data.tokenizer_train_docs / len(parts))
+                texts = itertools.chain.from_iterable(
+                    _iter_texts(storage.join(root, part.docs, "split=train"), share) for part in parts)
                 train_bpe(texts, vocab_size=cfg.data.vocab_size, out_dir=local_tokenizer)
             tokenizer = load_tokenizer(local_tokenizer)
             vocab_hash = tokenizer_hash(local_tokenizer)
             tokenizer_dir = storage.join(root, "tokenizer")
             storage.copy_dir(local_tokenizer, tokenizer_dir)  # where packing tasks on every node load it from
         stage_s["tokenizer"] = time.perf_counter() - started - sum(stage_s.values())
-        shards, doc_tokens, dropped = {}, 0, 0
-        for split in ("train", "val"):
-            shards[split], split_doc_tokens, split_dropped = _write_packed_split(
-                cfg, out_dir, version, split, tokenizer_dir, end_of_document_id(tokenizer))
-            doc_tokens += split_doc_tokens
-            dropped += split_dropped
-        if not shards["train"]:
-            raise DataError(f"the corpus is too small to fill one row of data.seq_len + 1 = {cfg.data.seq_len + 1} "
-                            "tokens; add text or lower data.seq_len.")
+        shards, doc_tokens, dropped = {"train": [], "val": []}, 0, 0
+        sources = []
+        for part in parts:
+            first_shard = len(shards["train"])
+            for split in ("train", "val"):
+                packed = f"{split}/{part.name}" if part.name else split
+                split_shards, split_doc_tokens, split_dropped = _write_packed_split(
+                    cfg, out_dir, version, storage.join(part.docs, f"split={split}"), packed, tokenizer_dir,
+                    end_of_document_id(tokenizer))
+                shards[split] += split_shards
+                doc_tokens += split_doc_tokens
+                dropped += split_dropped
+                if split == "train" and part.name:
+                    sources.append({"name": part.name, "weight": part.weight, "files": part.files,
+                                    "train_shards": [first_shard, len(shards["train"])], "num_docs": part.num_docs,
+                                    "num_train_tokens": sum(s.num_tokens for s in split_shards)})
+        if not shards["train"] or any(first == end for first, end in (s["train_shards"] for s in sources)):
+            raise DataError(f"the corpus{' (a source of it)' if sources else ''} is too small to fill one row of "
+                            f"data.seq_len + 1 = {cfg.data.seq_len + 1} tokens; add text or lower data.seq_len.")
         stage_s["tokenize+pack"] = time.perf_counter() - started - sum(stage_s.values())
         manifest = Manifest(
             seq_len=cfg.data.seq_len, vocab_size=len(tokenizer), tokenizer_hash=vocab_hash,
             eos_id=end_of_document_id(tokenizer), pad_id=tokenizer.pad_token_id, mask_id=tokenizer.mask_token_id,
             source_files=files, train=shards["train"], val=shards["val"], num_docs=num_docs,
             num_doc_tokens=doc_tokens, num_dropped_tokens=dropped, tokenizer_dir=f"{version}/tokenizer",
-            num_near_duplicates=num_near,
+            num_near_duplicates=num_near, sources=sources,
             rows_per_group=rows_per_group(cfg), settings=prepare_settings(cfg),
             content_hash=hashlib.sha256("".join(s.sha256 for s in shards["train"] + shards["val"]).encode())
             .hexdigest())
@@ -154,16 +193,18 @@ def _versions(out_dir: str) -> set[str]:
 
 
 # What decides the prepared rows (the reader-side data.shuffle_window_rows and data.max_bad_fraction do not).
-PREPARE_KEYS = ("train_files", "text_field", "normalize_unicode", "strip_html", "collapse_whitespace", "min_chars",
-                "dedup", "minhash_threshold", "minhash_shingle", "minhash_permutations", "val_fraction", "seq_len",
-                "tokenizer_path", "vocab_size", "tokenizer_train_docs",
-                "rows_per_shard", "rows_per_group", "builtin_docs")
+PREPARE_KEYS = ("train_files", "sources", "text_field", "normalize_unicode", "strip_html", "collapse_whitespace",
+                "min_chars", "dedup", "minhash_threshold", "minhash_shingle", "minhash_permutations", "val_fraction",
+                "seq_len", "tokenizer_path", "vocab_size", "tokenizer_train_docs", "rows_per_shard", "rows_per_group",
+                "builtin_docs")
 
 
 def prepare_settings(cfg: Config) -> dict:
     settings = {f"data.{key}": getattr(cfg.data, key) for key in PREPARE_KEYS}
     settings["data.train_files"] = [f if f == "builtin" else storage.absolute(f) for f in cfg.data.train_files]
     settings["data.tokenizer_path"] = storage.absolute(cfg.data.tokenizer_path)
+    settings["data.sources"] = [{**source, "files": [storage.absolute(f) for f in source["files"]]}
+                                for source in cfg.data.sources]
     if cfg.data.train_files != ["builtin"]:
         del settings["data.builtin_docs"]
     if cfg.data.dedup != "minhash":
@@ -254,12 +295,14 @@ def _iter_texts(docs_dir: str, max_docs: int):
                     return
 
 
-def _write_packed_split(cfg: Config, out_dir: str, version: str, split: str, tokenizer_dir: str,
+def _write_packed_split(cfg: Config, out_dir: str, version: str, docs: str, packed: str, tokenizer_dir: str,
                         eos_id: int) -> tuple[list[Shard], int, int]:
-    docs_dir = storage.join(out_dir, version, "docs", f"split={split}")
+    """Tokenize and pack the documents in `<version>/<docs>` into shards in `<version>/<packed>`; returns (shards,
+    document tokens, tokens dropped at batch ends)."""
+    docs_dir = storage.join(out_dir, version, docs)
     if not storage.list_files(docs_dir, ".parquet"):
         return [], 0, 0
-    packed_dir = storage.join(out_dir, version, split)
+    packed_dir = storage.join(out_dir, version, packed)
     ray.data.read_parquet(docs_dir).select_columns(["text"]).map_batches(
         tokenize_and_pack, batch_format="numpy", batch_size=2048,
         fn_kwargs=dict(tokenizer_dir=tokenizer_dir, eos_id=eos_id, seq_len=cfg.data.seq_len),
@@ -271,7 +314,7 @@ def _write_packed_split(cfg: Config, out_dir: str, version: str, split: str, tok
         doc_tokens += pc.sum(stats["num_doc_tokens"]).as_py() or 0
         dropped += pc.sum(stats["num_dropped_tokens"]).as_py() or 0
         if stats.num_rows:
-            relative = f"{version}/{split}/{path.rsplit('/', 1)[1]}"
+            relative = f"{version}/{packed}/{path.rsplit('/', 1)[1]}"
             shards.append(Shard(path=relative, num_rows=stats.num_rows,
                                 num_tokens=stats.num_rows * (cfg.data.seq_len + 1), sha256=storage.sha256(path)))
     return shards, doc_tokens, dropped
