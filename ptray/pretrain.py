@@ -220,8 +220,8 @@ class LanguageModelingTask:
         self.cfg, self.manifest, self.prepared_dir, self.rank = cfg, manifest, prepared_dir, rank
         self.special = [i for i in (manifest.eos_id, manifest.pad_id, manifest.mask_id) if i is not None]
         self.world_size = world_size
-        self.stream, self.batches = None, None  # created on first use, at the data position of the (possibly
-        # resumed) state
+        # Created on first use, at the data position of the (possibly resumed) state.
+        self.stream, self.batches = None, None
         # Validation: every rank takes an equal slice (ZeRO-3 needs every rank in every forward).
         p = cfg.pretrain
         self.val_all = read_rows(manifest.shard_paths(prepared_dir, "val"), manifest.seq_len + 1,

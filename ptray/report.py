@@ -134,7 +134,7 @@ def _pretraining_verdict(plt, figures: str, best: dict, metric: str) -> list[str
 
 def _data_summary(run_dir: str) -> list[str]:
     """What `prepare` made of the corpus (documents, tokens, duplicates dropped), when the run's data is at hand."""
-    from ptray.config import LEGACY_VALUES, load_config
+    from ptray.config import load_config
     from ptray.data.manifest import read_manifest
 
     saved = os.path.join(run_dir, "config.yaml")
@@ -144,7 +144,6 @@ def _data_summary(run_dir: str) -> list[str]:
     except Exception:  # no prepared data (streamed, or elsewhere and gone): nothing to say
         return []
     dedup = manifest.settings.get("data.dedup")
-    dedup = LEGACY_VALUES["data.dedup"].get(dedup, dedup) if isinstance(dedup, bool) else dedup
     removed = (f"; {manifest.num_near_duplicates:,} near-duplicate documents dropped (MinHash, similarity >= "
                f"{manifest.settings.get('data.minhash_threshold')})" if dedup == "minhash" else "")
     return ["## Data", "",

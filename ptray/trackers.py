@@ -21,23 +21,23 @@ import io
 import json
 import math
 import os
+import time
 import urllib.error
 import urllib.request
 import uuid
 
 from ptray.errors import ConfigError
 
-LOGGERS = ("tensorboard", "mlflow", "wandb")
-PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+LOGGERS = ("tensorboard", "mlflow", "wandb")  # each also the name of the package it imports
 
 
 def check_loggers(cfg) -> None:
     """At start-up, before any work: each chosen tracker is installed and an MLflow server answers."""
     for name in cfg.run.loggers:
         try:
-            __import__(PACKAGES[name])
+            __import__(name)
         except ImportError:
-            raise ConfigError(f"run.loggers includes {name!r} but {PACKAGES[name]!r} is not installed; install the "
+            raise ConfigError(f"run.loggers includes {name!r} but it is not installed; install the "
                               "trackers with pip install -e \".[trackers]\" (or drop it from run.loggers).") from None
     uri = mlflow_uri(cfg)
     if "mlflow" in cfg.run.loggers and uri.startswith(("http://", "https://")):
@@ -141,8 +141,6 @@ class Trackers:
             for key, value in values.items():
                 self._tb.add_scalar(key, value, step)
         if self._mlflow:
-            import time
-
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)

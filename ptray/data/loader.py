@@ -114,7 +114,6 @@ class MixtureStream:
         for source in range(len(streams)):
             self.before[source, 1:] = np.cumsum(self.pattern == source)
         self.block_rows = block_rows
-        self.num_rows = sum(stream.num_rows for stream in streams)  # rows of one pass over every source
 
     def source_position(self, source: int, position: int) -> int:
         """How many of source `source`'s rows the stream holds before `position`."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import pyarrow.parquet as pq
 
 from ptray import storage
+from ptray.config import LEGACY_VALUES
 from ptray.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -83,6 +84,8 @@ def read_manifest(root: str) -> Manifest:
         raw = json.loads(storage.read_text(path))
         raw["train"] = [Shard(**s) for s in raw["train"]]
         raw["val"] = [Shard(**s) for s in raw["val"]]
+        raw["settings"] = {key: LEGACY_VALUES.get(key, {}).get(value, value) if isinstance(value, bool) else value
+                           for key, value in raw.get("settings", {}).items()}  # data.dedup: true reads as "exact"
         return Manifest(**raw)
     except (ValueError, TypeError, KeyError) as e:
         raise DataError(f"{path} is corrupt ({e}); delete {root!r} and run `ptray prepare` again.") from None

@@ -3,11 +3,12 @@
 1. Every cleaned document gets a MinHash signature: for each of `num_perm` seeded hash functions, the smallest hash of
    its word `shingle`-grams. Two documents agree on a signature position with probability equal to the Jaccard
    similarity of their shingle sets.
-2. The signature is cut into `bands` bands of `rows` positions, chosen so that documents at the Jaccard `threshold`
-   share at least one whole band with probability about one half, and far more often above it (the banding's S-curve).
-   One row per (document, band) goes through a keyed shuffle across the cluster; each group of documents that agree
-   on a whole band gives edges from its smallest document hash to the others.
-3. The edges (about one per near-duplicate) are joined on the driver with union-find; each cluster of near-duplicates
+2. The signature is cut into `bands` bands of `rows` positions, chosen so that documents somewhat below the
+   `threshold` already share at least one whole band with probability one half (the banding's S-curve), so few pairs
+   at the threshold are missed. One row per (document, band) goes through a keyed shuffle across the cluster; each
+   group of documents that agree on a whole band gives candidate pairs, its smallest document hash with each other.
+3. A candidate pair counts only if its signatures agree on at least `threshold` of their positions. The pairs (about
+   one per near-duplicate) are joined on the driver with union-find; each cluster of near-duplicates
    keeps its smallest document hash, and prepare drops the rest before the split, so no near-copy of a training
    document lands in the validation set.
 

@@ -41,7 +41,7 @@ import ray
 import ray.data
 
 from ptray import storage
-from ptray.config import LEGACY_VALUES, Config, source_names
+from ptray.config import Config, source_names
 from ptray.data.builtin import write_builtin_corpus
 from ptray.data.clean import clean_batch, shuffle_block
 from ptray.data.manifest import Manifest, Shard, read_manifest, write_manifest
@@ -222,10 +222,8 @@ def ensure_prepared(cfg: Config) -> Manifest:
     if storage.exists(storage.join(cfg.prepared_dir, "manifest.json")):
         manifest = read_manifest(cfg.prepared_dir)
         wanted = prepare_settings(cfg)
-        before = {key: LEGACY_VALUES.get(key, {}).get(value, value) if isinstance(value, bool) else value
-                  for key, value in manifest.settings.items()}  # data.dedup: true is "exact" now
-        changed = [f"{key} {before[key]!r} -> {value!r}" for key, value in wanted.items()
-                   if key in before and before[key] != value]
+        changed = [f"{key} {manifest.settings[key]!r} -> {value!r}" for key, value in wanted.items()
+                   if key in manifest.settings and manifest.settings[key] != value]
         own_data = storage.absolute(cfg.prepared_dir) == storage.absolute(os.path.join(cfg.run_dir, "data"))
         if changed and not own_data:
             print(f"[prepare] note: the data in {cfg.prepared_dir} was prepared with other settings "
@@ -245,13 +243,11 @@ def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> tuple[dic
     dropped)."""
     d = cfg.data
     check_records(files, d.text_field, d.max_bad_fraction)
-
-    def cleaned():
-        return read_corpus(files, d.text_field).map_batches(
-            clean_batch, batch_format="numpy", batch_size=1024,
-            fn_kwargs=dict(normalize_unicode=d.normalize_unicode, strip_html=d.strip_html,
-                           collapse_whitespace=d.collapse_whitespace, min_chars=d.min_chars,
-                           val_fraction=d.val_fraction, seed=cfg.run.seed))
+    cleaned = read_corpus(files, d.text_field).map_batches(  # lazy: each use below reads and cleans anew
+        clean_batch, batch_format="numpy", batch_size=1024,
+        fn_kwargs=dict(normalize_unicode=d.normalize_unicode, strip_html=d.strip_html,
+                       collapse_whitespace=d.collapse_whitespace, min_chars=d.min_chars,
+                       val_fraction=d.val_fraction, seed=cfg.run.seed))
 
     # Hash-partition by content: equal documents land in the same block (for dedup), and every block is a uniform
     # sample of the whole corpus. Sorting each block by a seeded key then shuffles the documents before packing, the
@@ -260,11 +256,11 @@ def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> tuple[dic
     num_blocks = min(1024, max(2, math.ceil(storage.total_size(files) / (64 << 20))))
     near = None
     if d.dedup == "minhash":  # a pass of its own over the cleaned corpus, before the split (see ptray.data.minhash)
-        near = near_duplicates(cleaned(), threshold=d.minhash_threshold, shingle=d.minhash_shingle,
+        near = near_duplicates(cleaned, threshold=d.minhash_threshold, shingle=d.minhash_shingle,
                                num_perm=d.minhash_permutations, num_blocks=num_blocks)
         print(f"[prepare] MinHash: {len(near):,} near-duplicate documents to drop "
               f"(similarity >= {d.minhash_threshold})", flush=True)
-    docs = cleaned().repartition(num_blocks, keys=["doc_hash"]).map_batches(
+    docs = cleaned.repartition(num_blocks, keys=["doc_hash"]).map_batches(
         shuffle_block, batch_format="numpy", batch_size=None,
         fn_kwargs={"dedup": d.dedup != "none", "seed": cfg.run.seed, "drop": near})
     docs.write_parquet(docs_dir, partition_cols=["split"])
