@@ -18,7 +18,11 @@ _HTML_ELEMENTS = ("a abbr address article aside audio b blockquote body br butto
                   "tbody td textarea tfoot th thead title tr tt u ul var video wbr").split()
 _TAG = re.compile(r"<!--.*?-->|<!DOCTYPE[^<>]*>|</?(?:" + "|".join(_HTML_ELEMENTS) + r")(?:\s[^<>]{0,500})?/?>",
                   re.IGNORECASE | re.DOTALL)
-_SPACES = re.compile(r"[^\S\n]+")  # whitespace other than newlines
+# Whitespace other than newlines (what `[^\S\n]` matches, spelled out: a negated class is 2.5x slower to scan).
+# Only runs that change are matched: a run of two or more, or one character other than a plain space. Matching every
+# single space between words made this the most expensive step of `prepare`'s cleaning.
+_INLINE_SPACE = "\t\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_SPACES = re.compile(f" [{_INLINE_SPACE}]+|[{_INLINE_SPACE.replace(' ', '')}][{_INLINE_SPACE}]*")
 _BLANK_LINES = re.compile(r" ?\n[\s]*\n\s*")  # a paragraph break, however it was spaced
 _LINE_BREAK = re.compile(r" ?\n ?")
 
@@ -31,7 +35,10 @@ def clean_text(text: str, *, normalize_unicode: bool, strip_html: bool, collapse
         if stripped != text:  # entities only where there was markup: "&para=2" in a plain-text URL stays
             text = html.unescape(stripped)
     if collapse_whitespace:  # runs of spaces and tabs -> one space; line and paragraph breaks are kept
-        text = _LINE_BREAK.sub("\n", _BLANK_LINES.sub("\n\n", _SPACES.sub(" ", text))).strip()
+        text = _SPACES.sub(" ", text)
+        if "\n" in text:  # both patterns need one; lines read from text files have none
+            text = _LINE_BREAK.sub("\n", _BLANK_LINES.sub("\n\n", text))
+        text = text.strip()
     return text
 
 
