@@ -119,7 +119,7 @@ def bare_finetune(cfg, pretrained: str, *, init: str = "pretrained", lr: float |
     model = finetune_model(cfg, pretrained, len(data.id2label), data.id2label)
     num_train = len(data.train["labels"])
     steps = ft.epochs * max(1, num_train // ft.global_batch_size)  # full batches only: a simpler loop than ptray's
-    schedule = dataclasses.replace(finetune_schedule(cfg, num_train), max_steps=steps,
+    schedule = dataclasses.replace(finetune_schedule(cfg, num_train, len(data.val["labels"])), max_steps=steps,
                                    warmup_steps=max(1, int(ft.warmup_ratio * steps)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=ft.lr, weight_decay=ft.weight_decay)
     generator = torch.Generator().manual_seed(seed)

@@ -287,8 +287,10 @@ class FinetuneConfig:
     """Freeze the embeddings and the first k transformer blocks (0: train everything)."""
     train_fraction: float = 1.0
     """Train on this (seeded) fraction of the labelled training set."""
-    eval_every: int = 10
-    """Steps between evaluations; each is reported to Tune (ASHA decides on these) with a checkpoint."""
+    eval_every: int = 0
+    """Steps between evaluations; each is reported to Tune (ASHA decides on these) with a checkpoint. 0: train on
+    about as many examples as the validation set holds between two evaluations (so evaluating costs about a quarter
+    of the time), at least twice an epoch."""
     builtin_examples: int = 2000
     """Examples in the built-in labelled task."""
     pooling: str = "mean"
@@ -450,7 +452,7 @@ RANGES = {
     "finetune.val_fraction": "(0, 1)", "finetune.max_len": "(0, inf)", "finetune.epochs": "(0, inf)",
     "finetune.lr": "(0, inf)", "finetune.weight_decay": "[0, inf)", "finetune.warmup_ratio": "[0, 1)",
     "finetune.global_batch_size": "(0, inf)", "finetune.micro_batch_size": "(0, inf)",
-    "finetune.freeze_layers": "[0, inf)", "finetune.train_fraction": "(0, 1]", "finetune.eval_every": "(0, inf)",
+    "finetune.freeze_layers": "[0, inf)", "finetune.train_fraction": "(0, 1]", "finetune.eval_every": "[0, inf)",
     "finetune.builtin_examples": "(0, inf)", "finetune.lora_rank": "(0, inf)", "finetune.lora_alpha": "(0, inf)",
     "finetune.lora_dropout": "[0, 1)", "finetune.head_lr": "[0, inf)", "finetune.label_smoothing": "[0, 1)",
     "finetune.distill_weight": "[0, 1]", "finetune.distill_temperature": "(0, inf)",

@@ -105,6 +105,7 @@ class LabelledSets:
         self.tokenizer = load_tokenizer(pretrained_dir(cfg))
         self.refs: dict[str, ray.ObjectRef] = {}
         self.num_train: dict[str, int] = {}
+        self.num_val = 0  # the same in every variant
         self.data = None  # the base variant's data: labels and val set for export and re-evaluation
 
     def add(self, cfg: Config) -> str:
@@ -112,6 +113,7 @@ class LabelledSets:
         if key not in self.refs:
             data = load_labelled(cfg, self.tokenizer)
             self.refs[key], self.num_train[key] = ray.put(data), len(data.train["labels"])
+            self.num_val = len(data.val["labels"])
             self.data = self.data or data
         return key
 
@@ -143,7 +145,7 @@ def longest_trial(cfg: Config, sets: LabelledSets) -> tuple[int, int]:
     for combination in itertools.product(*[[(k, v) for v in _values(space[k])] for k in length_keys]):
         trial = trial_config(cfg.to_dict(), dict(combination))
         num_train = sets.num_train.get(data_key(trial)) or max(sets.num_train.values())
-        schedule = finetune_schedule(trial, num_train)
+        schedule = finetune_schedule(trial, num_train, sets.num_val)
         longest = max(longest, schedule.max_steps)
         warmup = max(warmup, schedule.warmup_steps)
     return longest, warmup
@@ -214,7 +216,8 @@ def make_trial(base: dict, sets: LabelledSets, trials_dir: str, metric: str, mod
         cfg = trial_config(base, overrides)
         key, trial_id = data_key(cfg), tune.get_context().get_trial_id()
         fit_with_retries(lambda: build_trainer(cfg, refs[key], storage_path=trials_dir, name=trial_id,
-                                               num_examples=num_train[key], callbacks=[TuneReportCallback()],
+                                               num_examples=num_train[key], num_val=sets.num_val,
+                                               callbacks=[TuneReportCallback()],
                                                metric=metric, mode=mode, tracker_stage=f"sweep/{trial_id}",
                                                tracker_parent=tracker_parent),
                          max_failures=cfg.cluster.max_failures, label="finetune")
@@ -485,7 +488,7 @@ def leaderboard_rows(results, cfg: Config, sets: LabelledSets, trials_dir: str, 
         losses = [r["loss"] for r in history if "loss" in r]
         diverged = any(not math.isfinite(v) for v in values + losses) or any("stopped" in r for r in history)
         trial = trial_config(cfg.to_dict(), result.config)
-        planned = finetune_schedule(trial, sets.num_train[data_key(trial)]).max_steps
+        planned = finetune_schedule(trial, sets.num_train[data_key(trial)], sets.num_val).max_steps
         # Tune's last reported step, not the trial's own log: a trial ASHA stops may still log the evaluation it was
         # running.
         reported = (result.metrics or {}).get("step", 0)

@@ -247,7 +247,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(pretrained_
     trials = run_dir / "sweep" / "trials"
     cfg = load_config("tiny", args + ["data.builtin_docs=4000"])
     tokenizer = load_tokenizer(os.path.join(pretrained_run, "export"))
-    planned = finetune_schedule(cfg, len(load_labelled(cfg, tokenizer).train["labels"])).max_steps
+    labelled = load_labelled(cfg, tokenizer)
+    planned = finetune_schedule(cfg, len(labelled.train["labels"]), len(labelled.val["labels"])).max_steps
 
     def finished_trials():  # a trial that has evaluated its last step
         done = []
@@ -290,8 +291,8 @@ def test_a_killed_finetune_resumes_from_its_last_checkpoint(pretrained_run, tmp_
             "finetune.builtin_examples=400", "finetune.epochs=2", "finetune.eval_every=5"]
     out = tmp_path / "finetune-classification"
     cfg = load_config("tiny", args)
-    planned = finetune_schedule(cfg, len(load_labelled(cfg, load_tokenizer(f"{pretrained_run}/export")).train[
-        "labels"])).max_steps
+    labelled = load_labelled(cfg, load_tokenizer(f"{pretrained_run}/export"))
+    planned = finetune_schedule(cfg, len(labelled.train["labels"]), len(labelled.val["labels"])).max_steps
 
     def evaluated_steps():
         return [r["step"] for path in out.glob("train-*") for r in read_metrics(str(path)) if "val_accuracy" in r]

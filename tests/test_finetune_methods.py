@@ -159,7 +159,7 @@ def test_label_smoothing_in_the_training_loss_only():
                 "attention_mask": torch.ones(n, 5, dtype=torch.long), "labels": torch.randint(0, 3, (n,))}
 
     data = LabelledData(train=examples(8), val=examples(4), id2label=LABELS)
-    task = FinetuneTask(cfg, finetune_schedule(cfg, 8), data, rank=0, world_size=1)
+    task = FinetuneTask(cfg, finetune_schedule(cfg, 8, 4), data, rank=0, world_size=1)
     engine = lambda input_ids, attention_mask: types.SimpleNamespace(logits=input_ids[:, :3].float())  # noqa: E731
     engine.device = torch.device("cpu")
     train_batch = task.next_batch(ckpt.TrainerState())
@@ -178,7 +178,7 @@ def test_every_labelled_example_is_seen_once_per_epoch_and_the_step_loss_is_thei
     train = {"input_ids": torch.arange(n)[:, None].repeat(1, 3), "attention_mask": torch.ones(n, 3, dtype=torch.long),
              "labels": torch.arange(n) % 3}
     data = LabelledData(train=train, val=train, id2label=LABELS)
-    schedule = finetune_schedule(dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, epochs=2)), n)
+    schedule = finetune_schedule(dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, epochs=2)), n, n)
     assert (schedule.max_steps, schedule.steps_per_epoch, schedule.grad_accum_steps) == (2 * 3, 3, accum)
     tasks = [FinetuneTask(cfg, schedule, data, rank=r, world_size=world) for r in range(world)]
     states = [ckpt.TrainerState(world_size=world) for _ in range(world)]

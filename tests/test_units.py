@@ -291,10 +291,23 @@ def test_label_fraction_runs_keep_the_step_budget():
     cfg = load_config("tiny", ["finetune.epochs=2"])
     plan = fraction_plan({"finetune.lr": 1e-3}, 0.1, cfg.finetune.epochs)
     assert plan == {"finetune.lr": 1e-3, "finetune.train_fraction": 0.1, "finetune.epochs": 20}
-    full = finetune_schedule(cfg, 1800).max_steps
-    tenth = finetune_schedule(load_config("tiny", ["finetune.epochs=20"]), 180).max_steps
+    full = finetune_schedule(cfg, 1800, 750).max_steps
+    tenth = finetune_schedule(load_config("tiny", ["finetune.epochs=20"]), 180, 750).max_steps
     assert abs(tenth - full) <= 20  # about the same optimizer steps with a tenth of the examples
     assert fraction_plan({"finetune.epochs": 3}, 0.25, 2)["finetune.epochs"] == 12  # a swept epochs value wins
+
+
+def test_automatic_eval_interval_bounds_the_cost_of_evaluating():
+    from ptray.finetune import finetune_schedule
+
+    cfg = load_config("tiny", ["finetune.eval_every=0", "finetune.global_batch_size=16", "finetune.epochs=4"])
+    debian = finetune_schedule(cfg, 1800, 750)  # 113 steps an epoch, 750 validation examples
+    assert debian.eval_every == 47 and debian.ckpt_every == 47  # 752 training examples between evaluations
+    assert finetune_schedule(cfg, 180, 750).eval_every == 6  # a tenth of the labels: still twice an epoch (12 steps)
+    assert finetune_schedule(cfg, 1800, 20).eval_every == 2  # a small validation set: often
+    explicit = load_config("tiny", ["finetune.eval_every=5"])
+    assert finetune_schedule(explicit, 1800, 750).eval_every == 5  # a set interval is kept
+    assert load_config("tiny").finetune.eval_every == 0  # the built-in configs use the rule
 
 
 def test_labelled_data_reads_alike_from_jsonl_csv_and_parquet(tmp_path):
