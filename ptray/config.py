@@ -290,7 +290,7 @@ class FinetuneConfig:
     eval_every: int = 0
     """Steps between evaluations; each is reported to Tune (ASHA decides on these) with a checkpoint. 0: train on
     about as many examples as the validation set holds between two evaluations (so evaluating costs about a quarter
-    of the time), at least twice an epoch."""
+    of the time), and at least 8 evaluations a run."""
     builtin_examples: int = 2000
     """Examples in the built-in labelled task."""
     pooling: str = "mean"

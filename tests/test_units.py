@@ -303,8 +303,10 @@ def test_automatic_eval_interval_bounds_the_cost_of_evaluating():
     cfg = load_config("tiny", ["finetune.eval_every=0", "finetune.global_batch_size=16", "finetune.epochs=4"])
     debian = finetune_schedule(cfg, 1800, 750)  # 113 steps an epoch, 750 validation examples
     assert debian.eval_every == 47 and debian.ckpt_every == 47  # 752 training examples between evaluations
-    assert finetune_schedule(cfg, 180, 750).eval_every == 6  # a tenth of the labels: still twice an epoch (12 steps)
+    tenth = load_config("tiny", ["finetune.eval_every=0", "finetune.global_batch_size=16", "finetune.epochs=40"])
+    assert finetune_schedule(tenth, 180, 750).eval_every == 47  # a tenth of the labels, 40 short epochs: the same
     assert finetune_schedule(cfg, 1800, 20).eval_every == 2  # a small validation set: often
+    assert finetune_schedule(cfg, 160, 750).eval_every == 5  # a short run (40 steps): still 8 evaluations
     explicit = load_config("tiny", ["finetune.eval_every=5"])
     assert finetune_schedule(explicit, 1800, 750).eval_every == 5  # a set interval is kept
     assert load_config("tiny").finetune.eval_every == 0  # the built-in configs use the rule
