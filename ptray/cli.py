@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--verbose", action="store_true",
                        help="show Ray Train's and Tune's own messages too (else they stay in Ray's log files)")
         if name == "sweep":
-            p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+            p.add_argument("--resume", action="store_true",
+                           help="continue an interrupted sweep (or, when only sweep.num_seeds, "
+                           "label_fractions or pretrained_steps changed, redo just its follow-ups)")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pretrain.max_steps=50")
     p = sub.add_parser("report", help="write report.md with plots for a run directory")
     p.add_argument("run_dir")

@@ -3,6 +3,7 @@
     ptray sweep --config tiny                                    # search from the pretrained export, and from scratch
     ptray sweep --config tiny sweep.searcher=optuna sweep.num_samples=12
     ptray sweep --config tiny --resume                           # continue an interrupted sweep
+    ptray sweep --config tiny --resume sweep.label_fractions=[0.1,1.0]   # keep the search, redo the follow-ups
 
 What it runs, each stage a Tune experiment of Train runs (concurrent as far as the cluster allows):
 1. `search`: `sweep.num_samples` trials over `sweep.space` from the pretrained model (ASHA stops poor ones early);
@@ -338,18 +339,37 @@ def sweep(cfg: Config, resume: bool = False) -> SweepResult:
 
 
 def start_or_resume(cfg: Config, sweep_dir: str, resume: bool) -> None:
-    """A new sweep replaces the previous one's results; `--resume` continues it only if the config is unchanged
-    (a changed configuration must never silently return an older run's results)."""
+    """A new sweep replaces the previous one's results; `--resume` continues it only if the search's configuration is
+    unchanged (a changed configuration must never silently return an older run's results). Changed follow-up keys
+    alone (`sweep.num_seeds`, `label_fractions`, `pretrained_steps`) keep the finished search and rerun the follow-ups:
+    the curve with fewer labels can be asked for after a long search."""
     saved = os.path.join(sweep_dir, "config.yaml")
     if resume and os.path.exists(saved):
-        if results_key(load_config(saved)) != results_key(cfg):
+        before = load_config(saved)
+        if results_key(before, followups=False) != results_key(cfg, followups=False):
             raise ConfigError(f"the configuration differs from the one the sweep in {sweep_dir} started with, so "
                               "--resume would mix results of two configurations; run without --resume to start a new "
-                              f"sweep (it replaces {sweep_dir}), or resume with the saved config: --config {saved}.")
+                              f"sweep (it replaces {sweep_dir}), or resume with the saved config: --config {saved}. "
+                              f"(Only {', '.join('sweep.' + k for k in FOLLOWUP_KEYS)} may change on --resume.)")
+        if results_key(before) != results_key(cfg):
+            print("[sweep] resuming with changed follow-ups: the search's trials are kept, the follow-up runs start "
+                  "again", flush=True)
+            discard_followups(sweep_dir)
     elif os.path.isdir(sweep_dir):
         print(f"[sweep] starting a new sweep: the previous results in {sweep_dir} are replaced", flush=True)
         shutil.rmtree(sweep_dir)
     save_config(cfg, sweep_dir)
+
+
+def discard_followups(sweep_dir: str) -> None:
+    """Remove the `followup` experiment and its trials' directories."""
+    path = os.path.join(sweep_dir, "followup")
+    if not os.path.isdir(path):
+        return  # the search had not finished: there were no follow-ups yet
+    trial_ids = [t.trial_id for t in ExperimentAnalysis(path).trials] if tune.Tuner.can_restore(path) else []
+    for trial_id in trial_ids:
+        shutil.rmtree(os.path.join(sweep_dir, "trials", trial_id), ignore_errors=True)
+    shutil.rmtree(path)
 
 
 def snapshot_export(cfg: Config, step: int) -> str:
@@ -362,10 +382,14 @@ def snapshot_export(cfg: Config, step: int) -> str:
     return path
 
 
-def results_key(cfg: Config) -> tuple:
+FOLLOWUP_KEYS = ("num_seeds", "label_fractions", "pretrained_steps")  # what only the follow-up runs read
+
+
+def results_key(cfg: Config, followups: bool = True) -> tuple:
     """The parts of a config a sweep's results depend on (the pretraining and data sections do not, given the
-    pretrained model)."""
-    return cfg.run.seed, cfg.finetune, cfg.sweep, cfg.deepspeed
+    pretrained model); with `followups=False`, those the search's trials depend on."""
+    sweep_cfg = cfg.sweep if followups else dataclasses.replace(cfg.sweep, **{k: None for k in FOLLOWUP_KEYS})
+    return cfg.run.seed, cfg.finetune, sweep_cfg, cfg.deepspeed
 
 
 def run_followups(cfg: Config, sides: dict, sets: LabelledSets, sweep_dir: str, trials_dir: str, concurrent: int,
@@ -509,9 +533,9 @@ def leaderboard_rows(results, cfg: Config, sets: LabelledSets, trials_dir: str, 
 
 
 def ranked(rows: list[dict], mode: str) -> list[dict]:
-    """Best first; trials with no finite metric last."""
+    """Best first; trials with no finite metric last; ties by trial id (the same order however the results came)."""
     return sorted(rows, key=lambda r: (r["best_metric"] is None, -(r["best_metric"] or 0) if mode == "max"
-                                       else (r["best_metric"] or 0)))
+                                       else (r["best_metric"] or 0), r["trial_id"]))
 
 
 def write_leaderboard(rows: list[dict], path: str) -> None:

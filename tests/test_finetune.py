@@ -3,6 +3,7 @@ the pretrained model and from scratch with its follow-up runs, the best-model ex
 resumed sweep, and bad input."""
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -229,6 +230,30 @@ def test_report_renders_plots(swept, pretrained_run):
         assert f"report/{name}" in text
     assert "| rank | trial_id |" in text
     assert "## Data" in text and "documents" in text and "duplicates: exact" in text
+
+
+def test_resuming_with_changed_followups_keeps_the_search(swept, pretrained_run, capfd):
+    """Follow-up keys alone may change on --resume: the search's trials are not run again, the follow-ups are redone.
+    (Runs after the tests that read the swept fixture's follow-ups.)"""
+    cfg, result = swept
+    sweep_dir = os.path.join(pretrained_run, "sweep")
+    leaderboard = open(result.leaderboard).read()
+    search_ids = {r["trial_id"] for r in csv.DictReader(open(result.leaderboard))}
+    followup_ids = set(os.listdir(os.path.join(sweep_dir, "trials"))) - search_ids
+    assert followup_ids
+    before = {t: open(os.path.join(sweep_dir, "trials", t, "metrics.jsonl")).read() for t in search_ids}
+    changed = dataclasses.replace(cfg, sweep=dataclasses.replace(cfg.sweep, num_seeds=1, label_fractions=[1.0],
+                                                                 pretrained_steps=[]))
+    best = sweep(changed, resume=True).best
+    assert "the search's trials are kept" in capfd.readouterr().out
+    assert set(os.listdir(os.path.join(sweep_dir, "trials"))) == search_ids  # the old follow-ups are gone
+    assert not os.path.exists(os.path.join(sweep_dir, "followup"))  # nothing left to follow up
+    for t in search_ids:
+        assert open(os.path.join(sweep_dir, "trials", t, "metrics.jsonl")).read() == before[t]
+    assert open(result.leaderboard).read() == leaderboard
+    for side in ("pretrained", "scratch"):
+        assert len(best["sides"][side]["seeds"]) == 1 and set(best["sides"][side]["label_fractions"]) == {"1.0"}
+    assert "pretrained_steps" not in best or not best["pretrained_steps"]
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(pretrained_run, tmp_path):
