@@ -127,7 +127,8 @@ def _pretraining_verdict(plt, figures: str, best: dict, metric: str) -> list[str
     curve = "; ".join(f"{float(f):g} of the labels: {sides['pretrained']['label_fractions'][f]:.4f} pretrained vs "
                       f"{sides['scratch']['label_fractions'].get(f, float('nan')):.4f} scratch"
                       for f in sides["pretrained"]["label_fractions"])
-    return ["### Did pretraining pay off?", "", best["verdict"], "",
+    by_fraction = " ".join(best.get("label_verdicts", {}).values())  # older best.json files have none
+    return ["### Did pretraining pay off?", "", best["verdict"], "", *([by_fraction, ""] if by_fraction else []),
             f"Label fractions (each side's winner, one run per point; 1.0 is the seed mean): {curve}.", "",
             "![pretrained vs scratch](report/pretrained_vs_scratch.png)", ""]
 

@@ -333,7 +333,7 @@ def sweep(cfg: Config, resume: bool = False) -> SweepResult:
         trackers.log_files([os.path.join(run_dir, "best.json"), os.path.join(sweep_dir, "leaderboard.csv")])
         trackers.close()
     print(f"[sweep] best {s.metric} {summary['value']:.4f} ({winner_side}, {winner['trial_id']}, {winner['config']}). "
-          f"{summary['verdict']} Leaderboard {sweep_dir}/leaderboard.csv, best model {best_dir}, "
+          f"{' '.join([summary['verdict'], *summary.get('label_verdicts', {}).values()])} Leaderboard {sweep_dir}/leaderboard.csv, best model {best_dir}, "
           f"summary {run_dir}/best.json", flush=True)
     return SweepResult(leaderboard=os.path.join(sweep_dir, "leaderboard.csv"), best_dir=best_dir, best=summary)
 
@@ -477,24 +477,44 @@ def summarize(cfg: Config, sides: dict, followups: list[dict], num_val: int = 0)
         out["verdict"] = "No from-scratch comparison was run (sweep.compare_scratch=false)."
         return out
     pre, scr = out["sides"]["pretrained"], out["sides"]["scratch"]
-    gain = pre["seed_mean"] - scr["seed_mean"] if s.mode == "max" else scr["seed_mean"] - pre["seed_mean"]
-    noise = max(pre["seed_std"], scr["seed_std"])
-    if num_val and s.metric in ("val_accuracy", "val_f1"):
-        p, q = pre["seed_mean"], scr["seed_mean"]
-        noise = max(noise, 2 * math.sqrt((p * (1 - p) + q * (1 - q)) / num_val))
+    spread = max(pre["seed_std"], scr["seed_std"])  # run-to-run noise, as the seeds show it
+    gain, noise = _gain(s, pre["seed_mean"], scr["seed_mean"], spread, num_val)
     out["pretraining_gain"], out["noise"] = gain, noise
-    if gain > noise:
-        verdict = "Pretraining helped"
-    elif gain < -noise:
-        verdict = "Pretraining hurt"
-    else:
-        verdict = f"Pretraining made no clear difference (within the noise, ±{noise:.4f})"
     seeds = f"{len(pre['seeds'])} seed{'s' if len(pre['seeds']) > 1 else ''}"
-    out["verdict"] = (f"{verdict}: {s.metric} {pre['seed_mean']:.4f} ± {pre['seed_std']:.4f} "
+    out["verdict"] = (f"{_verdict(gain, noise)}: {s.metric} {pre['seed_mean']:.4f} ± {pre['seed_std']:.4f} "
                       f"from the pretrained model "
                       f"vs {scr['seed_mean']:.4f} ± {scr['seed_std']:.4f} from scratch (each side's own best "
                       f"configuration over {seeds}; best single runs {pre['best']:.4f} vs {scr['best']:.4f}).")
+    # The label curve, one sentence per fraction: one run a side, judged against the same kinds of noise.
+    out["label_verdicts"] = {}
+    for fraction, p in pre["label_fractions"].items():
+        q = scr["label_fractions"].get(fraction)
+        if q is None or fraction == "1.0":
+            continue
+        f_gain, f_noise = _gain(s, p, q, spread, num_val)
+        verdict = _verdict(f_gain, f_noise)
+        out["label_verdicts"][fraction] = (
+            f"With {float(fraction):.0%} of the labels, {verdict[0].lower() + verdict[1:]}: {s.metric} {p:.4f} from "
+            f"the pretrained model vs {q:.4f} from scratch ({f_gain:+.4f}; one run each).")
     return out
+
+
+def _gain(s, pretrained: float, scratch: float, spread: float, num_val: int) -> tuple[float, float]:
+    """(pretrained's gain over scratch in the metric's good direction, the noise it must exceed to count): the seed
+    spread and, for an accuracy on `num_val` examples, twice the standard error of a difference of two accuracies."""
+    gain = pretrained - scratch if s.mode == "max" else scratch - pretrained
+    noise = spread
+    if num_val and s.metric in ("val_accuracy", "val_f1"):
+        noise = max(noise, 2 * math.sqrt((pretrained * (1 - pretrained) + scratch * (1 - scratch)) / num_val))
+    return gain, noise
+
+
+def _verdict(gain: float, noise: float) -> str:
+    if gain > noise:
+        return "Pretraining helped"
+    if gain < -noise:
+        return "Pretraining hurt"
+    return f"Pretraining made no clear difference (within the noise, ±{noise:.4f})"
 
 
 def _trial_id(result) -> str:

@@ -229,6 +229,7 @@ def test_report_renders_plots(swept, pretrained_run):
         assert os.path.getsize(png) > 5000 and open(png, "rb").read(4) == b"\x89PNG"
         assert f"report/{name}" in text
     assert "| rank | trial_id |" in text
+    assert "With 50% of the labels, pretraining" in text  # the label curve's own plain sentence
     assert "## Data" in text and "documents" in text and "duplicates: exact" in text
 
 

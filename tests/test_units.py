@@ -283,6 +283,25 @@ def test_the_verdict_names_a_gain_only_beyond_validation_noise(pretrained, scrat
     assert verdict in summary["verdict"] and "over 1 seed;" in summary["verdict"]
 
 
+def test_each_label_fraction_gets_its_own_plain_verdict():
+    # The check's run: no difference with all labels, 12 points with a tenth of them; 3 points at 30% is noise.
+    from ptray.config import load_config
+    from ptray.sweep import summarize
+
+    cfg = load_config("tiny", ["sweep.num_seeds=1", "sweep.label_fractions=[0.1,0.3,1.0]", "sweep.pretrained_steps=[]"])
+    points = {"pretrained": (0.717, 0.644, 0.60), "scratch": (0.714, 0.523, 0.57)}
+    sides = {side: {"winner": {"best_metric": full, "trial_id": side, "config": {}}} for side, (full, _, _) in
+             points.items()}
+    followups = [{"side": side, "kind": "fraction", "fraction": fraction, "value": value, "trial_id": f"{side}{k}"}
+                 for side, values in points.items() for k, (fraction, value) in enumerate(zip((0.1, 0.3), values[1:]))]
+    summary = summarize(cfg, sides, followups, num_val=750)
+    assert summary["verdict"].startswith("Pretraining made no clear difference")
+    assert summary["label_verdicts"]["0.1"] == ("With 10% of the labels, pretraining helped: val_accuracy 0.6440 from "
+                                               "the pretrained model vs 0.5230 from scratch (+0.1210; one run each).")
+    assert summary["label_verdicts"]["0.3"].startswith("With 30% of the labels, pretraining made no clear difference")
+    assert "1.0" not in summary["label_verdicts"]
+
+
 def test_label_fraction_runs_keep_the_step_budget():
     from ptray.finetune import finetune_schedule
     from ptray.config import load_config
