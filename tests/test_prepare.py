@@ -135,6 +135,14 @@ def test_bad_inputs_fail_with_clear_errors(ray_local, tmp_path):
         (tmp_path / name).write_bytes(content)
         with pytest.raises(DataError, match=message):
             prepare(tiny_config(tmp_path / "r5", f"data.train_files=[{tmp_path}/{name}]"))
+    # Many files are scanned in as many tasks as the machine has cores: the bad one is still the one named.
+    mixed = tmp_path / "many"
+    mixed.mkdir()
+    for k in range(5):
+        (mixed / f"good{k}.txt").write_text("a perfectly ordinary line of corpus text\n" * 20)
+    (mixed / "good3.txt").write_bytes(b"fine\n" + "caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"good3.txt line 2 is not UTF-8 text"):
+        prepare(tiny_config(tmp_path / "r5", f"data.train_files=[{mixed}/*.txt]"))
     pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "numbers.parquet")
     with pytest.raises(DataError, match="column 'text' holds int64, not text"):
         prepare(tiny_config(tmp_path / "r6", f"data.train_files=[{tmp_path}/numbers.parquet]"))

@@ -242,7 +242,7 @@ def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> tuple[dic
     """Clean, deduplicate and shuffle the corpus into `docs_dir`; returns (documents per split, near-duplicates
     dropped)."""
     d = cfg.data
-    check_records(files, d.text_field, d.max_bad_fraction)
+    check_records(files, d.text_field, d.max_bad_fraction, max_tasks=_cores_of_one_machine_cluster())
     cleaned = read_corpus(files, d.text_field).map_batches(  # lazy: each use below reads and cleans anew
         clean_batch, batch_format="numpy", batch_size=1024,
         fn_kwargs=dict(normalize_unicode=d.normalize_unicode, strip_html=d.strip_html,

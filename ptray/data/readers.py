@@ -70,11 +70,17 @@ def _expand_uri(pattern: str) -> list[str]:
     return [f"{scheme}://{f}" for f in found]
 
 
-def check_records(files: list[str], text_field: str, max_bad_fraction: float) -> None:
+def check_records(files: list[str], text_field: str, max_bad_fraction: float, max_tasks: int | None = None) -> None:
     """Read every record of every file once, one Ray task per file, before any work starts: a file that is not UTF-8
     text, a JSONL line that is not JSON, a Parquet text column that is not strings is an error naming the file and
     line; records without usable text are counted, and more than `max_bad_fraction` of them is an error."""
-    scans = ray.get([_scan_file.remote(f, text_field) for f in files])
+    # One task per file, or per group of files when `max_tasks` (a one-machine cluster's cores) is smaller: each
+    # task beyond the cores starts a worker process of its own (about a second of CPU on 2 cores), for a scan of
+    # tens of milliseconds.
+    num_tasks = min(len(files), max_tasks or len(files))
+    scanned = ray.get([_scan_files.remote(files[i::num_tasks], text_field) for i in range(num_tasks)])
+    by_file = {path: scan for group in scanned for path, scan in group}
+    scans = [by_file[f] for f in files]
     for scan in scans:
         if scan["error"]:
             raise DataError(scan["error"])
@@ -90,6 +96,10 @@ def check_records(files: list[str], text_field: str, max_bad_fraction: float) ->
 
 
 @ray.remote(num_cpus=0.5)
+def _scan_files(paths: list[str], text_field: str) -> list[tuple[str, dict]]:
+    return [(path, _scan_file(path, text_field)) for path in paths]
+
+
 def _scan_file(path: str, text_field: str) -> dict:
     """{records, bad, example, error} for one corpus file (see check_records)."""
     scan = {"records": 0, "bad": 0, "example": "", "error": ""}
