@@ -332,9 +332,10 @@ def sweep(cfg: Config, resume: bool = False) -> SweepResult:
                       **({"pretraining_gain": summary["pretraining_gain"]} if "pretraining_gain" in summary else {})})
         trackers.log_files([os.path.join(run_dir, "best.json"), os.path.join(sweep_dir, "leaderboard.csv")])
         trackers.close()
+    verdicts = " ".join([summary["verdict"], *summary.get("label_verdicts", {}).values()])
     print(f"[sweep] best {s.metric} {summary['value']:.4f} ({winner_side}, {winner['trial_id']}, {winner['config']}). "
-          f"{' '.join([summary['verdict'], *summary.get('label_verdicts', {}).values()])} Leaderboard {sweep_dir}/leaderboard.csv, best model {best_dir}, "
-          f"summary {run_dir}/best.json", flush=True)
+          f"{verdicts} Leaderboard {sweep_dir}/leaderboard.csv, best model {best_dir}, summary {run_dir}/best.json",
+          flush=True)
     return SweepResult(leaderboard=os.path.join(sweep_dir, "leaderboard.csv"), best_dir=best_dir, best=summary)
 
 
