@@ -71,7 +71,7 @@ def _expand_uri(pattern: str) -> list[str]:
 
 
 def check_records(files: list[str], text_field: str, max_bad_fraction: float, max_tasks: int | None = None) -> None:
-    """Read every record of every file once, one Ray task per file, before any work starts: a file that is not UTF-8
+    """Read every record of every file once, in Ray tasks, before any work starts: a file that is not UTF-8
     text, a JSONL line that is not JSON, a Parquet text column that is not strings is an error naming the file and
     line; records without usable text are counted, and more than `max_bad_fraction` of them is an error."""
     # One task per file, or per group of files when `max_tasks` (a one-machine cluster's cores) is smaller: each
