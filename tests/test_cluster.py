@@ -125,14 +125,14 @@ PREPARE_TASK_NODES = """
 import json, sys
 from ray.util.state import list_tasks
 tasks = list_tasks(address=sys.argv[1], limit=10_000, raise_on_missing_output=False)
-stages = ("ReadText", "clean_batch", "HashShuffle", "tokenize_and_pack")
+stages = ("_read_and_clean", "HashShuffle", "tokenize_and_pack")
 print(json.dumps({stage: sorted({t.node_id for t in tasks if stage in t.name}) for stage in stages}))
 """
 
 
 def test_the_jobs_prepare_ran_its_ray_data_tasks_on_both_nodes(cluster, pipeline_job):
     assert pipeline_job[1].returncode == 0
-    # Ray's state API, asked as a user would: which nodes ran prepare's Ray Data tasks (read, clean, dedup shuffle,
+    # Ray's state API, asked as a user would: which nodes ran prepare's Ray Data tasks (read + clean, dedup shuffle,
     # tokenize + pack). Each stage of this small corpus has only a few tasks, which Ray may place on one node; the
     # stages together use both.
     found = _run(sys.executable, "-c", PREPARE_TASK_NODES, cluster["dashboard"], env=cluster["env"])

@@ -13,7 +13,7 @@ from ptray.config import load_config
 from ptray.data import clean
 from ptray.data.clean import clean_batch, clean_text, is_validation, shuffle_block
 from ptray.data.pack import encode_documents, pack_rows
-from ptray.data.readers import expand_files
+from ptray.data.readers import corpus_pieces, expand_files, piece_texts
 from ptray.data.tokenizer import end_of_document_id, fast_tokenizer, load_tokenizer, train_bpe
 from ptray.errors import DataError
 from ptray.objectives import IGNORE_INDEX, causal_lm_batch, masked_lm_batch
@@ -70,6 +70,26 @@ def test_shuffle_block_orders_documents_by_a_seeded_key_whatever_their_input_ord
     once = list(shuffle_block(batch, dedup=True, seed=3)["text"])
     assert once == list(shuffle_block(reversed_batch, dedup=True, seed=3)["text"])  # input order does not matter
     assert once != list(texts) and once != list(shuffle_block(batch, dedup=True, seed=4)["text"])
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_corpus_pieces_cut_anywhere_read_every_record_exactly_once(tmp_path, suffix):
+    """prepare reads files in byte ranges in parallel: wherever the cuts fall (inside a line, on a newline, on an
+    empty line, at the last byte of a file without a final newline), the pieces together give the file's records in
+    order, each once."""
+    rng = random.Random(0)
+    records = [" ".join("word" for _ in range(rng.randrange(1, 30))) + f" {i} é" for i in range(200)]
+    lines = [json.dumps({"text": r}) if suffix == ".jsonl" else r for r in records]
+    for i in (5, 6, 50):
+        lines.insert(i, "")  # blank lines are no records
+    path = tmp_path / f"corpus{suffix}"
+    path.write_text("\n".join(lines))  # no final newline
+    size = path.stat().st_size
+    for piece_bytes in [1, 2, 3, 7, 64, 1000, size - 1, size, size + 1]:
+        pieces = corpus_pieces([str(path)], piece_bytes=piece_bytes)
+        assert pieces[0]["start"] == 0 and pieces[-1]["end"] == size
+        assert all(a["end"] == b["start"] for a, b in zip(pieces, pieces[1:]))
+        assert [t for p in pieces for t in piece_texts(p, "text")] == records, piece_bytes
 
 
 def test_validation_split_fraction_is_respected():

@@ -14,9 +14,9 @@ Output layout (`data.prepared_dir`, default `<run.dir>/data`; a local directory 
       val/*.parquet
     manifest.json                     written last: names the version, its shards (in order) and row counts
 
-The same corpus and config give byte-identical shards (on a cluster of the same size, which decides how files are split
-into read tasks): Ray Data runs with `preserve_order`, documents are hash-partitioned into a number of blocks set by the
-corpus size, and the manifest records each shard's SHA-256 and a hash over all of them.
+The same corpus and config give byte-identical shards (on a cluster of the same size): Ray Data runs with
+`preserve_order`, documents are hash-partitioned into a number of blocks set by the corpus size, and the manifest
+records each shard's SHA-256 and a hash over all of them.
 
 Writing the manifest is the commit: it is one file (one object on object stores), so readers see the previous prepared
 data or the new one, never a mix, and nothing needs renaming (object stores cannot rename). Older versions are
@@ -34,7 +34,9 @@ import re
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 
+import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
@@ -47,7 +49,7 @@ from ptray.data.clean import clean_batch, shuffle_block
 from ptray.data.manifest import Manifest, Shard, read_manifest, write_manifest
 from ptray.data.minhash import near_duplicates
 from ptray.data.pack import tokenize_and_pack
-from ptray.data.readers import check_records, expand_files, read_corpus
+from ptray.data.readers import check_records, corpus_pieces, expand_files, piece_texts
 from ptray.data.tokenizer import copy_tokenizer, end_of_document_id, load_tokenizer, tokenizer_hash, train_bpe
 from ptray.errors import ConfigError, DataError
 
@@ -243,9 +245,10 @@ def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> tuple[dic
     dropped)."""
     d = cfg.data
     check_records(files, d.text_field, d.max_bad_fraction, max_tasks=_cores_of_one_machine_cluster())
-    cleaned = read_corpus(files, d.text_field).map_batches(  # lazy: each use below reads and cleans anew
-        clean_batch, batch_format="numpy", batch_size=1024,
-        fn_kwargs=dict(normalize_unicode=d.normalize_unicode, strip_html=d.strip_html,
+    pieces = corpus_pieces(files)
+    cleaned = ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(  # lazy: each use reads anew
+        _read_and_clean, batch_format="numpy", batch_size=1,
+        fn_kwargs=dict(text_field=d.text_field, normalize_unicode=d.normalize_unicode, strip_html=d.strip_html,
                        collapse_whitespace=d.collapse_whitespace, min_chars=d.min_chars,
                        val_fraction=d.val_fraction, seed=cfg.run.seed))
 
@@ -266,6 +269,16 @@ def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> tuple[dic
     docs.write_parquet(docs_dir, partition_cols=["split"])
     return ({split: _num_rows(storage.list_files(storage.join(docs_dir, f"split={split}"), ".parquet"))
              for split in ("train", "val")}, 0 if near is None else len(near))
+
+
+def _read_and_clean(piece: dict[str, np.ndarray], *, text_field: str, **clean) -> Iterator[dict[str, np.ndarray]]:
+    """Read one corpus piece and clean its documents, in one task and in batches. (Ray Data's text reader followed by a
+    cleaning operator made a task and a copy of every document more per block: 9.6 s against 6.7 s for reading and
+    cleaning 1M built-in documents on 2 cores.)"""
+    path, start, end = piece["path"][0], int(piece["start"][0]), int(piece["end"][0])
+    texts = piece_texts({"path": path, "start": start, "end": end}, text_field)
+    while batch := list(itertools.islice(texts, 16384)):
+        yield clean_batch({"text": batch}, **clean)
 
 
 def _num_rows(paths: list[str]) -> int:
@@ -294,13 +307,13 @@ def _iter_texts(docs_dir: str, max_docs: int):
 def _write_packed_split(cfg: Config, out_dir: str, version: str, docs: str, packed: str, tokenizer_dir: str,
                         eos_id: int) -> tuple[list[Shard], int, int]:
     """Tokenize and pack the documents in `<version>/<docs>` into shards in `<version>/<packed>`; returns (shards,
-    document tokens, tokens dropped at batch ends)."""
-    docs_dir = storage.join(out_dir, version, docs)
-    if not storage.list_files(docs_dir, ".parquet"):
+    document tokens, tokens dropped at block ends)."""
+    files = storage.list_files(storage.join(out_dir, version, docs), ".parquet")  # one per hash partition
+    if not files:
         return [], 0, 0
     packed_dir = storage.join(out_dir, version, packed)
-    ray.data.read_parquet(docs_dir).select_columns(["text"]).map_batches(
-        tokenize_and_pack, batch_format="numpy", batch_size=2048,
+    ray.data.read_parquet(files, columns=["text"], override_num_blocks=len(files)).map_batches(
+        tokenize_and_pack, batch_format="numpy", batch_size=None,
         fn_kwargs=dict(tokenizer_dir=tokenizer_dir, eos_id=eos_id, seq_len=cfg.data.seq_len),
     ).write_parquet(packed_dir, max_rows_per_file=cfg.data.rows_per_shard, row_group_size=rows_per_group(cfg))
     shards, doc_tokens, dropped = [], 0, 0

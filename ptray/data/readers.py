@@ -1,4 +1,4 @@
-"""Find corpus files (paths, globs, URIs) and read them as a Ray Dataset with one `text` column.
+"""Find corpus files (paths, globs, URIs), check their records, and cut them into pieces for parallel reading.
 
 Local paths use the OS glob; URIs (s3://, gs://, ...) go through pyarrow's filesystems, whose credentials and endpoint
 come from the standard environment variables (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...).
@@ -11,11 +11,12 @@ import glob
 import json
 import math
 import os
+from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import ray.data
+import ray
 
 from ptray.errors import DataError
 from ptray.storage import filesystem_for, is_uri, total_size
@@ -165,58 +166,63 @@ def _scan_file(path: str, text_field: str) -> dict:
     return scan
 
 
-def _lines(fs, path: str, chunk_bytes: int = 8 << 20):
-    """A file's lines as bytes, streamed."""
-    rest = b""
-    with fs.open_input_stream(path) as handle:
+def corpus_pieces(files: list[str], piece_bytes: int = 32 << 20) -> list[dict]:
+    """The corpus cut into pieces of about `piece_bytes` for parallel reading: text and JSONL files by byte range
+    (each line belongs to the piece its first byte falls in), Parquet files whole (streamed by row batches)."""
+    pieces = []
+    for path in files:
+        size = total_size([path])
+        cuts = 1 if path.lower().endswith(PARQUET_EXTENSIONS) else max(1, math.ceil(size / piece_bytes))
+        bounds = [size * k // cuts for k in range(cuts + 1)]
+        pieces += [{"path": path, "start": start, "end": end} for start, end in zip(bounds, bounds[1:])]
+    return pieces
+
+
+def piece_texts(piece: dict, text_field: str) -> Iterator[str]:
+    """The raw documents of a piece (see corpus_pieces). Run after `check_records`, which has rejected files that are
+    not text, JSON or string columns, and counted the records without usable text that this skips."""
+    fs, inner = filesystem_for(piece["path"])
+    if piece["path"].lower().endswith(PARQUET_EXTENSIONS):
+        yield from parquet_texts(fs, inner, text_field)
+        return
+    is_jsonl = piece["path"].lower().endswith(JSONL_EXTENSIONS)
+    for line in _lines(fs, inner, piece["start"], piece["end"]):
+        if (text := record_text(line, is_jsonl, text_field)) is not None:
+            yield text
+
+
+def parquet_texts(fs, path: str, text_field: str) -> Iterator[str]:
+    """A Parquet file's text column, streamed by row batches (null values skipped)."""
+    with fs.open_input_file(path) as handle:
+        for batch in pq.ParquetFile(handle).iter_batches(columns=[text_field], batch_size=4096):
+            yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str))
+
+
+def record_text(line: bytes, is_jsonl: bool, text_field: str) -> str | None:
+    """The document in a line of a text file, or in a JSONL record's `text_field`; None for a blank line or a record
+    without text. Raises UnicodeDecodeError or json.JSONDecodeError on a line that is not UTF-8 or not JSON."""
+    text = line.decode("utf-8")
+    if is_jsonl and text.strip():
+        record = json.loads(text)
+        text = record.get(text_field) if isinstance(record, dict) else None
+    return text if isinstance(text, str) and text.strip() else None
+
+
+def _lines(fs, path: str, start: int = 0, end: int | None = None, chunk_bytes: int = 8 << 20) -> Iterator[bytes]:
+    """A file's lines as bytes, streamed: those that begin in the byte range [start, end), the whole file by default.
+    Ranges that cut a file anywhere give each line to exactly one of them."""
+    with (fs.open_input_file(path) if start else fs.open_input_stream(path)) as handle:
+        if start:
+            handle.seek(start - 1)  # a line begins at `start` only if the byte before it ends a line
+        position, rest, skipping = max(start - 1, 0), b"", start > 0  # position: where the next line begins
         while chunk := handle.read(chunk_bytes):
             *lines, rest = (rest + chunk).split(b"\n")
-            yield from lines
-    if rest:
+            for line in lines:
+                if end is not None and position >= end:
+                    return
+                if not skipping:
+                    yield line
+                skipping = False  # the first split was the end of a line that began before `start`
+                position += len(line) + 1
+    if rest and not skipping and (end is None or position < end):
         yield rest
-
-
-def read_corpus(files: list[str], text_field: str, block_bytes: int = 16 << 20) -> ray.data.Dataset:
-    """One Ray Dataset with a `text` column over all files, read lazily and streamed. Records without usable text
-    have a null `text` (cleaning drops them; `check_records` has counted them).
-
-    Blocks of about `block_bytes` of raw text (at least one per file and one per cluster CPU): Ray Data's default
-    of ~200 blocks made a 55 MB corpus into 52 clean tasks of 60 ms, each paying a task's fixed cost."""
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-
-    def blocks(kind_files: list[str]) -> int:
-        return max(len(kind_files), cpus, math.ceil(total_size(kind_files) / block_bytes))
-
-    by_kind = {
-        "text": [f for f in files if f.lower().endswith(TEXT_EXTENSIONS)],
-        "jsonl": [f for f in files if f.lower().endswith(JSONL_EXTENSIONS)],
-        "parquet": [f for f in files if f.lower().endswith(PARQUET_EXTENSIONS)],
-    }
-    parts = []
-    if by_kind["text"]:
-        parts.append(ray.data.read_text(by_kind["text"], drop_empty_lines=True,
-                                         override_num_blocks=blocks(by_kind["text"])))
-    if by_kind["jsonl"]:
-        # Lines parsed here rather than by Arrow's JSON reader, which fails a whole block when one record's field
-        # has another type (a nested object among strings).
-        parts.append(ray.data.read_text(by_kind["jsonl"], drop_empty_lines=True,
-                                         override_num_blocks=blocks(by_kind["jsonl"])).map_batches(
-            _json_text, batch_format="pyarrow", fn_kwargs={"field": text_field}))
-    if by_kind["parquet"]:
-        parts.append(ray.data.read_parquet(by_kind["parquet"], columns=[text_field],
-                                            override_num_blocks=blocks(by_kind["parquet"])).map_batches(
-            _parquet_text, batch_format="pyarrow", fn_kwargs={"field": text_field}))
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-
-
-def _json_text(table: pa.Table, *, field: str) -> pa.Table:
-    texts = []
-    for line in table["text"].to_pylist():
-        record = json.loads(line)
-        value = record.get(field) if isinstance(record, dict) else None
-        texts.append(value if isinstance(value, str) else None)
-    return pa.table({"text": pa.array(texts, pa.string())})
-
-
-def _parquet_text(table: pa.Table, *, field: str) -> pa.Table:
-    return pa.table({"text": table[field].cast(pa.string())})

@@ -38,7 +38,7 @@ from ptray import storage
 from ptray.config import Config
 from ptray.data.clean import clean_text, doc_hash, is_validation, shuffle_key
 from ptray.data.manifest import Manifest, Shard, read_manifest, write_manifest
-from ptray.data.readers import JSONL_EXTENSIONS, PARQUET_EXTENSIONS, _lines
+from ptray.data.readers import JSONL_EXTENSIONS, PARQUET_EXTENSIONS, _lines, parquet_texts, record_text
 from ptray.data.pack import encode_documents, pack_rows
 from ptray.data.tokenizer import (copy_tokenizer, end_of_document_id, fast_tokenizer, load_tokenizer, tokenizer_hash,
                                   train_bpe)
@@ -59,21 +59,16 @@ def source_texts(path: str, text_field: str) -> Iterator[str]:
     fs, inner = storage.filesystem_for(path)
     try:
         if path.lower().endswith(PARQUET_EXTENSIONS):
-            with fs.open_input_file(inner) as handle:
-                for batch in pq.ParquetFile(handle).iter_batches(columns=[text_field], batch_size=4096):
-                    yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str))
+            yield from parquet_texts(fs, inner, text_field)
             return
         is_jsonl = path.lower().endswith(JSONL_EXTENSIONS)
         for number, line in enumerate(_lines(fs, inner), 1):
             try:
-                text = line.decode("utf-8")
-                if is_jsonl and text.strip():
-                    record = json.loads(text)
-                    text = record.get(text_field) if isinstance(record, dict) else None
+                text = record_text(line, is_jsonl, text_field)
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise DataError(f"{path} line {number} is not {'JSON' if is_jsonl else 'UTF-8 text'} ({e}); fix or "
                                 "remove the file (`ptray prepare` lists every such record).") from None
-            if isinstance(text, str) and text.strip():
+            if text is not None:
                 yield text
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"cannot read corpus file {path}: {e}. The file is unreadable or corrupt; fix or remove "

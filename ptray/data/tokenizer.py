@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -56,15 +57,13 @@ def _save_atomically(tokenizer, out_dir: str) -> None:
 def load_tokenizer(path: str):
     """Load a Hugging Face tokenizer directory (local, or a URI: downloaded once); ConfigError if it is missing or lacks
     an end-of-document token."""
-    from transformers import AutoTokenizer
-
     if storage.is_uri(path) and storage.exists(path):
         path = storage.local_dir(path)
     if not os.path.isdir(path):
         raise ConfigError(f"tokenizer directory {path!r} does not exist. Set data.tokenizer_path to a local "
                           "Hugging Face tokenizer directory, or leave it empty to train a BPE tokenizer on the corpus.")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = _tokenizer_class(path).from_pretrained(path, local_files_only=True)
     except Exception as e:
         raise ConfigError(f"cannot load a tokenizer from {path!r}: {e}. It must hold tokenizer.json or the files "
                           "save_pretrained writes.") from None
@@ -73,6 +72,24 @@ def load_tokenizer(path: str):
     if tokenizer.pad_token is None:  # GPT-2's own tokenizer has none: pad with EOS, as transformers users do
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
     return tokenizer
+
+
+def _tokenizer_class(path: str):
+    """The class that loads a tokenizer directory: the plain fast tokenizer for those ptray trains, else AutoTokenizer
+    (whose import, of every model family's tokenizer and torch, takes a second)."""
+    try:
+        with open(os.path.join(path, "tokenizer_config.json")) as f:
+            # transformers 5 writes TokenizersBackend (PreTrainedTokenizerFast is its alias), 4.x the alias
+            plain = json.load(f).get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast")
+    except (OSError, ValueError, AttributeError):
+        plain = False
+    if plain:
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer
 
 
 @functools.lru_cache(maxsize=4)
