@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from conftest import tiny_config
 from ptray import storage
 from ptray.data.builtin import write_builtin_corpus
+from ptray.data.readers import corpus_pieces, piece_texts
 from ptray.errors import ConfigError, DataError
 from ptray.metrics import read_metrics
 
@@ -81,6 +82,13 @@ def test_prepare_pretrain_export_and_resume_through_s3(ray_with_s3, tmp_path, ca
     from ptray.pretrain import pretrain
 
     result = pretrain(tiny_config(run_dir, "pretrain.max_steps=10", *overrides))
+
+    # Prepare reads big files in byte ranges: cut in an object store (seek + ranged reads), the pieces give every
+    # line of the file exactly once.
+    first = f"{bucket}/corpus/{os.path.basename(local_corpus[0])}"
+    pieces = corpus_pieces([first], piece_bytes=4096)
+    assert len(pieces) > 10
+    assert [t for p in pieces for t in piece_texts(p, "text")] == open(local_corpus[0]).read().split("\n")[:-1]
 
     # Corpus read from S3, prepared data and checkpoints written there, nothing of it on local disk.
     manifest_text = storage.read_text(f"{bucket}/prepared/manifest.json")
