@@ -191,6 +191,22 @@ def test_preparing_twice_gives_byte_identical_shards(prepared, tmp_path):
         cfg.run_dir, f"data.prepared_dir={tmp_path}/again", f"data.seq_len={SEQ_LEN}"), again, "train"))
 
 
+def test_several_hash_partitions_keep_the_same_documents(prepared, tmp_path, monkeypatch):
+    """A corpus larger than one partition (64 MiB of text; here 4 KiB) goes through Ray Data's keyed shuffle:
+    duplicates still meet and are dropped, and exactly the documents of the one-partition path survive."""
+    from ptray.data import prepare as prepare_module
+
+    cfg, manifest = prepared
+    monkeypatch.setattr(prepare_module, "PARTITION_BYTES", 4096)
+    parts_cfg = tiny_config(cfg.run_dir, *_overrides(cfg), f"data.prepared_dir={tmp_path}/parts")
+    parts = prepare(parts_cfg)
+    partitions = pq.ParquetDataset(f"{_version_dir(parts_cfg, parts)}/docs/split=train").files
+    assert len(partitions) > 5, partitions
+    assert parts.num_docs == manifest.num_docs
+    for split in ("train", "val"):
+        assert sorted(_docs_of(parts_cfg, split)) == sorted(_docs_of(cfg, split))
+
+
 def _overrides(cfg):
     d = cfg.data
     return [f"data.train_files=[{','.join(d.train_files)}]", f"data.text_field={d.text_field}",

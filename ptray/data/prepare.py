@@ -54,6 +54,7 @@ from ptray.data.tokenizer import copy_tokenizer, end_of_document_id, load_tokeni
 from ptray.errors import ConfigError, DataError
 
 BUILTIN = "builtin"
+PARTITION_BYTES = 64 << 20  # raw corpus text per hash partition of the documents (one packing task each)
 
 
 @dataclasses.dataclass
@@ -256,14 +257,17 @@ def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> tuple[dic
     # sample of the whole corpus. Sorting each block by a seeded key then shuffles the documents before packing, the
     # same way on every run, so packed rows mix the corpus instead of following one file or book. The number of blocks
     # follows the corpus size (about 64 MiB of raw text each), not the cluster, so the order is the same everywhere.
-    num_blocks = min(1024, max(2, math.ceil(storage.total_size(files) / (64 << 20))))
+    num_blocks = min(1024, math.ceil(storage.total_size(files) / PARTITION_BYTES) or 1)
     near = None
     if d.dedup == "minhash":  # a pass of its own over the cleaned corpus, before the split (see ptray.data.minhash)
         near = near_duplicates(cleaned, threshold=d.minhash_threshold, shingle=d.minhash_shingle,
                                num_perm=d.minhash_permutations, num_blocks=num_blocks)
         print(f"[prepare] MinHash: {len(near):,} near-duplicate documents to drop "
               f"(similarity >= {d.minhash_threshold})", flush=True)
-    docs = cleaned.repartition(num_blocks, keys=["doc_hash"]).map_batches(
+    # A corpus of one block skips the keyed shuffle: Ray runs shuffle tasks in worker pools of their own, three more
+    # processes to start (about 3 s of CPU on 2 cores), for a shuffle that only gathers every document in one place.
+    partitioned = cleaned.repartition(1) if num_blocks == 1 else cleaned.repartition(num_blocks, keys=["doc_hash"])
+    docs = partitioned.map_batches(
         shuffle_block, batch_format="numpy", batch_size=None,
         fn_kwargs={"dedup": d.dedup != "none", "seed": cfg.run.seed, "drop": near})
     docs.write_parquet(docs_dir, partition_cols=["split"])
