@@ -257,7 +257,8 @@ def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> tuple[dic
     # sample of the whole corpus. Sorting each block by a seeded key then shuffles the documents before packing, the
     # same way on every run, so packed rows mix the corpus instead of following one file or book. The number of blocks
     # follows the corpus size (about 64 MiB of raw text each), not the cluster, so the order is the same everywhere.
-    num_blocks = min(1024, math.ceil(storage.total_size(files) / PARTITION_BYTES) or 1)
+    corpus_bytes = sum(piece["end"] - piece["start"] for piece in pieces)  # the pieces tile every file
+    num_blocks = min(1024, math.ceil(corpus_bytes / PARTITION_BYTES) or 1)
     near = None
     if d.dedup == "minhash":  # a pass of its own over the cleaned corpus, before the split (see ptray.data.minhash)
         near = near_duplicates(cleaned, threshold=d.minhash_threshold, shingle=d.minhash_shingle,
