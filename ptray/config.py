@@ -318,6 +318,10 @@ class FinetuneConfig:
     same schedule as the rest (LoRA adapters count as the rest). 0: finetune.lr."""
     label_smoothing: float = 0.0
     """classification: label smoothing of the training cross-entropy (val_loss stays the plain cross-entropy)."""
+    lm_weight: float = 0.0
+    """classification with gpt2/llama: weight of an auxiliary next-token loss on the training texts, added to the
+    classification loss (GPT-1's auxiliary objective: the body keeps modelling the task's text while it learns the
+    labels). It reads the final hidden states through the pretrained output layer and is not exported. 0: off."""
     teacher: str = ""
     """sft, chat: a local causal LM directory (same tokenizer) to distill from: the training loss mixes the labels'
     cross-entropy with the KL divergence to the teacher's softened next-token distribution on the same tokens. The
@@ -455,6 +459,7 @@ RANGES = {
     "finetune.freeze_layers": "[0, inf)", "finetune.train_fraction": "(0, 1]", "finetune.eval_every": "[0, inf)",
     "finetune.builtin_examples": "(0, inf)", "finetune.lora_rank": "(0, inf)", "finetune.lora_alpha": "(0, inf)",
     "finetune.lora_dropout": "[0, 1)", "finetune.head_lr": "[0, inf)", "finetune.label_smoothing": "[0, 1)",
+    "finetune.lm_weight": "[0, inf)",
     "finetune.distill_weight": "[0, 1]", "finetune.distill_temperature": "(0, inf)",
     "sweep.num_samples": "(0, inf)", "sweep.grace_period": "[0, inf)", "sweep.reduction_factor": "[2, inf)",
     "sweep.max_concurrent": "[0, inf)", "sweep.num_seeds": "(0, inf)",
@@ -618,8 +623,12 @@ def validate(cfg: Config) -> Config:
     if ft.teacher and ft.task == "classification":
         raise ConfigError("finetune.teacher distills a causal LM's next-token distribution, which a classification "
                           "head does not have; use it with finetune.task=sft or chat, or leave finetune.teacher empty.")
+    if ft.lm_weight and ft.method == "head":
+        raise ConfigError("finetune.lm_weight trains the pretrained body on the task's text, which "
+                          "finetune.method=head keeps frozen; use method=full or lora with it, or set "
+                          "finetune.lm_weight=0.")
     if ft.task in ("sft", "chat"):  # these act on the classification head, which a language model has none of
-        for key, neutral in (("pooling", "mean"), ("head_lr", 0.0), ("label_smoothing", 0.0)):
+        for key, neutral in (("pooling", "mean"), ("head_lr", 0.0), ("label_smoothing", 0.0), ("lm_weight", 0.0)):
             if getattr(ft, key) != neutral:
                 raise ConfigError(f"finetune.{key}={getattr(ft, key)!r} applies to finetune.task=classification only; "
                                   f"with task={ft.task} leave it at {neutral!r}.")

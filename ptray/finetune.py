@@ -31,6 +31,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.utils import ModelOutput
 from transformers.pytorch_utils import Conv1D
 
 from ptray import checkpoint as ckpt
@@ -396,6 +397,10 @@ def check_method(ft, hf, where: str, model: torch.nn.Module | None = None) -> No
         raise ConfigError(f"finetune.pooling=cls is not valid for the {family} family of {where!r}: a causal "
                           "model's first token has seen nothing but itself. Use finetune.pooling=last or mean (cls "
                           "is for bert).")
+    if ft.task == "classification" and ft.lm_weight and family == "bert":
+        raise ConfigError(f"finetune.lm_weight adds a next-token loss, which the bert model in {where!r} was not "
+                          "pretrained for (a masked LM); use it with a gpt2 or llama model, or set "
+                          "finetune.lm_weight=0.")
     if ft.method != "lora":
         return
     if model is None:
@@ -458,11 +463,15 @@ def finetune_model(cfg: Config, pretrained: str, num_labels: int, id2label: dict
                 param.lr_scale = ft.head_lr / ft.lr  # engine.param_groups puts it in a group set_lr scales
     if ft.task == "classification" and ft.pooling == "mean":
         model = MeanPooledClassifier(model)
+    if ft.task == "classification" and ft.lm_weight:
+        model = WithNextTokenLoss(model, next_token_head(model, hf, pretrained, ft.init))
     return model
 
 
 def transformers_model(model: torch.nn.Module):
     """The transformers model inside `finetune_model`'s wrappers (with any LoRA layers in it)."""
+    if isinstance(model, WithNextTokenLoss):
+        model = model.classifier
     if isinstance(model, MeanPooledClassifier):
         model = model.model
     return model.get_base_model() if hasattr(type(model), "get_base_model") else model
@@ -508,6 +517,54 @@ class MeanPooledClassifier(torch.nn.Module):
         return cls(AutoModelForSequenceClassification.from_pretrained(path, **kwargs))
 
 
+class WithNextTokenLoss(torch.nn.Module):
+    """finetune.lm_weight: a classifier whose forward also predicts every next token of its input, from the final
+    hidden states through the pretrained output layer (`lm_logits`; GPT-1's auxiliary objective). Training only:
+    the export is `.classifier` (see `export_finetuned`), and `.logits` are the classifier's own."""
+
+    def __init__(self, classifier: torch.nn.Module, lm_head: torch.nn.Linear):
+        super().__init__()
+        self.classifier, self.lm_head = classifier, lm_head
+        self.config = classifier.config
+        self._hidden: dict[str, torch.Tensor] = {}
+        # The final hidden states (after the last norm) are the base model's output, whatever the pooling reads.
+        transformers_model(classifier).base_model.register_forward_hook(
+            lambda module, args, output: self._hidden.update(last=output.last_hidden_state))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> ClassifierLMOutput:
+        logits = self.classifier(input_ids=input_ids, attention_mask=attention_mask).logits
+        return ClassifierLMOutput(logits=logits, lm_logits=self.lm_head(self._hidden.pop("last")))
+
+
+@dataclasses.dataclass
+class ClassifierLMOutput(ModelOutput):
+    logits: torch.Tensor | None = None
+    lm_logits: torch.Tensor | None = None
+
+
+def next_token_head(classifier: torch.nn.Module, hf, pretrained: str, init: str) -> torch.nn.Linear:
+    """The output layer `WithNextTokenLoss` reads: the input embedding itself where the LM ties them (gpt2, ptray's
+    llama by default), else the pretrained `lm_head.weight` (a new one, initialized like it, from scratch)."""
+    embedding = transformers_model(classifier).get_input_embeddings()
+    head = torch.nn.Linear(embedding.embedding_dim, embedding.num_embeddings, bias=False)
+    if getattr(hf, "tie_word_embeddings", True):
+        head.weight = embedding.weight
+        return head
+    torch.nn.init.normal_(head.weight, std=getattr(hf, "initializer_range", 0.02))
+    if init != "scratch":
+        from safetensors import safe_open
+
+        for path in sorted(glob.glob(os.path.join(pretrained, "*.safetensors"))):
+            with safe_open(path, "pt") as weights:
+                if "lm_head.weight" in weights.keys():
+                    head.weight.data.copy_(weights.get_tensor("lm_head.weight"))
+                    return head
+        raise ConfigError(f"finetune.lm_weight needs the pretrained output layer (lm_head.weight), which "
+                          f"{pretrained!r} does not hold; finetune from a causal LM export, or set "
+                          "finetune.lm_weight=0.")
+    return head
+
+
 def load_classifier(path: str, **kwargs) -> torch.nn.Module:
     """A ptray classification export with the pooling it was trained with (`ptray_pooling` in its config.json)."""
     if getattr(AutoConfig.from_pretrained(path), "ptray_pooling", "") == "mean":
@@ -524,11 +581,16 @@ def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def export_finetuned(cfg: Config, checkpoint_dir: str, data: LabelledData, out_dir: str) -> str:
-    """Export a finetune checkpoint in Hugging Face format (LoRA adapters merged into the weights)."""
+    """Export a finetune checkpoint in Hugging Face format (the classifier alone, LoRA adapters merged into the
+    weights)."""
     torch.manual_seed(cfg.run.seed)
     model = finetune_model(dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, init="scratch")),
                            pretrained_dir(cfg), len(data.id2label), data.id2label)
-    unwrap = merge_lora if cfg.finetune.method == "lora" else None
+
+    def unwrap(model):  # the classifier alone (no auxiliary next-token head), LoRA adapters merged into its weights
+        model = model.classifier if isinstance(model, WithNextTokenLoss) else model
+        return merge_lora(model) if cfg.finetune.method == "lora" else model
+
     if cfg.finetune.task != "chat":
         return ckpt.export_model(cfg, checkpoint_dir, model=model, tokenizer_dir=pretrained_dir(cfg), out_dir=out_dir,
                                  unwrap=unwrap)
@@ -671,10 +733,14 @@ class FinetuneTask:
         return batch
 
     def loss(self, engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        output = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits = output.logits
         if self.task == "classification":
             per_example = F.cross_entropy(logits.float(), batch["labels"], reduction="none",
                                           label_smoothing=self.cfg.finetune.label_smoothing)
+            if self.cfg.finetune.lm_weight:
+                per_example = per_example + self.cfg.finetune.lm_weight * next_token_loss(
+                    output.lm_logits, batch["input_ids"], batch["attention_mask"])
             return (per_example * batch["weight"]).sum()
         if self.teacher is None:
             return self._loss(logits, batch["labels"])
@@ -723,6 +789,14 @@ class FinetuneTask:
 
     def probe_inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.val["input_ids"][:2], "attention_mask": self.val["attention_mask"][:2]}
+
+
+def next_token_loss(lm_logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per example, the mean next-token cross-entropy over its non-pad positions (finetune.lm_weight)."""
+    targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
+    per_token = F.cross_entropy(lm_logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                                reduction="none")
+    return per_token.sum(1) / (targets != IGNORE_INDEX).sum(1).clamp(min=1)
 
 
 def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,

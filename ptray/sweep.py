@@ -125,6 +125,18 @@ class LabelledSets:
             self.add(trial_config(cfg.to_dict(), dict(combination)))
 
 
+def check_space_values(cfg: Config) -> None:
+    """Every value the space can give a key (a range's bounds) must make a valid trial configuration for this task
+    and pretrained model: a value that does not apply (finetune.lm_weight=0.5 with task=sft or a bert model) stops the
+    sweep before any trial starts."""
+    for key, spec in cfg.sweep.space.items():
+        for value in _values(spec):
+            try:
+                check_pretrained(trial_config(cfg.to_dict(), {key: value}), pretrained_dir(cfg))
+            except ConfigError as e:
+                raise ConfigError(f"sweep.space gives {key}={value!r}, which no trial can run: {e}") from None
+
+
 def _values(spec: dict) -> list:
     kind, values = next(iter(spec.items()))
     if kind in ("randint",):
@@ -269,6 +281,7 @@ def sweep(cfg: Config, resume: bool = False) -> SweepResult:
                           f"choose one of {', '.join(METRICS[cfg.finetune.task])}.")
     worker_scaling(cfg, driver_cpus=TRIAL_CPUS)  # fail fast if one trial (its workers and itself) can never fit
     check_pretrained(cfg, pretrained_dir(cfg))
+    check_space_values(cfg)
     for step in s.pretrained_steps:
         snapshot_export(cfg, step)  # before any trial runs
     sets = LabelledSets(cfg)  # tokenized once per data variant; every trial reads its variant from the object store

@@ -104,6 +104,8 @@ BAD_INPUTS = [
     (["sweep", "sweep.label_fractions=[0]"], "sweep.label_fractions"),
     (["sweep", "sweep.grace_period=1000", "sweep.pretrained_steps=[]"], "sweep.grace_period=1000"),
     (["sweep", "sweep.pretrained_steps=[3]"], "sweep.pretrained_steps"),
+    (["sweep", "finetune.task=sft", "sweep.metric=val_loss", "sweep.mode=min"],  # tiny's space has lm_weight 0.5
+     "sweep.space gives finetune.lm_weight=0.5"),
     # corpus files
     (["prepare", "run.dir=FILES/prep", "data.train_files=[FILES/missing/*.txt]"], "missing/*.txt"),
     (["prepare", "run.dir=FILES/prep", "data.train_files=[FILES/empty.txt]"], "no documents left after cleaning"),

@@ -111,7 +111,7 @@ def test_search_space_and_searchers_map_to_tune():
     from ptray.sweep import configured_point
 
     first = configured_point(load_config("tiny", ["finetune.lr=5e-4"]))  # the untuned run is the first trial
-    assert first == {"finetune.lr": 5e-4, "finetune.freeze_layers": 0}
+    assert first == {"finetune.lr": 5e-4, "finetune.lm_weight": 0.0}
     assert searcher(load_config("tiny", ["finetune.lr=5e-4"]), 2)._points_to_evaluate == [first]
     assert configured_point(load_config("tiny", ["finetune.lr=1e-5"])) is None  # outside the space: not forced in
     assert configured_point(cfg) is None  # a grid space enumerates its points anyway

@@ -1,8 +1,9 @@
-"""Finetuning options: pooling (last, mean, cls), method (full, head, lora), head_lr, label_smoothing and dropout.
+"""Finetuning options: pooling (last, mean, cls), method (full, head, lora), head_lr, label_smoothing, lm_weight and
+dropout.
 
 Pure functions first (tiny random GPT-2/Llama/BERT directories, no Ray), then two real 2-worker finetune runs on a tiny
-GPT-2 export: LoRA (only adapters and head change; the export is plain merged weights) and head-only with mean
-pooling and its own head learning rate (the body is exactly the pretrained one).
+GPT-2 export: LoRA with an auxiliary next-token loss (only adapters and head change; the export is plain
+merged weights) and head-only with mean pooling and its own head learning rate (the body is exactly the pretrained one).
 
     python -m pytest -q tests/test_finetune_methods.py
 """
@@ -149,6 +150,41 @@ def test_sft_lora_trains_only_adapters_and_merges_into_a_plain_causal_lm(random_
         assert torch.allclose(merged(input_ids=ids).logits, adapted, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])  # gpt2 ties its output layer to the embedding, this llama not
+def test_lm_weight_adds_the_pretrained_models_next_token_loss(random_models, family):
+    path = random_models[family]
+    ids, mask = _batch()
+    plain = _model(path, "finetune.pooling=mean")
+    aided = _model(path, "finetune.pooling=mean", "finetune.lm_weight=0.5")
+    lm = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        output = aided(input_ids=ids, attention_mask=mask)
+        assert torch.equal(output.logits, plain(ids, mask).logits)  # the classifier is unchanged
+        expected_lm = lm(input_ids=ids, attention_mask=mask).logits  # the pretrained LM's own next-token predictions
+        assert torch.allclose(output.lm_logits[..., :128], expected_lm, atol=1e-5)
+
+    cfg = load_config("tiny", ["finetune.lm_weight=0.5", "cluster.num_workers=1", "finetune.micro_batch_size=3",
+                               "finetune.global_batch_size=3"])
+    labels = torch.tensor([0, 1, 2])
+    data = LabelledData(train={"input_ids": ids, "attention_mask": mask, "labels": labels}, val={}, id2label=LABELS)
+    task = FinetuneTask(cfg, finetune_schedule(cfg, 3, 3), data, rank=0, world_size=1)
+    batch = task.next_batch(ckpt.TrainerState())
+    with torch.no_grad():
+        loss = task.loss(aided, batch)
+        order = [int(torch.nonzero((ids == row).all(1))[0]) for row in batch["input_ids"]]
+        next_token = [F.cross_entropy(expected_lm[i, : int(mask[i].sum()) - 1], ids[i, 1: int(mask[i].sum())])
+                      for i in order]
+        classification = F.cross_entropy(plain(batch["input_ids"], batch["attention_mask"]).logits, batch["labels"])
+    assert loss.item() == pytest.approx(classification.item() + 0.5 * torch.stack(next_token).mean().item(), rel=1e-5)
+
+
+def test_lm_weight_needs_a_causal_model_and_a_trained_body(random_models):
+    with pytest.raises(ConfigError, match="finetune.lm_weight.*bert.*masked LM"):
+        _model(random_models["bert"], "finetune.lm_weight=0.5")
+    with pytest.raises(ConfigError, match="finetune.lm_weight.*method=head"):
+        load_config("tiny", ["finetune.lm_weight=0.5", "finetune.method=head"])
+
+
 def test_label_smoothing_in_the_training_loss_only():
     cfg = load_config("tiny", ["finetune.label_smoothing=0.2", "cluster.num_workers=1", "finetune.micro_batch_size=4",
                                "finetune.global_batch_size=4"])
@@ -226,14 +262,15 @@ def test_validation_counts_from_rank_shards_sum_to_the_whole_set_metrics():
     ("finetune.pooling=max", "finetune.pooling"), ("finetune.method=adapter", "finetune.method"),
     ("finetune.lora_rank=0", "finetune.lora_rank"), ("finetune.lora_dropout=1.0", "finetune.lora_dropout"),
     ("finetune.head_lr=-1", "finetune.head_lr"), ("finetune.label_smoothing=1.0", "finetune.label_smoothing"),
-    ("finetune.dropout=1.5", "finetune.dropout"), ("finetune.lora_targets=['']", "finetune.lora_targets")])
+    ("finetune.dropout=1.5", "finetune.dropout"), ("finetune.lora_targets=['']", "finetune.lora_targets"),
+    ("finetune.lm_weight=-1", "finetune.lm_weight")])
 def test_bad_values_name_the_key(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         load_config("tiny", [override])
 
 
 @pytest.mark.parametrize("override", ["finetune.pooling=last", "finetune.head_lr=1e-2", "finetune.method=head",
-                                      "finetune.label_smoothing=0.1"])
+                                      "finetune.label_smoothing=0.1", "finetune.lm_weight=0.5"])
 def test_classification_only_options_are_rejected_for_sft(override):
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.") + ".*classification"):
         load_config("tiny", ["finetune.task=sft", override])
@@ -307,8 +344,9 @@ def test_bad_family_options_stop_before_any_worker(pretrained, tmp_path, capsys)
 def test_lora_trains_adapters_and_head_and_exports_merged_weights(pretrained, tmp_path):
     from ptray.engine import consolidated_state_dict
 
+    # With an auxiliary next-token loss too: it trains the adapters, and the export is the classifier alone.
     cfg = _config(pretrained, tmp_path, "finetune.method=lora", "finetune.lora_rank=4", "finetune.lr=1e-2",
-                  "finetune.dropout=0.1", "finetune.label_smoothing=0.1")
+                  "finetune.dropout=0.1", "finetune.label_smoothing=0.1", "finetune.lm_weight=0.5")
     out = finetune(cfg)
     base = _pretrained_weights(pretrained)
 
@@ -316,10 +354,11 @@ def test_lora_trains_adapters_and_head_and_exports_merged_weights(pretrained, tm
     trained = consolidated_state_dict(out["best"]["path"], zero_stage=cfg.deepspeed.zero_stage)
     adapters = [k for k in trained if "lora_" in k]
     assert adapters and all(trained[k].abs().max() > 0 for k in adapters if "lora_B" in k)  # B starts at 0
+    assert any(k.startswith("lm_head") for k in trained)  # the auxiliary head, tied to the frozen embedding
     for key, value in trained.items():
-        if "lora_" in key or ".score." in key:
+        if "lora_" in key or ".score." in key or key.startswith("lm_head"):
             continue
-        plain_key = key.removeprefix("model.").removeprefix("base_model.model.")  # mean pooling's wrapper, peft's
+        plain_key = key.removeprefix("classifier.model.").removeprefix("base_model.model.")  # our wrappers, peft's
         assert torch.equal(value, base[plain_key.replace(".base_layer", "")]), key
 
     # The export is a plain transformers model: pretrained weights plus a rank <= 4 update on the LoRA targets only.
