@@ -110,7 +110,8 @@ def fit(cfg: Config, schedule: Schedule, task: Task, model: torch.nn.Module, *, 
     `schedule` is the stage's optimization (see ptray.schedule); `cfg` gives the cluster, DeepSpeed and model settings.
     `tokens_per_step` counts sequence positions per optimizer step over all workers (padding included).
     `keep_best=(metric, mode)`: write a checkpoint only when an evaluation improves `metric` (finetuning keeps just the
-    best one anyway); every other evaluation is still reported to Ray, without one, so schedulers see it.
+    best one anyway); every other evaluation is still reported to Ray, without one, so schedulers see it. Each report
+    also carries `best_<metric>`, the best evaluation so far.
     `bound_to` is saved with every checkpoint: what it cannot be resumed without (see `pretrain.resume_key`).
     `tracker_stage` names this run in the experiment trackers (default: `label`); `tracker_parent` is a sweep's tracker
     ids when this is one of its trials (see ptray.trackers).
@@ -304,7 +305,11 @@ def fit(cfg: Config, schedule: Schedule, task: Task, model: torch.nn.Module, *, 
                 ds.save(engine, snapshot_dir(run_dir, state.step))  # collective; every rank writes its shards
             at_end = state.step == p.max_steps
             if at_end or (state.step % p.ckpt_every == 0 and nonfinite_in_a_row == 0):  # never mid-streak
-                if improves(metrics):
+                better = improves(metrics)
+                if keep_best is not None and state.best_metric is not None:
+                    # The run's best so far, the figure it is selected by: what a sweep's ASHA ranks trials on.
+                    metrics = {**metrics, f"best_{keep_best[0]}": state.best_metric}
+                if better:
                     # The probe lets the export be verified; finetuning may export any kept checkpoint.
                     probe = probe_logits(engine, task.probe_inputs()) if at_end or keep_best else None
                     save_checkpoint(metrics, probe=probe)

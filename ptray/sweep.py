@@ -247,8 +247,10 @@ def run_tune(cfg: Config, trainable, *, sweep_dir: str, name: str, param_space: 
     else:
         tuner = tune.Tuner(
             trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(metric=cfg.sweep.metric, mode=cfg.sweep.mode, num_samples=num_samples,
-                                        search_alg=search_alg, scheduler=sched),
+            # ASHA and Optuna rank trials by their best evaluation so far (`best_<metric>`, reported by the loop),
+            # the figure selection uses: one unlucky evaluation at a rung does not stop a trial that did better.
+            tune_config=tune.TuneConfig(metric=f"best_{cfg.sweep.metric}", mode=cfg.sweep.mode,
+                                        num_samples=num_samples, search_alg=search_alg, scheduler=sched),
             run_config=tune.RunConfig(name=name, storage_path=sweep_dir, verbose=1 if verbose() else 0))
     results = tuner.fit()
     # After Ctrl-C / SIGTERM Tune returns normally, having saved the unfinished trials as PENDING for a resume.

@@ -4,6 +4,8 @@ resumed sweep, and bad input."""
 
 import csv
 import dataclasses
+import glob
+import itertools
 import json
 import math
 import os
@@ -175,6 +177,13 @@ def test_sweep_searches_both_sides_and_asha_waits_for_warmup(swept, pretrained_r
         # the swept max_len really changed the data the trial trained on: tokens per step = batch x max_len
         step_rows = [m for m in read_metrics(trial_dir) if "loss" in m]
         assert step_rows[0]["tokens"] == step_rows[0]["step"] * 16 * int(r["finetune.max_len"])
+    # Tune's ASHA and Optuna rank trials by each report's best_val_accuracy: the running best of its evaluations.
+    results = glob.glob(os.path.join(pretrained_run, "sweep", "search*", "*", "result.json"))
+    assert len(results) == 6
+    for path in results:
+        reports = [json.loads(line) for line in open(path)]
+        values = [r["val_accuracy"] for r in reports]
+        assert values and [r["best_val_accuracy"] for r in reports] == list(itertools.accumulate(values, max)), path
     assert {r["finetune.max_len"] for r in rows} == {"16", "32"}
     for side in ("pretrained", "scratch"):  # each side's search starts from the configured point (lr 1e-3, 0, 32)
         assert any(r["side"] == side and float(r["finetune.lr"]) == 1e-3 and r["finetune.freeze_layers"] == "0"
