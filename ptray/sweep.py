@@ -412,25 +412,13 @@ def run_followups(cfg: Config, sides: dict, sets: LabelledSets, sweep_dir: str, 
                   resume: bool, tracker_parent: dict | None = None) -> list[dict]:
     """Each side's winner again with more seeds and at each label fraction, all in one Tune experiment."""
     s = cfg.sweep
-    plans, meta = [], []
-    for side, found in sides.items():
-        overrides = {**found["winner"]["config"], "finetune.init": side}
-        for seed in range(1, s.num_seeds):
-            plans.append({**overrides, "run.seed": cfg.run.seed + seed})
-            meta.append({"side": side, "kind": "seed", "seed": cfg.run.seed + seed})
-        for fraction in s.label_fractions:
-            if fraction < 1:
-                plans.append(fraction_plan(overrides, fraction, cfg.finetune.epochs))
-                meta.append({"side": side, "kind": "fraction", "fraction": fraction})
-    for step in s.pretrained_steps:  # the pretrained winner from intermediate points of pretraining
-        plans.append({**sides["pretrained"]["winner"]["config"], "finetune.init": "pretrained",
-                      "finetune.pretrained": snapshot_export(cfg, step)})
-        meta.append({"side": "pretrained", "kind": "pretrained_step", "step": step})
+    plans, meta = followup_plans(cfg, sides)
     if not plans:
         return []
     for plan in plans:  # e.g. the winner's max_len at a new train_fraction: tokenized before the trials start
         sets.add(trial_config(cfg.to_dict(), plan))
-    print(f"[sweep] follow-up runs of the winners: {len(plans)} ({s.num_seeds - 1} more seeds, label fractions "
+    reruns = sum(m["kind"] == "seed" for m in meta)
+    print(f"[sweep] follow-up runs of the winners: {len(plans)} ({reruns} seed reruns, label fractions "
           f"{[f for f in s.label_fractions if f < 1]}, pretrained steps {s.pretrained_steps})", flush=True)
     results = run_tune(cfg, make_trial(cfg.to_dict(), sets, trials_dir, s.metric, s.mode, plans=plans,
                                            tracker_parent=tracker_parent),
@@ -445,6 +433,32 @@ def run_followups(cfg: Config, sides: dict, sets: LabelledSets, sweep_dir: str, 
         out.append({**meta[result.config["plan"]], "trial_id": trial_id, "value": best["metrics"][s.metric],
                     "config": plans[result.config["plan"]]})
     return out
+
+
+def followup_plans(cfg: Config, sides: dict) -> tuple[list[dict], list[dict]]:
+    """The follow-up runs' configurations and what each measures. A winner that ASHA stopped early is also run again
+    with its own seed, in full: every seed a side's verdict counts is a whole run."""
+    s = cfg.sweep
+    plans, meta = [], []
+    for side, found in sides.items():
+        overrides = {**found["winner"]["config"], "finetune.init": side}
+        for seed in range(0 if _stopped(found) else 1, s.num_seeds):
+            plans.append({**overrides, "run.seed": cfg.run.seed + seed})
+            meta.append({"side": side, "kind": "seed", "seed": cfg.run.seed + seed})
+        for fraction in s.label_fractions:
+            if fraction < 1:
+                plans.append(fraction_plan(overrides, fraction, cfg.finetune.epochs))
+                meta.append({"side": side, "kind": "fraction", "fraction": fraction})
+    for step in s.pretrained_steps:  # the pretrained winner from intermediate points of pretraining
+        plans.append({**sides["pretrained"]["winner"]["config"], "finetune.init": "pretrained",
+                      "finetune.pretrained": snapshot_export(cfg, step)})
+        meta.append({"side": "pretrained", "kind": "pretrained_step", "step": step})
+    return plans, meta
+
+
+def _stopped(found: dict) -> bool:
+    """Whether a side's search winner was stopped early by ASHA (ran only part of its schedule)."""
+    return found["winner"].get("status") == "stopped early"
 
 
 def fraction_plan(overrides: dict, fraction: float, epochs: int) -> dict:
@@ -467,9 +481,12 @@ def summarize(cfg: Config, sides: dict, followups: list[dict], num_val: int = 0)
     for side, found in sides.items():
         # The winner's runs on all the labels: its search trial and its reruns with other seeds. The side's model
         # is the best of them (a rerun may beat the trial that won the search); the verdict uses their mean.
-        runs = [{"trial_id": found["winner"]["trial_id"], "value": found["winner"]["best_metric"],
-                 "config": found["winner"]["config"]}]
-        runs += [f for f in followups if f["side"] == side and f["kind"] == "seed"]
+        search = {"trial_id": found["winner"]["trial_id"], "value": found["winner"]["best_metric"],
+                  "config": found["winner"]["config"]}
+        reruns = [f for f in followups if f["side"] == side and f["kind"] == "seed"]
+        # A search trial stopped early is not a whole run of its configuration: its full rerun counts instead.
+        full_rerun = any(f["seed"] == cfg.run.seed for f in reruns)
+        runs = reruns if _stopped(found) and full_rerun else [search] + reruns
         seeds = [run["value"] for run in runs]
         top = better(runs, key=lambda run: run["value"])
         fractions = {str(f["fraction"]): f["value"] for f in followups if f["side"] == side and f["kind"] == "fraction"}

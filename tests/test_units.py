@@ -322,6 +322,27 @@ def test_each_label_fraction_gets_its_own_plain_verdict():
     assert "1.0" not in summary["label_verdicts"]
 
 
+def test_a_winner_stopped_early_is_rerun_in_full_and_only_whole_runs_are_counted():
+    # The check's run: ASHA stopped the pretrained winner at step 235 of 452 (0.7173); its seeds must be whole runs.
+    from ptray.config import load_config
+    from ptray.sweep import followup_plans, summarize
+
+    cfg = load_config("tiny", ["sweep.num_seeds=3", "sweep.label_fractions=[1.0]", "sweep.pretrained_steps=[]"])
+    sides = {"pretrained": {"winner": {"best_metric": 0.7173, "trial_id": "p", "config": {"finetune.lr": 1e-3},
+                                       "status": "stopped early"}},
+             "scratch": {"winner": {"best_metric": 0.732, "trial_id": "s", "config": {}, "status": "finished"}}}
+    plans, meta = followup_plans(cfg, sides)
+    assert [(m["side"], m["seed"]) for m in meta] == [("pretrained", 0), ("pretrained", 1), ("pretrained", 2),
+                                                        ("scratch", 1), ("scratch", 2)]
+    assert plans[0] == {"finetune.lr": 1e-3, "finetune.init": "pretrained", "run.seed": 0}
+    values = [0.733, 0.744, 0.731, 0.699, 0.711]
+    followups = [{**m, "value": v, "trial_id": f"f{k}", "config": plan}
+                 for k, (m, v, plan) in enumerate(zip(meta, values, plans))]
+    summary = summarize(cfg, sides, followups, num_val=750)
+    assert summary["sides"]["pretrained"]["seeds"] == [0.733, 0.744, 0.731]  # not the stopped 0.7173
+    assert summary["sides"]["scratch"]["seeds"] == [0.732, 0.699, 0.711]  # a finished winner is its own seed 0
+
+
 def test_label_fraction_runs_keep_the_step_budget():
     from ptray.finetune import finetune_schedule
     from ptray.config import load_config
