@@ -343,6 +343,19 @@ def test_a_winner_stopped_early_is_rerun_in_full_and_only_whole_runs_are_counted
     assert summary["sides"]["scratch"]["seeds"] == [0.732, 0.699, 0.711]  # a finished winner is its own seed 0
 
 
+def test_a_trial_function_carries_object_refs_not_the_labelled_data():
+    # Tune ships the trial function to every trial's actor: the tokenized set must travel by reference only.
+    import types
+
+    import numpy as np
+    from ray import cloudpickle
+
+    from ptray.sweep import make_trial
+
+    sets = types.SimpleNamespace(refs={"v": None}, num_train={"v": 10}, num_val=5, data=np.zeros(1 << 20))  # 8 MiB
+    assert len(cloudpickle.dumps(make_trial({}, sets, "/tmp", "val_accuracy", "max"))) < 64 << 10
+
+
 def test_label_fraction_runs_keep_the_step_budget():
     from ptray.finetune import finetune_schedule
     from ptray.config import load_config
