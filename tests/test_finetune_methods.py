@@ -509,13 +509,14 @@ def test_a_teacher_must_be_a_causal_lm_with_the_same_vocabulary(pretrained, rand
 
 def test_distillation_runs_the_teacher_in_the_workers(pretrained, tmp_path):
     """Distilling only (weight 1) from a teacher identical to the starting weights: the student already matches it,
-    so the training loss is ~0 from the first step, where the labels' cross-entropy is several nats. Validation stays
-    the plain cross-entropy."""
+    so the training loss is ~0 from the first step, where the labels' cross-entropy is several nats (the logged loss
+    averages the first 10 steps, over which the student drifts from the teacher: about 1e-3). Validation stays the
+    plain cross-entropy."""
     overrides = ("finetune.task=sft", "finetune.dropout=0", "finetune.max_len=48")
     plain = finetune(_config(pretrained, tmp_path / "plain", *overrides))
     distilled = finetune(_config(pretrained, tmp_path / "distilled", *overrides, f"finetune.teacher={pretrained}",
                                  "finetune.distill_weight=1.0"))
     first = {name: next(r for r in read_metrics(out["train_dir"]) if "loss" in r)
              for name, out in (("plain", plain), ("distilled", distilled))}
-    assert first["plain"]["loss"] > 2.0 and first["distilled"]["loss"] < 1e-3, first
+    assert first["plain"]["loss"] > 2.0 and first["distilled"]["loss"] < 1e-2, first
     assert distilled["best"]["metrics"]["val_loss"] > 2.0
