@@ -93,11 +93,10 @@ def report(run_dir: str) -> str:
             ax.set(xlabel="pretraining tokens", ylabel=metric, title="Was pretraining long enough?")
             ax.legend()
             _save(fig, figures, "pretraining_steps.png")
-            trend = "still rising" if points[-1]["value"] > max(p["value"] for p in points[:-1]) else "flat or falling"
             lines += ["### Was pretraining long enough?", "",
                       "The pretrained winner's configuration finetuned from intermediate pretraining checkpoints: " +
                       "; ".join(f"step {p['step']} ({p['tokens']:,} tokens): {p['value']:.4f}" for p in points) +
-                      f". Over the last interval the downstream {metric} is {trend}.", "",
+                      f". {best.get('steps_verdict', '')}", "",
                       "![pretraining steps](report/pretraining_steps.png)", ""]
     path = os.path.join(run_dir, "report.md")
     with open(path, "w") as f:

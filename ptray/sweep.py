@@ -507,6 +507,9 @@ def summarize(cfg: Config, sides: dict, followups: list[dict], num_val: int = 0)
         points[final_step] = out["sides"]["pretrained"]["seed_mean"]
         out["pretrained_steps"] = [{"step": step, "tokens": step * tokens_per_step, "value": value}
                                    for step, value in sorted(points.items())]
+        if len(points) > 1:
+            pre = out["sides"]["pretrained"]
+            out["steps_verdict"] = _steps_verdict(s, out["pretrained_steps"], pre["seed_std"], num_val)
     if "scratch" not in out["sides"]:
         out["verdict"] = "No from-scratch comparison was run (sweep.compare_scratch=false)."
         return out
@@ -541,6 +544,20 @@ def _gain(s, pretrained: float, scratch: float, spread: float, num_val: int) -> 
     if num_val and s.metric in ("val_accuracy", "val_f1"):
         noise = max(noise, 2 * math.sqrt((pretrained * (1 - pretrained) + scratch * (1 - scratch)) / num_val))
     return gain, noise
+
+
+def _steps_verdict(s, points: list[dict], spread: float, num_val: int) -> str:
+    """Whether the last stretch of pretraining still paid downstream: the final model (its seed mean) against the
+    checkpoint before it, judged against the same noise as the pretrained-vs-scratch verdict."""
+    before, final = points[-2], points[-1]
+    gain, noise = _gain(s, final["value"], before["value"], spread, num_val)
+    since = f"than from step {before['step']} ({gain:+.4f}"
+    if gain > noise:
+        return f"Pretraining past step {before['step']} still paid: {s.metric} better {since}); longer may pay more."
+    if gain < -noise:
+        return f"Pretraining past step {before['step']} cost: {s.metric} worse {since}); an earlier checkpoint won."
+    return (f"Pretraining past step {before['step']} made no clear difference downstream (within the noise, "
+            f"±{noise:.4f}: {gain:+.4f}).")
 
 
 def _verdict(gain: float, noise: float) -> str:

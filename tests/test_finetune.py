@@ -217,6 +217,7 @@ def test_best_model_reproduces_reported_metric(swept, pretrained_run):
     # Finetuned from pretraining's step-20 snapshot too: accuracy against pretraining tokens.
     assert [p["step"] for p in best["pretrained_steps"]] == [20, 40]
     assert best["pretrained_steps"][0]["tokens"] == 20 * 32 * 64
+    assert best["steps_verdict"].startswith("Pretraining past step 20 ")
     snapshot = load_file(os.path.join(pretrained_run, "snapshots", "step-20", "export", "model.safetensors"))
     final = load_file(os.path.join(pretrained_run, "export", "model.safetensors"))
     assert snapshot.keys() == final.keys() and any(not torch.equal(snapshot[k], final[k]) for k in final)
@@ -239,6 +240,7 @@ def test_report_renders_plots(swept, pretrained_run):
         assert f"report/{name}" in text
     assert "| rank | trial_id |" in text
     assert "With 50% of the labels, pretraining" in text  # the label curve's own plain sentence
+    assert json.load(open(os.path.join(pretrained_run, "best.json")))["steps_verdict"] in text
     assert "## Data" in text and "documents" in text and "duplicates: exact" in text
 
 

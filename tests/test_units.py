@@ -322,6 +322,28 @@ def test_each_label_fraction_gets_its_own_plain_verdict():
     assert "1.0" not in summary["label_verdicts"]
 
 
+@pytest.mark.parametrize("metric,at_200,final,verdict", [
+    ("val_accuracy", 0.7267, 0.7293, "Pretraining past step 200 made no clear difference downstream (within the noise"),
+    ("val_accuracy", 0.62, 0.73, "Pretraining past step 200 still paid: val_accuracy better than from step 200 (+0.11"),
+    ("val_accuracy", 0.80, 0.73, "Pretraining past step 200 cost"),
+    ("val_loss", 2.5, 2.0, "Pretraining past step 200 still paid: val_loss better than from step 200 (+0.5")])
+def test_the_pretraining_steps_curve_says_whether_the_last_stretch_paid(metric, at_200, final, verdict):
+    # The check's Debian run: 0.7013 / 0.7267 / 0.7293 at steps 100 / 200 / 1500 had been called "still rising".
+    from ptray.config import load_config
+    from ptray.sweep import summarize
+
+    mode = "max" if metric == "val_accuracy" else "min"
+    cfg = load_config("tiny", ["sweep.num_seeds=1", "sweep.label_fractions=[1.0]", "sweep.compare_scratch=false",
+                               "sweep.pretrained_steps=[100,200]", "pretrain.max_steps=1500", f"sweep.metric={metric}",
+                               f"sweep.mode={mode}"] + (["finetune.task=sft"] if mode == "min" else []))
+    sides = {"pretrained": {"winner": {"best_metric": final, "trial_id": "p", "config": {}}}}
+    followups = [{"side": "pretrained", "kind": "pretrained_step", "step": step, "value": value, "trial_id": f"s{step}"}
+                 for step, value in ((100, 0.7013 if mode == "max" else 3.0), (200, at_200))]
+    summary = summarize(cfg, sides, followups, num_val=750)
+    assert [p["step"] for p in summary["pretrained_steps"]] == [100, 200, 1500]
+    assert summary["steps_verdict"].startswith(verdict), summary["steps_verdict"]
+
+
 def test_a_winner_stopped_early_is_rerun_in_full_and_only_whole_runs_are_counted():
     # The check's run: ASHA stopped the pretrained winner at step 235 of 452 (0.7173); its seeds must be whole runs.
     from ptray.config import load_config
