@@ -584,12 +584,12 @@ def leaderboard_rows(results, cfg: Config, sets: LabelledSets, trials_dir: str, 
         diverged = any(not math.isfinite(v) for v in values + losses) or any("stopped" in r for r in history)
         trial = trial_config(cfg.to_dict(), result.config)
         planned = finetune_schedule(trial, sets.num_train[data_key(trial)], sets.num_val).max_steps
-        # Tune's last reported step, not the trial's own log: a trial ASHA stops may still log the evaluation it was
-        # running.
-        reported = (result.metrics or {}).get("step", 0)
+        # A trial ASHA stops may still log the evaluation it was running, and one stopped at its last report has run
+        # its whole schedule: it stopped early only if neither Tune's last step nor its own log reached the end.
+        ran = max((result.metrics or {}).get("step", 0), max((r["step"] for r in history), default=0))
         if result.error:
             status = "error"
-        elif reported < planned:
+        elif ran < planned:
             status = "stopped early"
         else:
             status = "finished"
