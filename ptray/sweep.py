@@ -586,7 +586,8 @@ def leaderboard_rows(results, cfg: Config, sets: LabelledSets, trials_dir: str, 
         planned = finetune_schedule(trial, sets.num_train[data_key(trial)], sets.num_val).max_steps
         # A trial ASHA stops may still log the evaluation it was running, and one stopped at its last report has run
         # its whole schedule: it stopped early only if neither Tune's last step nor its own log reached the end.
-        ran = max((result.metrics or {}).get("step", 0), max((r["step"] for r in history), default=0))
+        logged = max((r["step"] for r in history), default=0)
+        ran = max((result.metrics or {}).get("step", 0), logged)
         if result.error:
             status = "error"
         elif ran < planned:
@@ -597,7 +598,7 @@ def leaderboard_rows(results, cfg: Config, sets: LabelledSets, trials_dir: str, 
             "trial_id": trial_id, "side": side, "config": result.config, "status": status, "diverged": diverged,
             "final_metric": values[-1] if values else None,
             "best_metric": ((max if mode == "max" else min)(finite) if finite else None),
-            "evaluations": len(values), "steps": max((r["step"] for r in history), default=0), "planned_steps": planned,
+            "evaluations": len(values), "steps": logged, "planned_steps": planned,
             "wall_time_s": round(result.metrics.get("time_total_s", 0.0), 1) if result.metrics else None,
         })
     return ranked(rows, mode)
