@@ -270,7 +270,8 @@ class FinetuneConfig:
     messages_field: str = "messages"
     """chat: the field holding a conversation, a list of {"role": system|user|assistant, "content": text}."""
     max_len: int = 64
-    """Tokens per example (truncated and padded to this length)."""
+    """Tokens per example (truncated and padded to this length). When it cuts more than 5% of the training examples,
+    the log and the report say how many and the lengths that would keep half and 95% of them whole."""
     epochs: int = 3
     """Passes over the labelled training set."""
     lr: float = 1e-3

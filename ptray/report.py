@@ -78,6 +78,8 @@ def report(run_dir: str) -> str:
                   f"{len(table)} trials; {sum(r['status'] == 'stopped early' for r in table)} stopped early by the "
                   "scheduler. Trials that stop early release their workers for the next ones.", "",
                   "![sweep trials](report/sweep_trials.png)", "", _markdown_table(table), ""]
+        if best and best.get("cut_note"):
+            lines += [f"**Inputs cut short:** {best['cut_note']}", ""]
         if best:
             lines += [f"Best: trial `{best['trial_id']}` ({best.get('side', 'pretrained')} side), {metric} = "
                       f"{best['value']:.4f} at step {best['step']} with `{best['config']}`; exported to `best/`.", ""]

@@ -329,6 +329,8 @@ def sweep(cfg: Config, resume: bool = False) -> SweepResult:
 
     followups = run_followups(cfg, sides, sets, sweep_dir, trials_dir, concurrent, resume, parent)
     summary = summarize(cfg, sides, followups, num_val=len(sets.data.val["labels"]))
+    if sets.data.cut_note:  # for the report: a cut that large can matter more than any hyperparameter
+        summary["cut_note"] = sets.data.cut_note
     winner_side = summary["side"]
     winner = summary["sides"][winner_side]
     best = best_checkpoint(os.path.join(trials_dir, winner["trial_id"]), s.metric, s.mode)

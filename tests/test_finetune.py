@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -97,6 +98,21 @@ def test_freeze_layers_and_train_fraction(pretrained_run):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert not any(n.startswith(("transformer.wte", "transformer.wpe", "transformer.h.0.")) for n in trainable)
     assert any(n.startswith("transformer.h.1.") for n in trainable) and "score.weight" in trainable
+
+
+def test_a_max_len_that_cuts_the_examples_is_reported(pretrained_run, capsys):
+    """A finetune.max_len shorter than most examples is named, with the length that would keep 95% of them whole."""
+    from ptray.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(os.path.join(pretrained_run, "export"))
+    assert load_labelled(tiny_config(pretrained_run), tokenizer).cut_note == ""  # tiny's 32 tokens fit its task
+    cut = load_labelled(tiny_config(pretrained_run, "finetune.max_len=4"), tokenizer)
+    lengths = cut.train["attention_mask"].sum(1)
+    count = int(re.search(r"([\d,]+) of [\d,]+ training examples", cut.cut_note).group(1).replace(",", ""))
+    assert lengths.max() == 4 and 0.05 * len(lengths) < count <= (lengths == 4).sum()  # only full rows were cut
+    assert "finetune.max_len=4 tokens" in cut.cut_note
+    assert int(re.search(r"95% in (\d+)\.", cut.cut_note).group(1)) > 4
+    assert cut.cut_note in capsys.readouterr().out
 
 
 def test_builtin_task_holds_out_whole_words(pretrained_run):
@@ -242,6 +258,16 @@ def test_report_renders_plots(swept, pretrained_run):
     assert "With 50% of the labels, pretraining" in text  # the label curve's own plain sentence
     assert json.load(open(os.path.join(pretrained_run, "best.json")))["steps_verdict"] in text
     assert "## Data" in text and "documents" in text and "duplicates: exact" in text
+    assert "Inputs cut short" not in text  # the sweep's base max_len (32) fits the built-in task
+    best_json = os.path.join(pretrained_run, "best.json")
+    original = open(best_json).read()
+    try:  # what the sweep writes when finetune.max_len cuts the examples (see test_a_max_len_that_cuts...)
+        with open(best_json, "w") as f:
+            json.dump({**json.loads(original), "cut_note": "12 of 40 training examples (30%) are longer"}, f)
+        assert "**Inputs cut short:** 12 of 40 training examples (30%)" in open(report(str(pretrained_run))).read()
+    finally:
+        with open(best_json, "w") as f:
+            f.write(original)
 
 
 def test_resuming_with_changed_followups_keeps_the_search(swept, pretrained_run, capfd):

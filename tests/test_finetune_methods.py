@@ -415,14 +415,15 @@ def test_chat_labels_cover_the_assistant_turns_only(pretrained):
                 {"role": "user", "content": "and her pet?"},
                 {"role": "assistant", "content": "a red kibe."}]
     ft = load_config("tiny", ["finetune.task=chat", "finetune.max_len=200"]).finetune
-    encoded = _encode_chat([{"messages": messages}], tokenizer, ft)
+    encoded, lengths = _encode_chat([{"messages": messages}], tokenizer, ft)
     ids, labels, mask = encoded["input_ids"][0], encoded["labels"][0], encoded["attention_mask"][0]
     eos = tokenizer.eos_token
     assert tokenizer.decode(ids[mask.bool()]) == tokenizer.apply_chat_template(messages, tokenize=False)
     assert tokenizer.decode(ids[labels >= 0]) == f"merege lives in vuri.{eos}\na red kibe.{eos}\n"
     assert torch.equal(labels[labels >= 0], ids[labels >= 0])
-    short = _encode_chat([{"messages": messages}], tokenizer, dataclasses.replace(ft, max_len=20))
+    short, short_lengths = _encode_chat([{"messages": messages}], tokenizer, dataclasses.replace(ft, max_len=20))
     assert short["input_ids"].shape == (1, 20) and tokenizer.decode(short["input_ids"][0]).startswith("<|system|>")
+    assert short_lengths == lengths == [int(mask.sum())] and lengths[0] > 20  # the length before the cut
 
 
 @pytest.mark.parametrize("record, message", [

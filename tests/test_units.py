@@ -188,8 +188,9 @@ def test_a_tokenizer_without_pad_token_pads_with_eos_for_classification(tmp_path
     tokenizer = load_tokenizer(str(tmp_path / "gpt2ish"))
     assert tokenizer.pad_token_id == tokenizer.eos_token_id == 0
     ft = load_config("tiny", ["finetune.max_len=4"]).finetune
-    encoded = _encode_classification([{"text": "a b", "label": "x"}, {"text": "b", "label": "y"}], tokenizer, ft,
-                                     {"x": 0, "y": 1})
+    encoded, lengths = _encode_classification([{"text": "a b", "label": "x"}, {"text": "b", "label": "y"}],
+                                              tokenizer, ft, {"x": 0, "y": 1})
+    assert lengths == [2, 1]  # before padding: what the warning about cut examples counts
     assert encoded["input_ids"].tolist() == [[1, 2, 0, 0], [2, 0, 0, 0]]
     assert encoded["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]]
 
