@@ -180,7 +180,7 @@ def test_a_tokenizer_without_pad_token_pads_with_eos_for_classification(tmp_path
     from transformers import PreTrainedTokenizerFast
 
     from ptray.config import load_config
-    from ptray.finetune import _encode_classification
+    from ptray.finetune import _encode_classification, _encode_sft
 
     backend = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "a": 1, "b": 2, "[UNK]": 3}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -191,6 +191,9 @@ def test_a_tokenizer_without_pad_token_pads_with_eos_for_classification(tmp_path
     encoded, lengths = _encode_classification([{"text": "a b", "label": "x"}, {"text": "b", "label": "y"}],
                                               tokenizer, ft, {"x": 0, "y": 1})
     assert lengths == [2, 1]  # before padding: what the warning about cut examples counts
+    sft, sft_lengths = _encode_sft([{"prompt": "a b", "response": "b a"}], tokenizer,
+                                   load_config("tiny", ["finetune.task=sft", "finetune.max_len=3"]).finetune)
+    assert sft["input_ids"].tolist() == [[1, 2, 2]] and sft_lengths == [5]  # prompt 2 + response 2 + EOS, cut to 3
     assert encoded["input_ids"].tolist() == [[1, 2, 0, 0], [2, 0, 0, 0]]
     assert encoded["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]]
 
