@@ -270,8 +270,10 @@ class FinetuneConfig:
     messages_field: str = "messages"
     """chat: the field holding a conversation, a list of {"role": system|user|assistant, "content": text}."""
     max_len: int = 64
-    """Tokens per example (truncated and padded to this length). When it cuts more than 5% of the training examples,
-    the log and the report say how many and the lengths that would keep half and 95% of them whole."""
+    """Tokens per example: longer ones are cut to it. A batch is padded only to its longest example (in training, the
+    longest of its global batch), so a generous max_len costs nothing for short texts. When it cuts more than 5% of the
+    training examples, the log and the report say how many and the lengths that would keep half and 95% of them
+    whole."""
     epochs: int = 3
     """Passes over the labelled training set."""
     lr: float = 1e-3

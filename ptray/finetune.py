@@ -11,6 +11,7 @@ sweep trial) reads it from there. Training runs through the same loop as pretrai
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -717,6 +718,9 @@ class FinetuneTask:
         self.train = data.train
         # Each rank evaluates its own share; `evaluate` sums the counts over ranks, so all ranks get the same metrics.
         self.val = {k: v[rank::world_size] for k, v in data.val.items()}
+        # Examples are padded to max_len; a batch is cut to its longest example (see `_cut`).
+        self.train_lengths, self.val_lengths = (used_lengths(part["attention_mask"]) if part else None
+                                                for part in (self.train, self.val))
         self.num_classes = len(data.id2label)
         self._order: tuple[int, torch.Tensor] | None = None
         self.teacher = None
@@ -745,8 +749,13 @@ class FinetuneTask:
         start = step * sched.global_batch_size + (self.rank * accum + micro_step) * micro
         positions = torch.arange(start, start + micro)
         real = positions < num_examples
-        batch = {k: v[self.epoch_order(state.epoch)[positions.clamp(max=num_examples - 1)]]
-                 for k, v in self.train.items()}
+        order = self.epoch_order(state.epoch)
+        # Cut to the longest example of the whole global batch, which every rank knows: all ranks' micro-batches of a
+        # step keep one shape (one collective shape for ZeRO, fewer recompiles, tokens counted without a sync).
+        in_step = order[torch.arange(step * sched.global_batch_size, (step + 1) * sched.global_batch_size)
+                        .clamp(max=num_examples - 1)]
+        batch = _cut({k: v[order[positions.clamp(max=num_examples - 1)]] for k, v in self.train.items()},
+                     int(self.train_lengths[in_step].max()))
         # DeepSpeed averages the micro-batch losses over ranks and accumulation steps; weighting each real example by
         # world x accum / (real examples in this global batch) makes that the mean over the real examples.
         real_in_step = min(sched.global_batch_size, num_examples - step * sched.global_batch_size)
@@ -792,7 +801,8 @@ class FinetuneTask:
         # [loss sum, weight, then per class: true positives, false positives, false negatives]
         totals = torch.zeros(2 + 3 * self.num_classes, dtype=torch.float64)
         for i in range(0, len(self.val["labels"]), micro):
-            batch = {k: v[i: i + micro].to(engine.device) for k, v in self.val.items()}
+            batch = _cut({k: v[i: i + micro] for k, v in self.val.items()}, int(self.val_lengths[i: i + micro].max()))
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
             logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             weight = len(batch["labels"]) if self.task == "classification" else \
                 int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -812,6 +822,21 @@ class FinetuneTask:
 
     def probe_inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.val["input_ids"][:2], "attention_mask": self.val["attention_mask"][:2]}
+
+
+def used_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per example, the positions through its last attended token, at least 1: what a batch must keep of it. Right
+    padding lies beyond; a left-padded example keeps its whole length (its positions would shift)."""
+    attended = attention_mask.bool()
+    through_last = attended.size(1) - attended.flip(1).int().argmax(1)
+    return torch.where(attended.any(1), through_last, 1)
+
+
+def _cut(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+    """The batch's sequence tensors cut to `length` positions. Only padding goes (attention never reaches it, and
+    SFT labels there are ignored), so the outputs are those of the padded batch: examples no longer cost max_len
+    each (the built-in task's examples are 2-11 tokens long, tiny's max_len is 32)."""
+    return {k: v[:, :length] if v.dim() == 2 else v for k, v in batch.items()}
 
 
 def next_token_loss(lm_logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -871,8 +896,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     task = FinetuneTask(cfg, schedule, data, rank, world_size)
     num_params = sum(p.numel() for p in model.parameters())
     fit(cfg, schedule, task, model, run_dir=loop_config["run_dir"], checkpoint_root=loop_config["run_dir"],
-        tokens_per_step=schedule.global_batch_size * ft.max_len, label="finetune",
-        flops_per_token=flops_per_token(model.config, num_params, ft.max_len),
+        flops_per_token=functools.partial(flops_per_token, model.config, num_params), label="finetune",
         keep_best=loop_config["keep_best"], tracker_stage=loop_config["tracker_stage"],
         tracker_parent=loop_config["tracker_parent"])
 

@@ -17,6 +17,7 @@ import tempfile
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from typing import Protocol
 
 import ray
@@ -39,7 +40,8 @@ class Task(Protocol):
     """What a stage plugs into `fit`."""
 
     def next_batch(self, state: ckpt.TrainerState) -> dict[str, torch.Tensor]:
-        """The next micro-batch for this rank, in host memory; advances `state`'s data position."""
+        """The next micro-batch for this rank, in host memory; advances `state`'s data position. Every rank's
+        micro-batches of a step have the same shape (tokens are counted from it)."""
 
     def loss(self, engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward pass and mean loss of a micro-batch (already on the engine's device)."""
@@ -98,7 +100,7 @@ def setup_worker(cfg: Config):
 
 
 def fit(cfg: Config, schedule: Schedule, task: Task, model: torch.nn.Module, *, run_dir: str, checkpoint_root: str,
-        tokens_per_step: int, flops_per_token: float, label: str, snapshot_steps: tuple[int, ...] = (),
+        flops_per_token: Callable[[int], float], label: str, snapshot_steps: tuple[int, ...] = (),
         keep_best: tuple[str, str] | None = None, bound_to: dict | None = None, tracker_stage: str = "",
         tracker_parent: dict | None = None) -> None:
     """Wrap `model` in DeepSpeed, resume from the newest good checkpoint under `checkpoint_root` if there is one, and
@@ -108,7 +110,9 @@ def fit(cfg: Config, schedule: Schedule, task: Task, model: torch.nn.Module, *, 
     `num_to_keep` says): the driver exports them, to finetune from intermediate points of pretraining.
 
     `schedule` is the stage's optimization (see ptray.schedule); `cfg` gives the cluster, DeepSpeed and model settings.
-    `tokens_per_step` counts sequence positions per optimizer step over all workers (padding included).
+    `flops_per_token(length)`: training FLOPs per token of a sequence of `length` positions (for MFU). Tokens are the
+    sequence positions the model computes, padding included; a step's are this rank's times the world size, since every
+    rank's micro-batches have the same shape (a Task contract: finetuning cuts them to its global batch's longest).
     `keep_best=(metric, mode)`: write a checkpoint only when an evaluation improves `metric` (finetuning keeps just the
     best one anyway); every other evaluation is still reported to Ray, without one, so schedulers see it. Each report
     also carries `best_<metric>`, the best evaluation so far.
@@ -181,6 +185,7 @@ def fit(cfg: Config, schedule: Schedule, task: Task, model: torch.nn.Module, *, 
     window_loss = torch.zeros((), device=engine.device)
     window_fingerprint = 0  # which tokens were trained on (summed over ranks when logged)
     window_steps, window_updates, window_data_wait, window_start = 0, 0, 0.0, time.perf_counter()
+    window_tokens, window_flops = 0, 0.0
     window_paused = 0.0  # evaluation and checkpoint time inside the window: not training throughput
     paused_total = {"eval": 0.0, "checkpoint": 0.0}  # over the run, for the closing time breakdown
     # Where training time goes, host-side (on CPU the work itself; on a GPU the time to queue it, unless a phase waits:
@@ -206,10 +211,14 @@ def fit(cfg: Config, schedule: Schedule, task: Task, model: torch.nn.Module, *, 
         lr = p.lr_at(state.step)
         ds.set_lr(engine, lr)
         step_loss = torch.zeros((), device=engine.device)
+        step_tokens = 0
         for micro_step in range(p.grad_accum_steps):
             wait_start = time.perf_counter()
             batch = task.next_batch(state)
             window_fingerprint += fingerprint(batch["input_ids"])
+            positions = batch["input_ids"].numel() * world_size  # over all ranks: they have the same shapes
+            step_tokens += positions
+            window_flops += positions * flops_per_token(batch["input_ids"].shape[1])
             batch = to_device(batch, engine.device)
             forward_start = time.perf_counter()
             window_data_wait += forward_start - wait_start
@@ -233,7 +242,8 @@ def fit(cfg: Config, schedule: Schedule, task: Task, model: torch.nn.Module, *, 
         phases["step"] += time.perf_counter() - step_start
         started_training()  # from here on a failure may be transient: the driver may retry it
         state.step += 1
-        state.tokens += tokens_per_step
+        state.tokens += step_tokens
+        window_tokens += step_tokens
         if profiler:
             profiler.step()
         window_steps += 1
@@ -254,11 +264,11 @@ def fit(cfg: Config, schedule: Schedule, task: Task, model: torch.nn.Module, *, 
             fingerprint_sum = torch.tensor(window_fingerprint, dtype=torch.int64, device=engine.device)
             dist.all_reduce(fingerprint_sum)
             elapsed = time.perf_counter() - window_start - window_paused
-            tokens_per_s = window_steps * tokens_per_step / elapsed
+            tokens_per_s = window_tokens / elapsed
             mean_loss = window_loss.item() / (world_size * window_updates) if window_updates else float("nan")
             metrics = {"step": state.step, "loss": mean_loss, "lr": lr,
                        "tokens": state.tokens, "tokens_per_s": tokens_per_s,
-                       "mfu": flops_per_token * tokens_per_s / (peak_flops * world_size),
+                       "mfu": window_flops / elapsed / (peak_flops * world_size),
                        "data_wait_s": window_data_wait / window_steps, "grad_norm": ds.grad_norm(engine),
                        "epoch": state.epoch, "skipped_steps": state.skipped_steps,
                        "data_fingerprint": int(fingerprint_sum.item())}
@@ -272,7 +282,7 @@ def fit(cfg: Config, schedule: Schedule, task: Task, model: torch.nn.Module, *, 
             window_loss.zero_()
             window_fingerprint = 0
             window_steps, window_updates, window_data_wait, window_start = 0, 0, 0.0, time.perf_counter()
-            window_paused = 0.0
+            window_tokens, window_flops, window_paused = 0, 0.0, 0.0
             phases["logging"] += window_start - logging_start
 
         if nonfinite_in_a_row >= p.max_nonfinite_steps:

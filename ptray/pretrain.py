@@ -12,6 +12,7 @@ Re-running the same command (same run.name / run.dir) resumes from the latest ch
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -370,6 +371,5 @@ def train_loop_per_worker(loop_config: dict) -> None:
         task = LanguageModelingTask(cfg, manifest, loop_config["prepared_dir"], rank, world_size)
     fit(cfg, pretrain_schedule(cfg), task, model, run_dir=loop_config["run_dir"],
         checkpoint_root=loop_config["checkpoint_root"],
-        tokens_per_step=cfg.pretrain.global_batch_size * manifest.seq_len,
-        flops_per_token=flops_per_token(model.config, num_params(model), cfg.data.seq_len), label="pretrain",
+        flops_per_token=functools.partial(flops_per_token, model.config, num_params(model)), label="pretrain",
         snapshot_steps=tuple(cfg.sweep.pretrained_steps), bound_to=loop_config["bound_to"])

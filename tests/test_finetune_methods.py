@@ -207,6 +207,53 @@ def test_label_smoothing_in_the_training_loss_only():
     assert task.evaluate(engine)["val_loss"] == pytest.approx(val_loss)  # comparable across label_smoothing values
 
 
+@pytest.mark.parametrize("family,overrides", [("gpt2", ["finetune.pooling=mean"]), ("gpt2", ["finetune.pooling=last"]),
+                                              ("llama", ["finetune.pooling=mean"]),
+                                              ("bert", ["finetune.pooling=cls", "pretrain.objective=mlm"]),
+                                              ("gpt2", ["finetune.task=sft"])])
+def test_batches_are_cut_to_the_longest_example_of_their_global_batch_and_lose_nothing(random_models, family,
+                                                                                        overrides):
+    # 11 examples right-padded to 12 positions; 2 ranks x micro-batch 2 x 2 accumulation steps = 8 a step, 2 steps.
+    cfg = load_config("tiny", ["cluster.num_workers=2", "finetune.micro_batch_size=2", "finetune.global_batch_size=8",
+                               "finetune.max_len=12", f"model.family={family}", *overrides])
+    lengths = torch.tensor([3, 1, 5, 2, 4, 3, 2, 9, 1, 2, 3])
+    n, max_len, world, accum = len(lengths), 12, 2, 2
+    mask = (torch.arange(max_len) < lengths[:, None]).long()
+    ids = torch.randint(1, 128, (n, max_len), generator=torch.Generator().manual_seed(2)) * mask  # pad id 0
+    labels = torch.where(mask == 1, ids, -100) if cfg.finetune.task == "sft" else torch.arange(n) % 3
+    data = LabelledData(train={"input_ids": ids, "attention_mask": mask, "labels": labels},
+                        val={"input_ids": ids, "attention_mask": mask, "labels": labels}, id2label=LABELS)
+    schedule = finetune_schedule(cfg, n, n)
+    tasks = [FinetuneTask(cfg, schedule, data, rank=r, world_size=world) for r in range(world)]
+    states = [ckpt.TrainerState(world_size=world) for _ in range(world)]
+    torch.manual_seed(0)
+    model = finetune_model(cfg, random_models[family], len(LABELS), LABELS).eval()
+    engine = lambda input_ids, attention_mask: model(input_ids=input_ids, attention_mask=attention_mask)  # noqa: E731
+    engine.device = torch.device("cpu")
+    order = tasks[0].epoch_order(0)
+
+    def padded(batch):  # the batch as it was before the cut: padding back to max_len
+        return {k: F.pad(v, (0, max_len - v.shape[1]), value=-100 if k == "labels" else 0) if v.dim() == 2 else v
+                for k, v in batch.items()}
+
+    for step in range(schedule.steps_per_epoch):
+        batches = [task.next_batch(state) for task, state in zip(tasks, states) for _ in range(accum)]
+        longest = int(lengths[order[step * 8: (step + 1) * 8]].max())
+        assert longest < max_len and {b["input_ids"].shape[1] for b in batches} == {longest}  # one shape, all ranks
+        with torch.no_grad():
+            for task, batch in zip([t for t in tasks for _ in range(accum)], batches):
+                for row, row_mask in zip(batch["input_ids"], batch["attention_mask"]):  # every attended token kept
+                    example = int(torch.nonzero((ids[:, :longest] == row).all(1))[0])
+                    assert int(row_mask.sum()) == lengths[example]
+                assert task.loss(engine, batch).item() == pytest.approx(task.loss(engine, padded(batch)).item(),
+                                                                        rel=1e-5, abs=1e-6)
+    uncut = FinetuneTask(cfg, schedule, data, rank=0, world_size=1)
+    uncut.val_lengths = torch.full((n,), max_len)  # evaluation cuts each micro-batch to its own longest example
+    with torch.no_grad():
+        cut_metrics, uncut_metrics = FinetuneTask(cfg, schedule, data, 0, 1).evaluate(engine), uncut.evaluate(engine)
+    assert cut_metrics == pytest.approx(uncut_metrics, rel=1e-5)
+
+
 def test_every_labelled_example_is_seen_once_per_epoch_and_the_step_loss_is_their_mean():
     # 37 examples, 2 ranks x micro-batch 4 x 2 accumulation steps = 16 per step: 3 steps per epoch, the last one padded.
     cfg = load_config("tiny", ["cluster.num_workers=2", "finetune.micro_batch_size=4", "finetune.global_batch_size=16"])
