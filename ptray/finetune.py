@@ -751,7 +751,7 @@ class FinetuneTask:
         real = positions < num_examples
         order = self.epoch_order(state.epoch)
         # Cut to the longest example of the whole global batch, which every rank knows: all ranks' micro-batches of a
-        # step keep one shape (one collective shape for ZeRO, fewer recompiles, tokens counted without a sync).
+        # step keep one shape, so `fit` counts the step's tokens without a sync (and torch.compile sees fewer shapes).
         in_step = order[torch.arange(step * sched.global_batch_size, (step + 1) * sched.global_batch_size)
                         .clamp(max=num_examples - 1)]
         batch = _cut({k: v[order[positions.clamp(max=num_examples - 1)]] for k, v in self.train.items()},
@@ -801,8 +801,8 @@ class FinetuneTask:
         # [loss sum, weight, then per class: true positives, false positives, false negatives]
         totals = torch.zeros(2 + 3 * self.num_classes, dtype=torch.float64)
         for i in range(0, len(self.val["labels"]), micro):
-            batch = _cut({k: v[i: i + micro] for k, v in self.val.items()}, int(self.val_lengths[i: i + micro].max()))
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            batch = _cut({k: v[i: i + micro].to(engine.device) for k, v in self.val.items()},
+                         int(self.val_lengths[i: i + micro].max()))
             logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             weight = len(batch["labels"]) if self.task == "classification" else \
                 int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
