@@ -306,3 +306,36 @@ def test_minhash_removes_planted_near_duplicates(ray_local, tmp_path):
     assert not lost  # no cluster loses every copy
     summary = " ".join(_data_summary(str(tmp_path / "run")))  # the report's data section says how many
     assert f"{len(removed):,} near-duplicate documents dropped (MinHash, similarity >= 0.8)" in summary
+
+
+def test_the_local_session_hands_its_settings_to_workers_through_their_environment(ray_local):
+    """Local mode gives Ray no job runtime_env (with one, none of the workers Ray prestarts can be used, and every
+    first task waits for a new process): the settings and the quieting hook reach the workers through the
+    environment they inherit, and the driver's own environment is left as it was."""
+    import logging
+    import os
+
+    import ray
+
+    from ptray.session import drop_trial_stop_race
+
+    def worker_view():
+        controller = logging.getLogger("ray.train.v2._internal.execution.controller.controller")
+        cleaner = logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner")
+        filters = [getattr(f, "__name__", "") for f in controller.filters]
+        return (os.environ.get("DS_ACCELERATOR"), os.environ.get("RAY_ADDRESS"), cleaner.level,
+                drop_trial_stop_race.__name__ in filters)
+
+    assert ray.get_runtime_context().runtime_env == {}
+    accelerator, address, cleaner_level, filtered = ray.get(ray.remote(worker_view).remote())
+    assert accelerator == "cpu" and address == ray.get_runtime_context().gcs_address
+    assert cleaner_level == logging.ERROR and filtered
+    assert "RAY_ADDRESS" not in os.environ and "RAY_GCS_SERVER_PORT" not in os.environ
+
+    def record(message):
+        return logging.LogRecord("controller", logging.ERROR, __file__, 1, message, None, None)
+
+    stopped = ("Error in control loop iteration: The actor died unexpectedly before finishing this task.\n\t"
+               "class_name: _QueueActor\nThe actor is dead because its owner has died.")
+    assert not drop_trial_stop_race(record(stopped))
+    assert drop_trial_stop_race(record("Error in control loop iteration: worker group failed"))
