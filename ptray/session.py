@@ -70,7 +70,7 @@ def ray_session(cfg: Config):
         # The settings reach Ray's processes through the environment they inherit from this one (Ray's own processes
         # start from here, its workers from them), not through a job runtime_env: Ray prestarts a worker per CPU
         # without any runtime_env, and a job that has one can use none of them, so each of its first tasks waited
-        # for a fresh process (prepare of 1,513 manual pages: 4.1 s -> 2.9 s without).
+        # for a fresh process (prepare of 1,513 manual pages: 4.3 s -> 3.4 s without).
         inherited = {**runtime_env["env_vars"], "RAY_GCS_SERVER_PORT": str(gcs_port)}
         if not verbose():  # the setup hook by module path, as runtime_env's worker_process_setup_hook passes it on
             inherited[WORKER_PROCESS_SETUP_HOOK_ENV_VAR] = f"{__name__}.{quiet_ray_process.__name__}"
