@@ -43,7 +43,7 @@ from ptray.data.clean import doc_hash, is_validation
 from ptray.data.readers import expand_files
 from ptray.data.tokenizer import load_tokenizer, tokenizer_hash
 from ptray.errors import ConfigError, DataError
-from ptray.loop import fit, raise_if_stopped, setup_worker, worker_entry
+from ptray.loop import fit, raise_if_stopped, setup_worker, to_device, worker_entry
 from ptray.model import check_attention, flops_per_token
 from ptray.objectives import IGNORE_INDEX
 from ptray.schedule import Schedule
@@ -801,8 +801,9 @@ class FinetuneTask:
         # [loss sum, weight, then per class: true positives, false positives, false negatives]
         totals = torch.zeros(2 + 3 * self.num_classes, dtype=torch.float64)
         for i in range(0, len(self.val["labels"]), micro):
-            batch = _cut({k: v[i: i + micro].to(engine.device) for k, v in self.val.items()},
-                         int(self.val_lengths[i: i + micro].max()))
+            # cut on the host, so only the kept positions are copied to the device
+            batch = to_device(_cut({k: v[i: i + micro] for k, v in self.val.items()},
+                                   int(self.val_lengths[i: i + micro].max())), engine.device)
             logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             weight = len(batch["labels"]) if self.task == "classification" else \
                 int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
