@@ -11,6 +11,7 @@ import sys
 import time
 
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 from transformers import AutoModelForCausalLM
 
@@ -114,6 +115,34 @@ def test_prepare_pretrain_export_and_resume_through_s3(ray_with_s3, tmp_path, ca
     assert SECRET not in (run_dir / "config.yaml").read_text()
     assert f"{bucket}/checkpoints" in (run_dir / "config.yaml").read_text()
     assert SECRET not in out
+
+
+def test_a_corpus_of_several_buckets_shuffles_through_the_object_store(ray_with_s3, tmp_path, monkeypatch):
+    """Above 64 MiB of text (here 8 KiB) prepare shuffles documents through bucket files beside its output: on S3
+    they are written, gathered and deleted like local ones, and the same documents come out."""
+    from ptray.data import prepare as prepare_module
+
+    bucket = ray_with_s3
+    write_builtin_corpus(str(tmp_path / "corpus"), 300)
+    storage.copy_dir(str(tmp_path / "corpus"), f"{bucket}/bucketed-corpus")
+    overrides = [f"data.train_files=[{bucket}/bucketed-corpus/*.txt]", "data.builtin_docs=300"]
+    whole = prepare_module.prepare(tiny_config(tmp_path / "whole", *overrides))
+    monkeypatch.setattr(prepare_module, "PARTITION_BYTES", 8192)
+    bucketed = prepare_module.prepare(tiny_config(tmp_path, *overrides, f"data.prepared_dir={bucket}/bucketed"))
+    docs = _doc_files(f"{bucket}/bucketed")
+    assert len(docs) > 4 and all("/docs/split=" in f for f in docs), docs  # several buckets, none left behind
+    assert bucketed.num_docs == whole.num_docs
+    assert _texts(docs) == _texts(_doc_files(str(tmp_path / "whole" / "data")))
+
+
+def _doc_files(prepared_dir: str) -> list[str]:
+    return [f for f in storage.list_files(prepared_dir, ".parquet") if "/docs/" in f]
+
+
+def _texts(files: list[str]) -> list[str]:
+    tables = [pq.read_table(inner, columns=["text"], filesystem=fs)
+              for fs, inner in map(storage.filesystem_for, files)]
+    return sorted(text for table in tables for text in table["text"].to_pylist())
 
 
 def test_missing_bucket_and_credentials_in_uri_are_clear_errors(ray_with_s3, tmp_path):

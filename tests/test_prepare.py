@@ -1,6 +1,7 @@
 """`prepare` on a real local Ray: mixed formats, cleaning, dedup, packing, manifest, and bad input."""
 
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -192,8 +193,9 @@ def test_preparing_twice_gives_byte_identical_shards(prepared, tmp_path):
 
 
 def test_several_hash_partitions_keep_the_same_documents(prepared, tmp_path, monkeypatch):
-    """A corpus larger than one partition (64 MiB of text; here 4 KiB) goes through Ray Data's keyed shuffle:
-    duplicates still meet and are dropped, and exactly the documents of the one-partition path survive."""
+    """A corpus larger than one partition (64 MiB of text; here 4 KiB) is shuffled through bucket files: duplicates
+    still meet and are dropped, exactly the documents of the one-partition path survive, a second prepare gives the
+    same shards, and no bucket file is left behind."""
     from ptray.data import prepare as prepare_module
 
     cfg, manifest = prepared
@@ -205,6 +207,9 @@ def test_several_hash_partitions_keep_the_same_documents(prepared, tmp_path, mon
     assert parts.num_docs == manifest.num_docs
     for split in ("train", "val"):
         assert sorted(_docs_of(parts_cfg, split)) == sorted(_docs_of(cfg, split))
+    assert sorted(os.listdir(f"{_version_dir(parts_cfg, parts)}/docs")) == ["split=train", "split=val"]
+    again = prepare(tiny_config(cfg.run_dir, *_overrides(cfg), f"data.prepared_dir={tmp_path}/again"))
+    assert again.content_hash == parts.content_hash != manifest.content_hash
 
 
 def _overrides(cfg):

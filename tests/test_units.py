@@ -11,7 +11,7 @@ import torch
 
 from ptray.config import load_config
 from ptray.data import clean
-from ptray.data.clean import clean_batch, clean_text, is_validation, shuffle_block
+from ptray.data.clean import clean_batch, clean_text, is_validation, shuffle_order
 from ptray.data.pack import encode_documents, pack_rows
 from ptray.data.readers import corpus_pieces, expand_files, piece_texts
 from ptray.data.tokenizer import end_of_document_id, fast_tokenizer, load_tokenizer, train_bpe
@@ -58,18 +58,21 @@ def test_clean_batch_drops_short_docs_and_splits_by_hash():
                       val_fraction=0.5, seed=0)
     assert list(out["text"]) == ["a long enough document here"] * 2
     assert out["split"][0] == out["split"][1]  # duplicates always share a split
-    assert len(shuffle_block(out, dedup=True, seed=0)["text"]) == 1
-    assert len(shuffle_block(out, dedup=False, seed=0)["text"]) == 2
+    assert len(shuffle_order(out["doc_hash"], dedup=True, seed=0)) == 1
+    assert len(shuffle_order(out["doc_hash"], dedup=False, seed=0)) == 2
 
 
-def test_shuffle_block_orders_documents_by_a_seeded_key_whatever_their_input_order():
+def test_shuffle_order_orders_documents_by_a_seeded_key_whatever_their_input_order():
     texts = np.array([f"document number {i}" for i in range(50)], dtype=object)
     batch = clean_batch({"text": texts}, normalize_unicode=True, strip_html=True, collapse_whitespace=True,
                         min_chars=1, val_fraction=0.0, seed=0)
     reversed_batch = {k: v[::-1] for k, v in batch.items()}
-    once = list(shuffle_block(batch, dedup=True, seed=3)["text"])
-    assert once == list(shuffle_block(reversed_batch, dedup=True, seed=3)["text"])  # input order does not matter
-    assert once != list(texts) and once != list(shuffle_block(batch, dedup=True, seed=4)["text"])
+
+    def shuffled(batch, seed):
+        return list(batch["text"][shuffle_order(batch["doc_hash"], dedup=True, seed=seed)])
+    once = shuffled(batch, seed=3)
+    assert once == shuffled(reversed_batch, seed=3)  # input order does not matter
+    assert once != list(texts) and once != shuffled(batch, seed=4)
 
 
 @pytest.mark.parametrize("suffix", [".txt", ".jsonl"])

@@ -83,15 +83,17 @@ def shuffle_key(hashes: np.ndarray, seed: int) -> np.ndarray:
         return (z ^ (z >> np.uint64(31))).astype(np.int64)
 
 
+def shuffle_order(hashes: np.ndarray, *, dedup: bool, seed: int, drop: np.ndarray | None = None) -> np.ndarray:
+    """The positions of a hash partition's documents in a seeded order; with `dedup`, one of each (equal hashes share
+    a partition); without the documents whose hashes are in `drop` (near-duplicates, see ptray.data.minhash)."""
+    keep = np.unique(hashes, return_index=True)[1] if dedup else np.arange(len(hashes))
+    if drop is not None and len(drop):
+        keep = keep[~np.isin(hashes[keep], drop)]
+    return keep[np.argsort(shuffle_key(hashes[keep], seed), kind="stable")]
+
+
 def shuffle_block(batch: dict[str, np.ndarray], *, dedup: bool, seed: int,
                   drop: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """A hash partition's documents in a seeded order; with `dedup`, one of each (equal hashes share a partition);
-    without the documents whose hashes are in `drop` (near-duplicates, see ptray.data.minhash)."""
-    if dedup:
-        _, first = np.unique(batch["doc_hash"], return_index=True)
-        batch = {k: v[first] for k, v in batch.items()}
-    if drop is not None and len(drop):
-        keep = ~np.isin(batch["doc_hash"], drop)
-        batch = {k: v[keep] for k, v in batch.items()}
-    order = np.argsort(shuffle_key(batch["doc_hash"], seed), kind="stable")
+    """A hash partition's documents in the order of `shuffle_order`."""
+    order = shuffle_order(batch["doc_hash"], dedup=dedup, seed=seed, drop=drop)
     return {k: v[order] for k, v in batch.items()}
