@@ -91,9 +91,3 @@ def shuffle_order(hashes: np.ndarray, *, dedup: bool, seed: int, drop: np.ndarra
         keep = keep[~np.isin(hashes[keep], drop)]
     return keep[np.argsort(shuffle_key(hashes[keep], seed), kind="stable")]
 
-
-def shuffle_block(batch: dict[str, np.ndarray], *, dedup: bool, seed: int,
-                  drop: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """A hash partition's documents in the order of `shuffle_order`."""
-    order = shuffle_order(batch["doc_hash"], dedup=dedup, seed=seed, drop=drop)
-    return {k: v[order] for k, v in batch.items()}
