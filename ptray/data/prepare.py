@@ -253,8 +253,10 @@ def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> tuple[dic
     d = cfg.data
     check_records(files, d.text_field, d.max_bad_fraction, max_tasks=_cores_of_one_machine_cluster())
     pieces = corpus_pieces(files)
+    # On one machine, a task per core: each task beyond the prestarted workers starts a process (a second of CPU).
+    tasks = ray.data.TaskPoolStrategy(size=_cores_of_one_machine_cluster())
     cleaned = ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(  # lazy: each use reads anew
-        _read_and_clean, batch_format="numpy", batch_size=1, concurrency=_cores_of_one_machine_cluster(),
+        _read_and_clean, batch_format="numpy", batch_size=1, compute=tasks,
         fn_kwargs=dict(text_field=d.text_field, normalize_unicode=d.normalize_unicode, strip_html=d.strip_html,
                        collapse_whitespace=d.collapse_whitespace, min_chars=d.min_chars,
                        val_fraction=d.val_fraction, seed=cfg.run.seed))
@@ -283,7 +285,7 @@ def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> tuple[dic
                             ).write_parquet(buckets_dir, partition_cols=["bucket"])
         buckets = [{"dir": storage.join(buckets_dir, name)} for name in storage.list_dirs(buckets_dir)]
         docs = ray.data.from_items(buckets, override_num_blocks=max(len(buckets), 1)).map_batches(
-            _gather_bucket, batch_format="pyarrow", batch_size=1, concurrency=_cores_of_one_machine_cluster(),
+            _gather_bucket, batch_format="pyarrow", batch_size=1, compute=tasks,
             fn_kwargs=order)
     docs.write_parquet(docs_dir, partition_cols=["split"])
     storage.delete_dir(storage.join(docs_dir, "_buckets"))
