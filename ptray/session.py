@@ -153,9 +153,11 @@ def quiet_ray_process() -> None:
 def drop_trial_stop_race(record: logging.LogRecord) -> bool:
     """A logging filter for Ray Train's controller. When Tune stops a sweep trial, Ray ends the trial's processes
     together; the trial's controller may still report once to the trial's result queue (an actor the trial owned,
-    already gone) and log the failure with a traceback. That is the stop, not an error: drop that one record."""
+    already gone because its owner died or its placement group was removed) and log the failure with a traceback.
+    That is the stop, not an error: drop that one record."""
     message = record.getMessage()
-    return not ("_QueueActor" in message and "its owner has died" in message)
+    return not ("_QueueActor" in message and ("its owner has died" in message
+                                              or "its placement group was removed" in message))
 
 
 def exit_at_once_if_torn_down() -> None:

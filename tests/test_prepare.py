@@ -343,4 +343,8 @@ def test_the_local_session_hands_its_settings_to_workers_through_their_environme
     stopped = ("Error in control loop iteration: The actor died unexpectedly before finishing this task.\n\t"
                "class_name: _QueueActor\nThe actor is dead because its owner has died.")
     assert not drop_trial_stop_race(record(stopped))
+    removed = stopped.replace("its owner has died", "its worker process has died. Worker exit type: "
+                              "INTENDED_SYSTEM_EXIT Worker exit detail: Destroying worker since its placement group "
+                              "was removed")
+    assert not drop_trial_stop_race(record(removed))
     assert drop_trial_stop_race(record("Error in control loop iteration: worker group failed"))
