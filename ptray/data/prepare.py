@@ -311,10 +311,9 @@ def _add_bucket(docs: pa.Table, *, num_buckets: int) -> pa.Table:
 def _gather_bucket(bucket: pa.Table, **order) -> pa.Table:
     """All documents of one bucket (what every reading task wrote to its directory), deduplicated and shuffled."""
     files = storage.list_files(bucket["dir"][0].as_py(), ".parquet")
-    fs, _ = storage.filesystem_for(files[0])
     return _dedup_and_shuffle(pa.concat_tables(
-        [pq.read_table(storage.filesystem_for(f)[1], columns=["text", "doc_hash", "split"], filesystem=fs)
-         for f in files]), **order)
+        [pq.read_table(inner, columns=["text", "doc_hash", "split"], filesystem=fs)
+         for fs, inner in map(storage.filesystem_for, files)]), **order)
 
 
 def _dedup_and_shuffle(docs: pa.Table, **order) -> pa.Table:
