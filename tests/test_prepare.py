@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -226,6 +227,19 @@ def test_a_given_tokenizer_is_used_as_it_is(prepared, tmp_path):
     again = prepare(tiny_config(tmp_path, *_overrides(cfg), f"data.tokenizer_path={given}", "data.vocab_size=999"))
     assert again.tokenizer_hash == manifest.tokenizer_hash and again.vocab_size == manifest.vocab_size
     assert again.content_hash == manifest.content_hash  # the same tokenizer on the same corpus: the same rows
+
+
+def test_a_one_file_corpus_prepares_without_library_warnings(ray_local, corpus, tmp_path):
+    """One small file is one reading task: asking Ray Data for a task per core anyway makes it print a UserWarning
+    on the user's console ("The maximum number of concurrent tasks ... is set to 2, but the operator only received 1
+    input(s)")."""
+    cfg = tiny_config(tmp_path, f"data.train_files=[{corpus}/a.txt]", f"data.seq_len={SEQ_LEN}", "data.vocab_size=400",
+                      "data.min_chars=10")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        manifest = prepare(cfg)
+    assert manifest.num_docs["train"] > 0
+    assert not [f"{w.category.__name__}: {w.message}" for w in caught]
 
 
 def _real_docstrings() -> list[str]:

@@ -251,10 +251,11 @@ def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> tuple[dic
     """Clean, deduplicate and shuffle the corpus into `docs_dir`; returns (documents per split, near-duplicates
     dropped)."""
     d = cfg.data
-    check_records(files, d.text_field, d.max_bad_fraction, max_tasks=_cores_of_one_machine_cluster())
+    cores = _cores_of_one_machine_cluster()
+    check_records(files, d.text_field, d.max_bad_fraction, max_tasks=cores)
     pieces = corpus_pieces(files)
     # On one machine, a task per core: each task beyond the prestarted workers starts a process (a second of CPU).
-    tasks = ray.data.TaskPoolStrategy(size=_cores_of_one_machine_cluster())
+    tasks = ray.data.TaskPoolStrategy(size=cores and min(cores, len(pieces)))  # more than inputs: Ray Data warns
     cleaned = ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(  # lazy: each use reads anew
         _read_and_clean, batch_format="numpy", batch_size=1, compute=tasks,
         fn_kwargs=dict(text_field=d.text_field, normalize_unicode=d.normalize_unicode, strip_html=d.strip_html,
@@ -285,7 +286,8 @@ def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> tuple[dic
                             ).write_parquet(buckets_dir, partition_cols=["bucket"])
         buckets = [{"dir": storage.join(buckets_dir, name)} for name in storage.list_dirs(buckets_dir)]
         docs = ray.data.from_items(buckets, override_num_blocks=max(len(buckets), 1)).map_batches(
-            _gather_bucket, batch_format="pyarrow", batch_size=1, compute=tasks,
+            _gather_bucket, batch_format="pyarrow", batch_size=1,
+            compute=ray.data.TaskPoolStrategy(size=cores and min(cores, len(buckets))),
             fn_kwargs=order)
     docs.write_parquet(docs_dir, partition_cols=["split"])
     storage.delete_dir(storage.join(docs_dir, "_buckets"))
