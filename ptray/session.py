@@ -62,6 +62,10 @@ def ray_session(cfg: Config):
         # One machine is never preempted: no watcher actor per Train run (one process fewer to start for every run
         # and sweep trial, about 5 s each on 2 cores, and no start-up warning of its own on the console).
         runtime_env["env_vars"].setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # The raylet starts at most this many worker processes at a time and warns on the console once 4x as many are
+        # alive; Ray caps it at the cores (2 here), below the logical CPUs it prestarts workers for, so every sweep
+        # printed "WARNING: 8 PYTHON worker processes have been started ..." for processes it was asked to run.
+        runtime_env["env_vars"].setdefault("RAY_worker_maximum_startup_concurrency", str(num_cpus))
         # Ray Train's placement-group cleaner finds "its" cluster by auto-detection, which fails as soon as a second Ray
         # runs on this machine (another ptray, a test): the next trial's workers then never start. So the GCS gets a
         # port chosen here, and every worker of this session is told the address.

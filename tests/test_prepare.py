@@ -362,3 +362,24 @@ def test_the_local_session_hands_its_settings_to_workers_through_their_environme
                               "was removed")
     assert not drop_trial_stop_race(record(removed))
     assert drop_trial_stop_race(record("Error in control loop iteration: worker group failed"))
+
+
+def test_a_local_session_runs_many_processes_without_raylet_warnings(ray_local, capfd):
+    """A sweep runs trials side by side, each with a controller and its workers, beside the workers Ray prestarts.
+    Ray caps the raylet's start-up concurrency at the cores and warns on the console once 4x as many worker processes
+    are alive ("WARNING: 8 PYTHON worker processes have been started ..."): local mode raises it to its logical CPUs."""
+    import time
+
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Idle:
+        def pid(self) -> int:
+            return os.getpid()
+
+    actors = [Idle.remote() for _ in range(16)]  # with Ray's cap of 2 on 2 cores, 16 live workers printed it
+    assert len(set(ray.get([a.pid.remote() for a in actors]))) == 16
+    time.sleep(2)  # the raylet's warning reaches the driver's console asynchronously
+    assert "worker processes have been started" not in "".join(capfd.readouterr())
+    for actor in actors:
+        ray.kill(actor)
