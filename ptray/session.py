@@ -152,6 +152,16 @@ def quiet_ray_process() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=r"`ExecutionOptions\.exclude_resources` is deprecated")
+    sys.unraisablehook = drop_exit_in_finalizer
+
+
+def drop_exit_in_finalizer(unraisable) -> None:
+    """sys.unraisablehook of Ray's worker processes. Ray stops a process (a sweep trial that Tune ends) with SIGTERM,
+    whose handler raises SystemExit wherever the process is. Inside a finalizer (a weakref callback, a __del__)
+    Python cannot raise it, and prints "Exception ignored in ..." with a traceback: that is the stop, not an error.
+    Anything else goes to Python's own hook."""
+    if not issubclass(unraisable.exc_type, SystemExit):
+        sys.__unraisablehook__(unraisable)
 
 
 def drop_trial_stop_race(record: logging.LogRecord) -> bool:

@@ -580,6 +580,40 @@ def test_a_worker_torn_down_mid_step_exits_without_a_fatal_error_stack(guarded):
         assert done.returncode == -6 and "Fatal Python error: Aborted" in done.stderr
 
 
+EXIT_IN_A_FINALIZER = """
+import sys, weakref
+from ptray.session import quiet_ray_process
+
+if sys.argv[1] == "quiet":
+    quiet_ray_process()
+
+class Thing:
+    pass
+
+def on_collect(_):  # Ray's SIGTERM handler, arriving while a weakref callback runs
+    raise SystemExit(1)
+
+def on_collect_bug(_):
+    raise ValueError("a real error in a finalizer")
+
+thing, other = Thing(), Thing()
+refs = weakref.ref(thing, on_collect), weakref.ref(other, on_collect_bug)
+del thing, other
+"""
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_a_stopped_ray_process_prints_no_traceback_from_a_finalizer(quiet):
+    """Tune ends a sweep trial's process with SIGTERM; when the handler's SystemExit lands inside a finalizer, Python
+    printed "Exception ignored in ..." and a traceback on the user's console. Other errors there still print."""
+    import subprocess
+
+    args = [sys.executable, "-c", EXIT_IN_A_FINALIZER, "quiet" if quiet else "bare"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "ValueError: a real error in a finalizer" in done.stderr
+    assert ("SystemExit" in done.stderr) is not quiet, done.stderr
+
+
 def _tiny_causal_lm(family: str, attention: str, seed: int = 0):
     from ptray.config import ModelConfig
     from ptray.model import build_model
