@@ -175,7 +175,8 @@ def cut_note(lengths: list[int], max_len: int) -> str:
     note = (f"{cut:,} of {len(lengths):,} training examples ({cut / len(lengths):.0%}) are longer than "
             f"finetune.max_len={max_len} tokens and lose their end; half of the examples fit in "
             f"{int(np.percentile(lengths, 50))} tokens, 95% in {int(np.percentile(lengths, 95))}. Raise "
-            "finetune.max_len (up to the model's positions) to keep more of each text.")
+            "finetune.max_len to keep more of each text, up to the model's positions (model.max_positions when it was "
+            "pretrained: a model pretrained with more positions can read more).")
     print(f"[finetune] warning: {note}", flush=True)
     return note
 
