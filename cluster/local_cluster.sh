@@ -11,6 +11,9 @@
 set -euo pipefail
 NUM_CPUS="${NUM_CPUS:-$(( $(nproc) + 2 ))}"
 PORT="${RAY_PORT:-6379}"
+# Ray lets a raylet start at most min(cores, CPUs) workers at a time and warns on the console once 4x that many are
+# alive; here the nodes share the cores and advertise more CPUs, so a sweep would print that warning for what it asked.
+export RAY_worker_maximum_startup_concurrency="${RAY_worker_maximum_startup_concurrency:-$NUM_CPUS}"
 case "${1:-}" in
   start)
     ray start --head --node-ip-address 127.0.0.1 --port "$PORT" --dashboard-host 127.0.0.1 --dashboard-port 8265 \
