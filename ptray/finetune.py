@@ -369,14 +369,16 @@ def finetune(cfg: Config) -> dict:
     return {"metrics": result.metrics, "best": best, "train_dir": os.path.join(out, name)}
 
 
-def best_checkpoint(train_dir: str, metric: str, mode: str) -> dict:
-    """The recorded checkpoint of a Train run with the best `metric` (each checkpoint carries its metrics.json)."""
+def best_checkpoint(train_dir: str, metric: str, mode: str, last_step: int | None = None) -> dict:
+    """The recorded checkpoint of a Train run with the best `metric` (each checkpoint carries its metrics.json); with
+    `last_step`, among those up to that step (a sweep trial that ASHA stopped there)."""
     found = []
     for path in glob.glob(os.path.join(train_dir, "checkpoint_*")):
         metrics_file = os.path.join(path, ckpt.METRICS)
         if os.path.isfile(metrics_file):
             metrics = json.load(open(metrics_file))
-            if metric in metrics and math.isfinite(metrics[metric]):
+            in_time = last_step is None or metrics.get("step", 0) <= last_step
+            if metric in metrics and math.isfinite(metrics[metric]) and in_time:
                 found.append({"path": path, "metrics": metrics})
     if not found:
         raise ConfigError(f"no checkpoint in {train_dir} reports a finite {metric!r}; the metrics ptray reports are "

@@ -33,9 +33,10 @@ import ray
 from ray import tune
 from ray.tune import ExperimentAnalysis
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
+from ptray.asha import OrderedASHA, rungs, stop_steps
 from ptray.config import DATA_KEYS, Config, load_config, load_config_dict, save_config, with_absolute_paths
 from ptray.errors import ConfigError, UserError
 from ptray.finetune import (METRICS, best_checkpoint, build_trainer, check_pretrained, export_finetuned,
@@ -178,9 +179,9 @@ def grace_steps(cfg: Config, longest: int, warmup: int) -> int:
 def scheduler(cfg: Config, longest: int, grace: int):
     if cfg.sweep.scheduler == "none":
         return FIFOScheduler()
-    # time_attr "step": rungs are measured in optimizer steps, whatever a trial's length or eval interval.
-    return ASHAScheduler(time_attr="step", max_t=longest, grace_period=grace,
-                         reduction_factor=cfg.sweep.reduction_factor)
+    # time_attr "step": rungs are measured in optimizer steps, whatever a trial's length or eval interval. ASHA's
+    # decisions in trial order, not in the order concurrent trials happen to report (see ptray.asha).
+    return OrderedASHA(time_attr="step", max_t=longest, grace_period=grace, reduction_factor=cfg.sweep.reduction_factor)
 
 
 def searcher(cfg: Config, max_concurrent: int):
@@ -292,6 +293,7 @@ def sweep(cfg: Config, resume: bool = False) -> SweepResult:
     sets.add_space(cfg)
     longest, warmup = longest_trial(cfg, sets)
     grace = grace_steps(cfg, longest, warmup) if s.scheduler == "asha" else 0
+    milestones = rungs(grace, longest, s.reduction_factor) if s.scheduler == "asha" else []
     # Only now, with the data and the schedule checked, may a new sweep replace the previous one's results.
     run_dir = os.path.abspath(cfg.run_dir)
     sweep_dir = os.path.join(run_dir, "sweep")
@@ -317,7 +319,7 @@ def sweep(cfg: Config, resume: bool = False) -> SweepResult:
                            sweep_dir=sweep_dir,
                            name=name, param_space=search_space(cfg), num_samples=s.num_samples,
                            search_alg=searcher(cfg, concurrent), sched=scheduler(cfg, longest, grace), resume=resume)
-        rows = leaderboard_rows(results, cfg, sets, trials_dir, side)
+        rows = leaderboard_rows(results, cfg, sets, trials_dir, side, milestones)
         candidates = [r for r in rows if r["status"] in ("finished", "stopped early") and not r["diverged"]
                       and r["best_metric"] is not None]
         if not candidates:
@@ -333,7 +335,9 @@ def sweep(cfg: Config, resume: bool = False) -> SweepResult:
         summary["cut_note"] = sets.data.cut_note
     winner_side = summary["side"]
     winner = summary["sides"][winner_side]
-    best = best_checkpoint(os.path.join(trials_dir, winner["trial_id"]), s.metric, s.mode)
+    stop_step = {r["trial_id"]: r["stop_step"] for side in sides.values() for r in side["rows"]}
+    best = best_checkpoint(os.path.join(trials_dir, winner["trial_id"]), s.metric, s.mode,
+                           last_step=stop_step.get(winner["trial_id"]))
     best_dir = os.path.join(run_dir, "best")
     export_finetuned(trial_config(sides[winner_side]["base"], winner["config"]), best["path"], sets.data, best_dir)
     summary.update({"trial_id": winner["trial_id"], "metric": s.metric, "mode": s.mode,
@@ -574,12 +578,19 @@ def _trial_id(result) -> str:
     return (result.metrics or {}).get("trial_id") or os.path.basename(result.path).split("_")[-1]
 
 
-def leaderboard_rows(results, cfg: Config, sets: LabelledSets, trials_dir: str, side: str) -> list[dict]:
+def leaderboard_rows(results, cfg: Config, sets: LabelledSets, trials_dir: str, side: str,
+                     milestones: list[int] = ()) -> list[dict]:
+    """One row per search trial. With ASHA (`milestones`, its rungs), each trial's log counts up to the step at which
+    ASHA's decisions in trial order stop it: a stopped trial may have run on for a report or two before the stop
+    reached it, and how far depends on timing."""
     metric, mode = cfg.sweep.metric, cfg.sweep.mode
+    histories = {_trial_id(result): read_metrics(os.path.join(trials_dir, _trial_id(result))) for result in results}
+    stopped = stop_steps({trial_id: reported(history, metric, mode) for trial_id, history in histories.items()},
+                         set(histories), list(milestones), cfg.sweep.reduction_factor)[0] if milestones else {}
     rows = []
     for result in results:
         trial_id = _trial_id(result)
-        history = read_metrics(os.path.join(trials_dir, trial_id))
+        history = [r for r in histories[trial_id] if r.get("step", 0) <= stopped.get(trial_id, math.inf)]
         values = [r[metric] for r in history if metric in r]
         finite = [v for v in values if math.isfinite(v)]
         losses = [r["loss"] for r in history if "loss" in r]
@@ -589,7 +600,7 @@ def leaderboard_rows(results, cfg: Config, sets: LabelledSets, trials_dir: str, 
         # A trial ASHA stops may still log the evaluation it was running, and one stopped at its last report has run
         # its whole schedule: it stopped early only if neither Tune's last step nor its own log reached the end.
         logged = max((r["step"] for r in history), default=0)
-        ran = max((result.metrics or {}).get("step", 0), logged)
+        ran = stopped[trial_id] if trial_id in stopped else max((result.metrics or {}).get("step", 0), logged)
         if result.error:
             status = "error"
         elif ran < planned:
@@ -602,8 +613,24 @@ def leaderboard_rows(results, cfg: Config, sets: LabelledSets, trials_dir: str, 
             "best_metric": ((max if mode == "max" else min)(finite) if finite else None),
             "evaluations": len(values), "steps": logged, "planned_steps": planned,
             "wall_time_s": round(result.metrics.get("time_total_s", 0.0), 1) if result.metrics else None,
+            "stop_step": stopped.get(trial_id),
         })
     return ranked(rows, mode)
+
+
+def reported(history: list[dict], metric: str, mode: str) -> list[tuple[int, float]]:
+    """What a trial's log says it reported to Tune: at each evaluation (each is a report), the step and its best
+    finite value so far, larger better (what the trial ranks by, `best_<metric>`)."""
+    best, out = None, []
+    for row in history:
+        value = row.get(metric)
+        if value is None:
+            continue
+        if math.isfinite(value) and (best is None or (value > best if mode == "max" else value < best)):
+            best = value
+        if best is not None:
+            out.append((row["step"], best if mode == "max" else -best))
+    return out
 
 
 def ranked(rows: list[dict], mode: str) -> list[dict]:

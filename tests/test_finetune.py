@@ -177,18 +177,19 @@ def test_sweep_searches_both_sides_and_asha_waits_for_warmup(swept, pretrained_r
     assert len(rows) == 6 and [r["side"] for r in rows].count("scratch") == 3  # the same budget on both sides
     trial_dirs = set(os.listdir(os.path.join(pretrained_run, "sweep", "trials")))
     assert {r["trial_id"] for r in rows} <= trial_dirs  # (the rest are the winners' follow-up runs)
-    # Whether ASHA stops a trial depends on which trial reaches a rung first (Tune runs them concurrently), so the
-    # test asserts what holds in any order: a stopped trial ran at least to the first rung, a quarter of the longest
-    # trial (past its warm-up), and stopped before its planned end; every other trial ran to its end.
+    # A stopped trial ran at least to the first rung, a quarter of the longest trial (past its warm-up), and stopped
+    # before its planned end; every other trial ran to its end. (Which trials stop does not depend on the order in
+    # which concurrent trials report: see test_units' ordered-ASHA test. Optuna's choices do.)
     longest = max(int(r["planned_steps"]) for r in rows)
     for r in rows:
         if r["status"] == "stopped early":
             assert math.ceil(longest / 4) <= int(r["steps"]) < int(r["planned_steps"]), r
         else:
             assert r["status"] == "finished" and int(r["steps"]) == int(r["planned_steps"]), r
-    for r in rows:  # each row's metrics agree with that trial's own history
+    for r in rows:  # each row's metrics agree with that trial's own history, up to the step ASHA stopped it at
         trial_dir = os.path.join(pretrained_run, "sweep", "trials", r["trial_id"])
-        history = _evals(trial_dir, "val_accuracy")
+        history = [m["val_accuracy"] for m in read_metrics(trial_dir)
+                   if "val_accuracy" in m and m["step"] <= int(r["steps"])]
         assert float(r["best_metric"]) == pytest.approx(max(history)) and int(r["evaluations"]) == len(history)
         # the swept max_len really changed the data the trial trained on: at 4 every example is cut to 4 tokens; at
         # 32 none is, and each batch is cut to its longest example (the built-in ones have 2-11 tokens)

@@ -709,3 +709,86 @@ def test_minhash_signatures_estimate_jaccard_similarity_without_bias():
     assert abs(np.mean(errors)) < 0.01 and np.std(errors) < 0.06
     bands, rows = lsh_bands(0.65, 128)  # prepare's candidate bands for threshold 0.8
     assert bands * rows <= 128 and 1 - (1 - 0.8 ** rows) ** bands > 0.9  # few pairs at the threshold are missed
+
+
+class _Trial:  # what a Tune scheduler reads of a trial
+    def __init__(self, trial_id: str):
+        self.trial_id = trial_id
+
+
+def _run_scheduler(scheduler, reports: dict[str, list[tuple[int, float]]], order: list[str]) -> dict[str, int]:
+    """Feed the trials' reports to a Tune scheduler in the given interleaving (a list of trial ids, one per report);
+    returns {trial: the step at which it was told to stop}. A stopped trial reports no more."""
+    trials = {t: _Trial(t) for t in sorted(reports)}
+    for trial in trials.values():
+        scheduler.on_trial_add(None, trial)
+    stopped, position = {}, {t: 0 for t in trials}
+    for trial_id in order:
+        if trial_id in stopped or position[trial_id] >= len(reports[trial_id]):
+            continue
+        step, value = reports[trial_id][position[trial_id]]
+        position[trial_id] += 1
+        if scheduler.on_trial_result(None, trials[trial_id], {"step": step, "acc": value}) == "STOP":
+            stopped[trial_id] = step
+        if trial_id in stopped or position[trial_id] == len(reports[trial_id]):
+            scheduler.on_trial_complete(None, trials[trial_id], {"step": step, "acc": value})
+    return stopped
+
+
+def _sweep_reports(seed: int, num_trials: int = 8, steps: int = 64, every: int = 8) -> dict[str, list]:
+    rng = random.Random(seed)
+    reports = {}
+    for i in range(num_trials):
+        best, rows = 0.0, []
+        for step in range(every, steps + 1, every):
+            best = max(best, rng.random())
+            rows.append((step, round(best, 3)))
+        reports[f"abcde_{i:05d}"] = rows
+    return reports
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ordered_asha_decides_as_tunes_asha_does_with_one_trial_at_a_time_however_trials_interleave(seed):
+    """Tune's ASHA stops different trials depending on which concurrent trial reports first (the main job had two
+    outcomes). OrderedASHA's decisions are those of Tune's ASHA run one trial at a time, in every interleaving."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from ptray.asha import OrderedASHA
+
+    reports = _sweep_reports(seed)
+    serial = [t for t in sorted(reports) for _ in reports[t]]
+    tune_asha = ASHAScheduler(time_attr="step", metric="acc", mode="max", max_t=64, grace_period=16,
+                              reduction_factor=2)
+    expected = {t: step for t, step in _run_scheduler(tune_asha, reports, serial).items() if step < 64}  # not max_t
+    assert 0 < len(expected) < len(reports) - 1  # the comparison means something: some stopped, some not
+    rng = random.Random(seed)
+    for _ in range(20):
+        interleaved = serial[:]
+        rng.shuffle(interleaved)
+        interleaved += serial  # whatever is left, so every trial runs out
+        ordered = OrderedASHA(time_attr="step", max_t=64, grace_period=16, reduction_factor=2)
+        ordered.set_search_properties("acc", "max")
+        told = _run_scheduler(ordered, reports, interleaved)
+        assert ordered.decisions() == (expected, set())
+        for trial, step in told.items():  # told at its rung, or later when it had to wait for an earlier trial
+            assert step == 64 or (trial in expected and step >= expected[trial])
+
+
+def test_a_trials_log_replays_what_it_reported_and_its_best_checkpoint_respects_the_stop(tmp_path):
+    """The leaderboard replays ASHA's decisions from the trials' logs: each evaluation was a report of the best finite
+    value so far (larger better, so `min` metrics are negated). A trial stopped at a step is judged, and exported,
+    only by what it had done by then."""
+    from ptray.finetune import best_checkpoint
+    from ptray.sweep import reported
+
+    log = [{"step": 5, "loss": 2.0}, {"step": 8, "val_accuracy": 0.5}, {"step": 16, "val_accuracy": float("nan")},
+           {"step": 24, "val_accuracy": 0.4}, {"step": 32, "val_accuracy": 0.7}]
+    assert reported(log, "val_accuracy", "max") == [(8, 0.5), (16, 0.5), (24, 0.5), (32, 0.7)]
+    losses = [{"step": 8, "val_loss": 2.0}, {"step": 16, "val_loss": 2.5}, {"step": 24, "val_loss": 1.5}]
+    assert reported(losses, "val_loss", "min") == [(8, -2.0), (16, -2.0), (24, -1.5)]
+    for step, accuracy in ((8, 0.5), (32, 0.7)):  # a trial keeps a checkpoint at each new best
+        os.makedirs(tmp_path / f"checkpoint_{step}")
+        (tmp_path / f"checkpoint_{step}" / "metrics.json").write_text(json.dumps({"step": step,
+                                                                                  "val_accuracy": accuracy}))
+    assert best_checkpoint(str(tmp_path), "val_accuracy", "max")["metrics"]["step"] == 32
+    assert best_checkpoint(str(tmp_path), "val_accuracy", "max", last_step=24)["metrics"]["step"] == 8
