@@ -370,20 +370,24 @@ def finetune(cfg: Config) -> dict:
 
 
 def best_checkpoint(train_dir: str, metric: str, mode: str, last_step: int | None = None) -> dict:
-    """The recorded checkpoint of a Train run with the best `metric` (each checkpoint carries its metrics.json); with
-    `last_step`, among those up to that step (a sweep trial that ASHA stopped there)."""
+    """The complete checkpoint of a Train run with the best `metric` (each checkpoint carries its metrics.json); with
+    `last_step`, among those up to that step (a sweep trial that ASHA stopped there). A checkpoint whose save was cut
+    short (a run killed while its ranks' files were being written: rank 0's metrics are there, another rank's shards
+    not) is passed over for the next best, as resuming does."""
     found = []
-    for path in glob.glob(os.path.join(train_dir, "checkpoint_*")):
+    for path in sorted(glob.glob(os.path.join(train_dir, "checkpoint_*"))):
         metrics_file = os.path.join(path, ckpt.METRICS)
         if os.path.isfile(metrics_file):
             metrics = json.load(open(metrics_file))
             in_time = last_step is None or metrics.get("step", 0) <= last_step
             if metric in metrics and math.isfinite(metrics[metric]) and in_time:
                 found.append({"path": path, "metrics": metrics})
-    if not found:
-        raise ConfigError(f"no checkpoint in {train_dir} reports a finite {metric!r}; the metrics ptray reports are "
-                          f"{', '.join(f'{task}: {names}' for task, names in METRICS.items())}.")
-    return (max if mode == "max" else min)(found, key=lambda c: c["metrics"][metric])
+    for candidate in sorted(found, key=lambda c: c["metrics"][metric], reverse=mode == "max"):
+        if (problem := ckpt.verify(candidate["path"])) is None:
+            return candidate
+        print(f"[finetune] warning: skipping checkpoint {candidate['path']}: {problem}", flush=True)
+    raise ConfigError(f"no complete checkpoint in {train_dir} reports a finite {metric!r}; the metrics ptray reports "
+                      f"are {', '.join(f'{task}: {names}' for task, names in METRICS.items())}.")
 
 
 # ---- the model: family, pooling, method ----------------------------------------------------------------------------

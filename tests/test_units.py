@@ -786,9 +786,15 @@ def test_a_trials_log_replays_what_it_reported_and_its_best_checkpoint_respects_
     assert reported(log, "val_accuracy", "max") == [(8, 0.5), (16, 0.5), (24, 0.5), (32, 0.7)]
     losses = [{"step": 8, "val_loss": 2.0}, {"step": 16, "val_loss": 2.5}, {"step": 24, "val_loss": 1.5}]
     assert reported(losses, "val_loss", "min") == [(8, -2.0), (16, -2.0), (24, -1.5)]
-    for step, accuracy in ((8, 0.5), (32, 0.7)):  # a trial keeps a checkpoint at each new best
-        os.makedirs(tmp_path / f"checkpoint_{step}")
-        (tmp_path / f"checkpoint_{step}" / "metrics.json").write_text(json.dumps({"step": step,
-                                                                                  "val_accuracy": accuracy}))
+    from ptray import checkpoint as ckpt
+
+    for step, accuracy in ((8, 0.5), (32, 0.7), (40, 0.9)):  # a trial keeps a checkpoint at each new best
+        path = tmp_path / f"checkpoint_{step}"
+        os.makedirs(path / "ds")
+        (path / "metrics.json").write_text(json.dumps({"step": step, "val_accuracy": accuracy}))
+        (path / "ds" / "rank_0.pt").write_bytes(b"shard")
+        (path / "ds" / "rank_1.pt").write_bytes(b"shard")
+        ckpt.write_commit(str(path), ckpt.file_digests(str(path)))
+    os.remove(tmp_path / "checkpoint_40" / "ds" / "rank_1.pt")  # killed while rank 1's shard was being written
     assert best_checkpoint(str(tmp_path), "val_accuracy", "max")["metrics"]["step"] == 32
     assert best_checkpoint(str(tmp_path), "val_accuracy", "max", last_step=24)["metrics"]["step"] == 8
