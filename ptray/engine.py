@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -73,36 +74,51 @@ def prepare_fused_adam_build(capability: tuple[int, int], arch_list: str | None)
     return f"{capability[0]}.{capability[1]}"
 
 
-STALE_BUILD_LOCK_S = 600  # DeepSpeed's ops build in well under a minute on CPU (its shared-memory all-reduce)
+def ops_to_load(cfg: Config) -> list[str]:
+    """The DeepSpeed ops a run JIT-builds at start: on CPU its shared-memory all-reduce (loaded by the communication
+    layer), on GPU its fused Adam unless torch's AdamW is used (`deepspeed.torch_adam`)."""
+    if not cfg.cluster.use_gpu:
+        return ["ShareMemCommBuilder"]
+    return [] if cfg.deepspeed.torch_adam else ["FusedAdamBuilder"]
 
 
-def clear_stale_build_locks() -> list[str]:
-    """Remove lock files that a process killed while torch JIT-built an op (DeepSpeed's CPU shared-memory all-reduce,
-    built at the first run) left in torch's extensions directory: every later build of that op would wait on the lock
-    forever, a silent hang at start-up. A lock older than any build takes is stale; returns the paths removed."""
-    import glob
-    import time
+@functools.cache
+def load_op(builder_name: str) -> None:
+    """Load (and on first use build) one DeepSpeed op into this process, one process at a time under a kernel lock,
+    so that DeepSpeed later finds it loaded.
 
-    from torch.utils.cpp_extension import get_default_build_root
+    torch guards each build with a lock *file* and every other process waits while it exists. A process killed while
+    it holds one (Ray Train stops a worker group when one rank fails, often while the others are still starting)
+    leaves the file behind, and every later run hangs on it in silence: CI once waited an hour. The kernel frees a
+    `flock` when its holder dies, so a lock file found while holding ours was left by a dead process."""
+    import fcntl
 
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    removed = []
-    for lock in glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock")):
-        with contextlib.suppress(FileNotFoundError):  # another worker of this run may remove it first
-            if time.time() - os.path.getmtime(lock) > STALE_BUILD_LOCK_S:
-                os.remove(lock)
-                removed.append(lock)
-    return removed
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder(builder_name)
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return  # DeepSpeed skips it too, or raises its own error when it needs it
+    build_dir = _get_build_directory(builder.name, verbose=False)
+    with open(os.path.join(os.path.dirname(build_dir), "ptray-build.lock"), "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)  # released on close, or by the kernel if this process dies
+        left = os.path.join(build_dir, "lock")
+        if os.path.exists(left):
+            os.remove(left)
+            print(f"[ptray] removed {left}: a process killed while building {builder.name} left it, and every "
+                  "later build would wait on it forever", flush=True)
+        with quiet_prints():
+            builder.load(verbose=False)
 
 
-def adopt_process_group() -> None:
+def adopt_process_group(cfg: Config) -> None:
     """DeepSpeed's communication layer over the process group Ray Train created (on CPU it loads a shared-memory
     all-reduce, and prints so)."""
     import deepspeed
 
-    for lock in clear_stale_build_locks():
-        print(f"[ptray] removed {lock}: an op build that was interrupted left it, and the build would wait on it "
-              "forever", flush=True)
+    for name in ops_to_load(cfg):
+        load_op(name)
     with quiet_prints():
         deepspeed.init_distributed(dist_init_required=False)
 
@@ -178,6 +194,8 @@ def initialize(model: torch.nn.Module, cfg: Config, schedule: Schedule, *, load_
     `load_universal`: the next `load` reads a universal checkpoint (see `to_universal`)."""
     import deepspeed
 
+    for name in ops_to_load(cfg):
+        load_op(name)
     groups = param_groups(model, schedule.weight_decay)
     config = deepspeed_config(cfg, schedule)
     if load_universal:

@@ -94,7 +94,7 @@ def setup_worker(cfg: Config):
     from ptray import engine as ds
 
     ds.check_device(cfg)
-    ds.adopt_process_group()
+    ds.adopt_process_group(cfg)
     ctx = ray.train.get_context()
     return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
 

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import subprocess
 import sys
 
 import numpy as np
@@ -672,20 +673,37 @@ def test_flash_attention_without_its_package_names_the_install():
         _tiny_causal_lm("llama", "flash_attention_2")
 
 
-def test_a_build_lock_left_by_an_interrupted_op_build_is_removed(tmp_path, monkeypatch):
-    # A run killed while torch JIT-built DeepSpeed's shared-memory op left its lock: later runs hung on it forever.
-    from ptray.engine import STALE_BUILD_LOCK_S, clear_stale_build_locks
+LOAD_SHM_OP = """
+import sys
+from deepspeed.accelerator import get_accelerator
+if sys.argv[1] == "ptray":
+    from ptray.engine import load_op
+    load_op("ShareMemCommBuilder")
+else:
+    get_accelerator().create_op_builder("ShareMemCommBuilder").load()
+"""
 
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    stale = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
-    building = tmp_path / "py311_cpu" / "other_op" / "lock"  # a build going on now: left alone
-    for lock in (stale, building):
-        lock.parent.mkdir(parents=True)
-        lock.touch()
-    old = os.path.getmtime(stale) - STALE_BUILD_LOCK_S - 60
-    os.utime(stale, (old, old))
-    assert clear_stale_build_locks() == [str(stale)]
-    assert not stale.exists() and building.exists() and stale.parent.exists()
+
+def test_a_lock_file_left_by_a_killed_op_build_does_not_hang_later_runs():
+    # A worker killed while torch JIT-built (or checked) DeepSpeed's shared-memory op left torch's lock file: every
+    # later run waited on it forever (CI hung for an hour). This uses the real build directory, as runs do.
+    from torch.utils.cpp_extension import _get_build_directory
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    left = os.path.join(_get_build_directory("deepspeed_shm_comm", verbose=False), "lock")
+    open(left, "w").close()
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):  # control: DeepSpeed alone waits on it
+            subprocess.run([sys.executable, "-c", LOAD_SHM_OP, "deepspeed"], env=env, capture_output=True, timeout=20)
+        assert os.path.exists(left)
+        loaded = subprocess.run([sys.executable, "-c", LOAD_SHM_OP, "ptray"], env=env, capture_output=True, text=True,
+                                timeout=600)  # builds the op if no run has yet
+        assert loaded.returncode == 0, loaded.stderr[-3000:]
+        assert f"removed {left}" in loaded.stdout
+        assert not os.path.exists(left)
+    finally:
+        if os.path.exists(left):
+            os.remove(left)
 
 
 def test_minhash_signatures_estimate_jaccard_similarity_without_bias():
