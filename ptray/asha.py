@@ -16,8 +16,10 @@ rung always goes on. A rung's value is a trial's first report at or past it.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 
@@ -72,11 +74,16 @@ def stop_steps(reports: dict[str, list[tuple[int, float]]], ended: set[str], mil
 
 class OrderedASHA(FIFOScheduler):
     """A Tune scheduler: ASHA with the decisions of `stop_steps`. `time_attr` must grow with each report (ptray reports
-    the optimizer step)."""
+    the optimizer step).
 
-    def __init__(self, *, time_attr: str, max_t: int, grace_period: int, reduction_factor: float):
+    `logged(trial_id)`: the (step, value) reports a trial's own log holds, larger values better. Tune restores a
+    resumed sweep's scheduler as it was created, empty; each trial added then brings what it reported before the
+    interruption, so a resumed sweep makes the decisions an uninterrupted one makes."""
+
+    def __init__(self, *, time_attr: str, max_t: int, grace_period: int, reduction_factor: float,
+                 logged: Callable[[str], list[tuple[int, float]]] = lambda trial_id: []):
         super().__init__()
-        self.time_attr, self.max_t, self.reduction_factor = time_attr, max_t, reduction_factor
+        self.time_attr, self.max_t, self.reduction_factor, self.logged = time_attr, max_t, reduction_factor, logged
         self.milestones = rungs(grace_period, max_t, reduction_factor)
         self.sign = 1.0  # the metric's name is Tune's `_metric`, set by set_search_properties
         self.reports: dict[str, list[tuple[int, float]]] = {}
@@ -87,7 +94,9 @@ class OrderedASHA(FIFOScheduler):
         return True
 
     def on_trial_add(self, tune_controller, trial) -> None:
-        self.reports.setdefault(trial.trial_id, [])
+        self.reports.setdefault(trial.trial_id, list(self.logged(trial.trial_id)))
+        if trial.status in (Trial.TERMINATED, Trial.ERROR):  # a finished trial of a resumed sweep
+            self.ended.add(trial.trial_id)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         self._record(trial, result)

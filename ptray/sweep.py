@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -176,12 +177,18 @@ def grace_steps(cfg: Config, longest: int, warmup: int) -> int:
     return max(grace, warmup, 1)
 
 
-def scheduler(cfg: Config, longest: int, grace: int):
+def scheduler(cfg: Config, longest: int, grace: int, trials_dir: str):
     if cfg.sweep.scheduler == "none":
         return FIFOScheduler()
     # time_attr "step": rungs are measured in optimizer steps, whatever a trial's length or eval interval. ASHA's
     # decisions in trial order, not in the order concurrent trials happen to report (see ptray.asha).
-    return OrderedASHA(time_attr="step", max_t=longest, grace_period=grace, reduction_factor=cfg.sweep.reduction_factor)
+    return OrderedASHA(time_attr="step", max_t=longest, grace_period=grace, reduction_factor=cfg.sweep.reduction_factor,
+                       logged=functools.partial(logged_reports, trials_dir, cfg.sweep.metric, cfg.sweep.mode))
+
+
+def logged_reports(trials_dir: str, metric: str, mode: str, trial_id: str) -> list[tuple[int, float]]:
+    """What a trial reported before a sweep was interrupted, from its log (see `reported`); [] for a new trial."""
+    return reported(read_metrics(os.path.join(trials_dir, trial_id)), metric, mode)
 
 
 def searcher(cfg: Config, max_concurrent: int):
@@ -318,7 +325,8 @@ def sweep(cfg: Config, resume: bool = False) -> SweepResult:
         results = run_tune(cfg, make_trial(side_base, sets, trials_dir, s.metric, s.mode, tracker_parent=parent),
                            sweep_dir=sweep_dir,
                            name=name, param_space=search_space(cfg), num_samples=s.num_samples,
-                           search_alg=searcher(cfg, concurrent), sched=scheduler(cfg, longest, grace), resume=resume)
+                           search_alg=searcher(cfg, concurrent), sched=scheduler(cfg, longest, grace, trials_dir),
+                           resume=resume)
         rows = leaderboard_rows(results, cfg, sets, trials_dir, side, milestones)
         candidates = [r for r in rows if r["status"] in ("finished", "stopped early") and not r["diverged"]
                       and r["best_metric"] is not None]

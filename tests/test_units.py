@@ -730,17 +730,20 @@ def test_minhash_signatures_estimate_jaccard_similarity_without_bias():
 
 
 class _Trial:  # what a Tune scheduler reads of a trial
-    def __init__(self, trial_id: str):
-        self.trial_id = trial_id
+    def __init__(self, trial_id: str, status: str = "PENDING"):
+        self.trial_id, self.status = trial_id, status
 
 
-def _run_scheduler(scheduler, reports: dict[str, list[tuple[int, float]]], order: list[str]) -> dict[str, int]:
+def _run_scheduler(scheduler, reports: dict[str, list[tuple[int, float]]], order: list[str],
+                   stopped: dict[str, int] | None = None, position: dict[str, int] | None = None) -> dict[str, int]:
     """Feed the trials' reports to a Tune scheduler in the given interleaving (a list of trial ids, one per report);
-    returns {trial: the step at which it was told to stop}. A stopped trial reports no more."""
-    trials = {t: _Trial(t) for t in sorted(reports)}
+    returns {trial: the step at which it was told to stop}. A stopped trial reports no more. `stopped` and `position`
+    (reports made so far): a run that goes on from there, finished trials added as such."""
+    stopped, position = dict(stopped or {}), dict(position or {t: 0 for t in reports})
+    done = {t for t in reports if t in stopped or position[t] == len(reports[t])}
+    trials = {t: _Trial(t, "TERMINATED" if t in done else "PENDING") for t in sorted(reports)}
     for trial in trials.values():
         scheduler.on_trial_add(None, trial)
-    stopped, position = {}, {t: 0 for t in trials}
     for trial_id in order:
         if trial_id in stopped or position[trial_id] >= len(reports[trial_id]):
             continue
@@ -790,6 +793,37 @@ def test_ordered_asha_decides_as_tunes_asha_does_with_one_trial_at_a_time_howeve
         assert ordered.decisions() == (expected, set())
         for trial, step in told.items():  # told at its rung, or later when it had to wait for an earlier trial
             assert step == 64 or (trial in expected and step >= expected[trial])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_resumed_sweeps_asha_makes_the_decisions_of_an_uninterrupted_one(seed):
+    """Tune restores a resumed sweep's scheduler empty; OrderedASHA takes what each trial had reported from the
+    trial's log (`logged`), so an interruption anywhere changes no decision."""
+    from ptray.asha import OrderedASHA
+
+    reports = _sweep_reports(seed)
+    serial = [t for t in sorted(reports) for _ in reports[t]]
+    rng = random.Random(seed)
+    for _ in range(10):
+        interleaved = serial[:]
+        rng.shuffle(interleaved)
+        interleaved += serial
+        first = OrderedASHA(time_attr="step", max_t=64, grace_period=16, reduction_factor=2)
+        first.set_search_properties("acc", "max")
+        _run_scheduler(first, reports, interleaved)
+        expected = first.decisions()
+        cut = rng.randrange(1, len(interleaved) // 2)  # the sweep is interrupted after this many scheduled reports
+        before = OrderedASHA(time_attr="step", max_t=64, grace_period=16, reduction_factor=2)
+        before.set_search_properties("acc", "max")
+        told = _run_scheduler(before, reports, interleaved[:cut])
+        made = {t: len(before.reports[t]) for t in reports}
+        resumed = OrderedASHA(time_attr="step", max_t=64, grace_period=16, reduction_factor=2,
+                              logged=lambda trial_id: reports[trial_id][:made[trial_id]])
+        resumed.set_search_properties("acc", "max")
+        told = _run_scheduler(resumed, reports, interleaved[cut:], stopped=told, position=made)
+        assert resumed.decisions() == expected
+        for trial, step in told.items():
+            assert step == 64 or (trial in expected[0] and step >= expected[0][trial])
 
 
 def test_a_trials_log_replays_what_it_reported_and_its_best_checkpoint_respects_the_stop(tmp_path):
