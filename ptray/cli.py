@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         check_loggers(cfg)  # a missing tracker or an MLflow server that does not answer: before any work
         from ptray.session import ray_session  # imports Ray: keep `ptray config` fast
 
+        closing = None
         with ray_session(cfg):
             if args.command == "prepare":
                 from ptray.data.prepare import prepare
@@ -90,9 +91,11 @@ def main(argv: list[str] | None = None) -> int:
 
                 sweep(cfg, resume=args.resume)
             elif args.command == "pipeline":
-                from ptray.pipeline import pipeline
+                from ptray.pipeline import pipeline, summary
 
-                pipeline(cfg)
+                closing = summary(pipeline(cfg))
+        if closing:
+            print(closing, flush=True)
         return 0
     except UserError as e:
         print(f"ptray {args.command}: error: {e}", file=sys.stderr)

@@ -22,10 +22,15 @@ def pipeline(cfg: Config) -> dict:
     result = sweep(cfg)
     report_path = report(cfg.run_dir)
     log_report(cfg, cfg.run_dir)
-    run_dir = os.path.abspath(cfg.run_dir)
-    print(f"\n[pipeline] done in {run_dir}\n"
-          f"  pretrained model : {pretrained.export_dir}\n"
-          f"  leaderboard      : {result.leaderboard}\n"
-          f"  best model       : {result.best_dir}  ({result.best['metric']} = {result.best['value']:.4f})\n"
-          f"  report           : {report_path}", flush=True)
-    return {"pretrain": pretrained, "sweep": result, "report": report_path}
+    return {"pretrain": pretrained, "sweep": result, "report": report_path, "run_dir": os.path.abspath(cfg.run_dir)}
+
+
+def summary(outcome: dict) -> str:
+    """The closing lines of `ptray pipeline`. The CLI prints them after the Ray session has closed: Ray forwards the
+    workers' last log lines a few seconds late (it gathers repeated lines first), and they would follow them."""
+    best = outcome["sweep"].best
+    return (f"\n[pipeline] done in {outcome['run_dir']}\n"
+            f"  pretrained model : {outcome['pretrain'].export_dir}\n"
+            f"  leaderboard      : {outcome['sweep'].leaderboard}\n"
+            f"  best model       : {outcome['sweep'].best_dir}  ({best['metric']} = {best['value']:.4f})\n"
+            f"  report           : {outcome['report']}")

@@ -383,3 +383,38 @@ def test_a_local_session_runs_many_processes_without_raylet_warnings(ray_local, 
     assert "worker processes have been started" not in "".join(capfd.readouterr())
     for actor in actors:
         ray.kill(actor)
+
+
+SUMMARY_AFTER_WORKER_LINES = """
+import sys, types
+import ray
+import ptray.pipeline
+from ptray.cli import main
+
+@ray.remote(num_cpus=0)
+def log_step():
+    print("step 62/62 | loss 1.0", flush=True)
+
+def last_stage(cfg):  # a stage's workers log the same line: Ray prints the first, and holds the repeats back
+    ray.get([log_step.remote() for _ in range(4)])
+    return {"pretrain": types.SimpleNamespace(export_dir="E"), "report": "R", "run_dir": "D",
+            "sweep": types.SimpleNamespace(leaderboard="L", best_dir="B", best={"metric": "m", "value": 1.0})}
+
+ptray.pipeline.pipeline = last_stage
+sys.exit(main(["pipeline", "--config", "tiny", "run.dir=" + sys.argv[1]]))
+"""
+
+
+def test_the_pipelines_summary_closes_the_console_after_the_workers_late_lines(tmp_path):
+    """Ray prints a repeated worker line once and the repeats later, at the latest when the session closes
+    ("[repeated 3x across cluster]"): the main job's summary was followed by six such lines. The CLI prints it after
+    the session has closed. (The stages are replaced by one that logs as workers do: the order is the CLI's.)"""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", SUMMARY_AFTER_WORKER_LINES, str(tmp_path)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 62/62 | loss 1.0" in proc.stdout
+    closing = proc.stdout[proc.stdout.index("[pipeline] done"):]
+    assert "step 62/62" not in closing, proc.stdout
