@@ -74,12 +74,13 @@ def prepare_fused_adam_build(capability: tuple[int, int], arch_list: str | None)
     return f"{capability[0]}.{capability[1]}"
 
 
-def ops_to_load(cfg: Config) -> list[str]:
-    """The DeepSpeed ops a run JIT-builds at start: on CPU its shared-memory all-reduce (loaded by the communication
-    layer), on GPU its fused Adam unless torch's AdamW is used (`deepspeed.torch_adam`)."""
+def load_ops(cfg: Config) -> None:
+    """Load the DeepSpeed ops a run JIT-builds at start (see `load_op`): on CPU its shared-memory all-reduce (loaded by
+    the communication layer), on GPU its fused Adam unless torch's AdamW is used (`deepspeed.torch_adam`)."""
     if not cfg.cluster.use_gpu:
-        return ["ShareMemCommBuilder"]
-    return [] if cfg.deepspeed.torch_adam else ["FusedAdamBuilder"]
+        load_op("ShareMemCommBuilder")
+    elif not cfg.deepspeed.torch_adam:
+        load_op("FusedAdamBuilder")
 
 
 @functools.cache
@@ -117,8 +118,7 @@ def adopt_process_group(cfg: Config) -> None:
     all-reduce, and prints so)."""
     import deepspeed
 
-    for name in ops_to_load(cfg):
-        load_op(name)
+    load_ops(cfg)
     with quiet_prints():
         deepspeed.init_distributed(dist_init_required=False)
 
@@ -194,8 +194,7 @@ def initialize(model: torch.nn.Module, cfg: Config, schedule: Schedule, *, load_
     `load_universal`: the next `load` reads a universal checkpoint (see `to_universal`)."""
     import deepspeed
 
-    for name in ops_to_load(cfg):
-        load_op(name)
+    load_ops(cfg)
     groups = param_groups(model, schedule.weight_decay)
     config = deepspeed_config(cfg, schedule)
     if load_universal:
