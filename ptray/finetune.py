@@ -167,8 +167,8 @@ def load_labelled(cfg: Config, tokenizer) -> LabelledData:
 
 def cut_note(lengths: list[int], max_len: int) -> str:
     """One sentence, also printed, when `finetune.max_len` cuts off more than 5% of the training examples; else "".
-    The cut is silent otherwise, and it can cost more than anything a sweep finds: with its own tokenizer, the `tiny`
-    config's 32 tokens keep the first fifth of a median Debian package description (146 tokens)."""
+    The cut is silent otherwise, and it can cost more than anything a sweep finds: with its own tokenizer, 32 tokens
+    keep the first fifth of a median Debian package description (146 tokens)."""
     cut = sum(n > max_len for n in lengths)
     if cut <= 0.05 * len(lengths):
         return ""

@@ -105,7 +105,7 @@ def test_a_max_len_that_cuts_the_examples_is_reported(pretrained_run, capsys):
     from ptray.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(os.path.join(pretrained_run, "export"))
-    assert load_labelled(tiny_config(pretrained_run), tokenizer).cut_note == ""  # tiny's 32 tokens fit its task
+    assert load_labelled(tiny_config(pretrained_run), tokenizer).cut_note == ""  # tiny's 128 tokens fit its task
     cut = load_labelled(tiny_config(pretrained_run, "finetune.max_len=4"), tokenizer)
     lengths = cut.train["attention_mask"].sum(1)
     count = int(re.search(r"([\d,]+) of [\d,]+ training examples", cut.cut_note).group(1).replace(",", ""))
@@ -167,7 +167,7 @@ def swept(pretrained_run):
                       "sweep.compare_scratch=true",
                       "sweep.num_seeds=2", "sweep.label_fractions=[0.5,1.0]", "sweep.pretrained_steps=[20]",
                       "sweep.space={finetune.lr: {loguniform: [1e-4, 3e-3]}, finetune.freeze_layers: {choice: [0, 2]}, "
-                      "finetune.max_len: {choice: [4, 32]}}")
+                      "finetune.max_len: {choice: [4, 128]}}")
     return cfg, sweep(cfg)
 
 
@@ -192,7 +192,7 @@ def test_sweep_searches_both_sides_and_asha_waits_for_warmup(swept, pretrained_r
                    if "val_accuracy" in m and m["step"] <= int(r["steps"])]
         assert float(r["best_metric"]) == pytest.approx(max(history)) and int(r["evaluations"]) == len(history)
         # the swept max_len really changed the data the trial trained on: at 4 every example is cut to 4 tokens; at
-        # 32 none is, and each batch is cut to its longest example (the built-in ones have 2-11 tokens)
+        # 128 none is, and each batch is cut to its longest example (the built-in ones have 2-11 tokens)
         step_rows = [m for m in read_metrics(trial_dir) if "loss" in m]
         positions_per_example = step_rows[0]["tokens"] / (step_rows[0]["step"] * 16)
         assert positions_per_example == 4 if r["finetune.max_len"] == "4" else 4 < positions_per_example < 32
@@ -203,10 +203,10 @@ def test_sweep_searches_both_sides_and_asha_waits_for_warmup(swept, pretrained_r
         reports = [json.loads(line) for line in open(path)]
         values = [r["val_accuracy"] for r in reports]
         assert values and [r["best_val_accuracy"] for r in reports] == list(itertools.accumulate(values, max)), path
-    assert {r["finetune.max_len"] for r in rows} == {"4", "32"}
-    for side in ("pretrained", "scratch"):  # each side's search starts from the configured point (lr 1e-3, 0, 32)
+    assert {r["finetune.max_len"] for r in rows} == {"4", "128"}
+    for side in ("pretrained", "scratch"):  # each side's search starts from the configured point (lr 1e-3, 0, 128)
         assert any(r["side"] == side and float(r["finetune.lr"]) == 1e-3 and r["finetune.freeze_layers"] == "0"
-                   and r["finetune.max_len"] == "32" for r in rows), rows
+                   and r["finetune.max_len"] == "128" for r in rows), rows
     sides = result.best["sides"]  # the leaderboard ranks the search trials; best/ may be a winner's rerun too
     assert float(rows[0]["best_metric"]) == pytest.approx(max(side["search_best"] for side in sides.values()))
     assert result.best["value"] == max(side["best"] for side in sides.values())
@@ -261,7 +261,7 @@ def test_report_renders_plots(swept, pretrained_run):
     assert "With 50% of the labels, pretraining" in text  # the label curve's own plain sentence
     assert json.load(open(os.path.join(pretrained_run, "best.json")))["steps_verdict"] in text
     assert "## Data" in text and "documents" in text and "duplicates: exact" in text
-    assert "Inputs cut short" not in text  # the sweep's base max_len (32) fits the built-in task
+    assert "Inputs cut short" not in text  # tiny's max_len (128) fits the built-in task
     best_json = os.path.join(pretrained_run, "best.json")
     original = open(best_json).read()
     try:  # what the sweep writes when finetune.max_len cuts the examples (see test_a_max_len_that_cuts...)
