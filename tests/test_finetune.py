@@ -242,6 +242,24 @@ def test_best_model_reproduces_reported_metric(swept, pretrained_run):
     assert snapshot.keys() == final.keys() and any(not torch.equal(snapshot[k], final[k]) for k in final)
 
 
+def test_a_trials_configuration_rerun_with_ptray_finetune_reproduces_it(swept, pretrained_run):
+    """What a user does with a leaderboard row: `ptray finetune` with its keys trains on the same batches and gives the
+    same metrics, value for value (the trial read its data variant from the sweep's object store, the rerun tokenizes
+    anew). The row is one at max_len 4, not the base config's data; a stopped trial is compared up to its stop."""
+    cfg, result = swept
+    row = next(r for r in csv.DictReader(open(result.leaderboard)) if r["finetune.max_len"] == "4")
+    search = "search" if row["side"] == "pretrained" else "search-scratch"
+    params = json.load(open(glob.glob(os.path.join(pretrained_run, "sweep", search, f"trial_{row['trial_id']}_*",
+                                                   "params.json"))[0]))
+    rerun = finetune(trial_config(cfg.to_dict(), {"finetune.init": row["side"], **params}))
+
+    def logged(path):
+        return [{k: m[k] for k in ("step", "loss", "val_accuracy", "data_fingerprint") if k in m}
+                for m in read_metrics(path) if ("loss" in m or "val_accuracy" in m) and m["step"] <= int(row["steps"])]
+    trial = logged(os.path.join(pretrained_run, "sweep", "trials", row["trial_id"]))
+    assert len(trial) > 2 and logged(rerun["train_dir"]) == trial
+
+
 def test_resuming_a_sweep_with_a_changed_config_is_refused(swept, pretrained_run):
     cfg, _ = swept
     changed = tiny_config(pretrained_run, *FINETUNE_FAST, "sweep.num_samples=5")
