@@ -38,7 +38,7 @@ def bare_prepare(cfg, files: list[str], out_dir: str) -> int:
     d = cfg.data
     seen, docs = set(), {"train": [], "val": []}
     for path in files:
-        for raw in source_texts(path, d.text_field):
+        for raw in source_texts(path, d.text_field, d.txt_document):
             text = clean_text(raw, normalize_unicode=d.normalize_unicode, strip_html=d.strip_html,
                               collapse_whitespace=d.collapse_whitespace)
             if len(text) < max(d.min_chars, 1):

@@ -79,6 +79,11 @@ class DataConfig:
     over any window of steps, deterministically and exactly resumable (data.ingest=shards)."""
     text_field: str = "text"
     """Field (.jsonl) or column (.parquet) holding the document text."""
+    txt_document: str = "auto"
+    """What one document is in a .txt file. line: each non-empty line. paragraph: each run of non-blank lines, its
+    lines joined by spaces (hard-wrapped prose: books, READMEs). file: the whole file, as it is (a folder of one
+    document per file). auto: paragraph in a file that looks hard-wrapped (paragraphs of several lines between blank
+    lines, the lines filled to about one width), line in any other."""
     prepared_dir: str = ""
     """Where `prepare` writes token shards, manifest and tokenizer. Empty: `<run.dir>/data`, which must match this
     config's data settings on a rerun (a change is refused, naming it); a directory given here is used as prepared."""
@@ -412,6 +417,7 @@ CHOICES = {
     "model.attention": ("sdpa", "eager", "flash_attention_2"),
     "data.ingest": ("shards", "ray_data"),
     "data.dedup": ("exact", "minhash", "none"),
+    "data.txt_document": ("auto", "line", "paragraph", "file"),
     "pretrain.objective": ("clm", "mlm"),
     "pretrain.schedule": ("cosine", "wsd", "constant"),
     "deepspeed.zero_stage": (0, 1, 2, 3),

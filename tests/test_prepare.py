@@ -2,6 +2,7 @@
 
 import json
 import os
+import textwrap
 import warnings
 
 import numpy as np
@@ -173,6 +174,30 @@ def test_documents_are_shuffled_before_packing(prepared):
                     if k in tokenizer.decode(row)) for row in rows[:40]]
     switches = sum(a != b for a, b in zip(sources, sources[1:]))
     assert {"text document", "json document", "parquet document"} <= set(sources) and switches >= 10, sources
+
+
+def test_a_hard_wrapped_book_is_prepared_as_paragraphs(ray_local, tmp_path, capfd):
+    """A book-like .txt file (lines filled to 72 columns, blank lines between paragraphs) is read as paragraphs, not
+    as line fragments that would be shuffled apart before packing; prepare says so, and data.txt_document=line
+    restores the line reading. Beside it, a one-document-per-line file is still read by line."""
+    paragraphs = [f"Chapter {i}. " + " ".join(f"the river ran past mill {j} and the town of {i}"
+                                              for j in range(i % 9 + 2)) for i in range(150)]
+    (tmp_path / "book.txt").write_text("\n\n".join(textwrap.fill(p, 72) for p in paragraphs) + "\n")
+    (tmp_path / "lines.txt").write_text("\n".join(_docs(100, "line")) + "\n")
+    files = f"data.train_files=[{tmp_path}/book.txt,{tmp_path}/lines.txt]"
+    for setting, book_docs in [("auto", paragraphs), ("line", None)]:
+        cfg = tiny_config(tmp_path / setting, files, f"data.txt_document={setting}", f"data.seq_len={SEQ_LEN}",
+                          "data.vocab_size=400", "data.val_fraction=0.1")
+        manifest = prepare(cfg)
+        docs = set(_docs_of(cfg, "train") + _docs_of(cfg, "val"))
+        assert manifest.settings["data.txt_document"] == setting
+        assert set(_docs(100, "line")) <= docs
+        if book_docs:
+            assert docs - set(_docs(100, "line")) == set(book_docs)
+            assert "1 of 2 .txt files look hard-wrapped" in capfd.readouterr().out
+        else:  # each line of the book is a document of its own (those under data.min_chars dropped)
+            assert not docs & set(paragraphs) and len(docs) > 100 + 2 * len(paragraphs)
+            assert "hard-wrapped" not in capfd.readouterr().out
 
 
 def test_preparing_twice_gives_byte_identical_shards(prepared, tmp_path):

@@ -5,6 +5,7 @@ import os
 import random
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from ptray.data import clean
 from ptray.data.clean import clean_batch, clean_text, is_validation, shuffle_order
 from ptray.data.pack import encode_documents, pack_rows
 from ptray.data.readers import corpus_pieces, expand_files, piece_texts
+from ptray.data.stream import source_texts
 from ptray.data.tokenizer import end_of_document_id, fast_tokenizer, load_tokenizer, train_bpe
 from ptray.errors import DataError
 from ptray.objectives import IGNORE_INDEX, causal_lm_batch, masked_lm_batch
@@ -94,6 +96,64 @@ def test_corpus_pieces_cut_anywhere_read_every_record_exactly_once(tmp_path, suf
         assert pieces[0]["start"] == 0 and pieces[-1]["end"] == size
         assert all(a["end"] == b["start"] for a, b in zip(pieces, pieces[1:]))
         assert [t for p in pieces for t in piece_texts(p, "text")] == records, piece_bytes
+
+
+def _wrapped(documents: list[str], width: int = 72) -> str:
+    """Documents as hard-wrapped prose: lines filled to `width`, a blank line between paragraphs."""
+    return "\n\n".join(textwrap.fill(d, width) for d in documents) + "\n"
+
+
+def _prose(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    words = "the of a tool that reads files and writes data to disk for every user on é system".split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randrange(3, 90))) + f" {i}." for i in range(n)]
+
+
+def test_hard_wrapped_paragraphs_are_documents_wherever_the_pieces_are_cut(tmp_path):
+    """A hard-wrapped .txt file (data.txt_document=paragraph, or auto on such a file) gives one document per
+    paragraph, its lines joined by spaces: read whole or in byte ranges cut anywhere (inside a line, on a blank line,
+    inside a run of blank lines), each paragraph once and in order. Windows line ends, whitespace-only lines and a
+    missing final newline change nothing."""
+    paragraphs = _prose(40)
+    text = _wrapped(paragraphs).replace("\n\n", "\n  \n\n", 7).replace("\n", "\r\n", 100).rstrip()
+    path = tmp_path / "book.txt"
+    path.write_bytes(text.encode())
+    size = path.stat().st_size
+    for setting in ("auto", "paragraph"):
+        for piece_bytes in [1, 2, 7, 64, 1000, size // 3, size - 1, size, size + 1]:
+            pieces = corpus_pieces([str(path)], piece_bytes=piece_bytes, txt_document=setting)
+            assert [t for p in pieces for t in piece_texts(p, "text", setting)] == paragraphs, (setting, piece_bytes)
+    lines = [line.strip() for line in text.split("\n") if line.strip()]  # what data.txt_document=line reads
+    assert [t.strip() for t in piece_texts(corpus_pieces([str(path)])[0], "text", "line")] == lines
+    whole = corpus_pieces([str(path)], piece_bytes=64, txt_document="file")
+    assert len(whole) == 1 and list(piece_texts(whole[0], "text", "file")) == [text]
+    # data.ingest=ray_data reads a file the same way
+    assert list(source_texts(str(path), "text")) == paragraphs
+    assert list(source_texts(str(path), "text", "file")) == [text]
+
+
+def test_auto_reads_hard_wrapped_prose_by_paragraph_and_anything_else_by_line(tmp_path):
+    """data.txt_document=auto: paragraphs for prose wrapped at any usual width (and a README with a list); lines for
+    one document per line, also when some lines are blank, when documents are short, or when they are separated by
+    blank lines (each paragraph is then one line anyway)."""
+    docs = _prose(400, seed=1)
+    cases = {
+        "wrapped72": (_wrapped(docs), "paragraph"),
+        "wrapped40": (_wrapped(docs, 40), "paragraph"),
+        "wrapped100": (_wrapped(docs, 100), "paragraph"),
+        "readme": (_wrapped(docs[:20]) + "\nOptions:\n* -a all\n* -v verbose output\n\n" + _wrapped(docs[20:40]),
+                   "paragraph"),
+        "per_line": ("\n".join(docs) + "\n", "line"),
+        "per_line_some_blank": ("\n".join(d if i % 9 else "\n" + d for i, d in enumerate(docs)) + "\n", "line"),
+        "short_per_line": ("\n".join(d[:60] for d in docs) + "\n", "line"),
+        "blank_separated": ("\n\n".join(docs) + "\n", "line"),
+    }
+    for name, (text, unit) in cases.items():
+        path = tmp_path / f"{name}.txt"
+        path.write_text(text)
+        expected = [" ".join(p.split()) for p in text.split("\n\n") if p.strip()] if unit == "paragraph" else \
+            [line for line in text.split("\n") if line.strip()]
+        assert list(source_texts(str(path), "text")) == expected, name
 
 
 def test_validation_split_fraction_is_respected():

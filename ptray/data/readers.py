@@ -7,6 +7,7 @@ come from the standard environment variables (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_UR
 from __future__ import annotations
 
 import fnmatch
+import functools
 import glob
 import json
 import math
@@ -71,20 +72,28 @@ def _expand_uri(pattern: str) -> list[str]:
     return [f"{scheme}://{f}" for f in found]
 
 
-def check_records(files: list[str], text_field: str, max_bad_fraction: float, max_tasks: int | None = None) -> None:
+def check_records(files: list[str], text_field: str, max_bad_fraction: float, max_tasks: int | None = None,
+                  txt_document: str = "auto") -> None:
     """Read every record of every file once, in Ray tasks, before any work starts: a file that is not UTF-8
     text, a JSONL line that is not JSON, a Parquet text column that is not strings is an error naming the file and
-    line; records without usable text are counted, and more than `max_bad_fraction` of them is an error."""
+    line; records without usable text are counted, and more than `max_bad_fraction` of them is an error. With
+    data.txt_document=auto, the .txt files read as paragraphs are named."""
     # One task per file, or per group of files when `max_tasks` (a one-machine cluster's cores) is smaller: each
     # task beyond the cores starts a worker process of its own (about a second of CPU on 2 cores), for a scan of
     # tens of milliseconds.
     num_tasks = min(len(files), max_tasks or len(files))
-    scanned = ray.get([_scan_files.remote(files[i::num_tasks], text_field) for i in range(num_tasks)])
+    scanned = ray.get([_scan_files.remote(files[i::num_tasks], text_field, txt_document)
+                       for i in range(num_tasks)])
     by_file = {path: scan for group in scanned for path, scan in group}
     scans = [by_file[f] for f in files]
     for scan in scans:
         if scan["error"]:
             raise DataError(scan["error"])
+    if wrapped := [f for f, s in zip(files, scans) if s["txt_document"] == "paragraph" and txt_document == "auto"]:
+        texts = sum(f.lower().endswith(TEXT_EXTENSIONS) for f in files)
+        print(f"[prepare] {len(wrapped)} of {texts} .txt files look hard-wrapped (e.g. {wrapped[0]}): each of their "
+              "paragraphs is a document" + (", each line of the others" if len(wrapped) < texts else "") +
+              ". Set data.txt_document (line, paragraph or file) to choose.", flush=True)
     records, bad = sum(s["records"] for s in scans), sum(s["bad"] for s in scans)
     if not bad:
         return
@@ -97,13 +106,13 @@ def check_records(files: list[str], text_field: str, max_bad_fraction: float, ma
 
 
 @ray.remote(num_cpus=0.5)
-def _scan_files(paths: list[str], text_field: str) -> list[tuple[str, dict]]:
-    return [(path, _scan_file(path, text_field)) for path in paths]
+def _scan_files(paths: list[str], text_field: str, txt_document: str) -> list[tuple[str, dict]]:
+    return [(path, _scan_file(path, text_field, txt_document)) for path in paths]
 
 
-def _scan_file(path: str, text_field: str) -> dict:
-    """{records, bad, example, error} for one corpus file (see check_records)."""
-    scan = {"records": 0, "bad": 0, "example": "", "error": ""}
+def _scan_file(path: str, text_field: str, txt_document: str = "auto") -> dict:
+    """{records, bad, example, error, txt_document} for one corpus file (see check_records)."""
+    scan = {"records": 0, "bad": 0, "example": "", "error": "", "txt_document": ""}
     fs, inner = filesystem_for(path)
     try:
         if path.lower().endswith(PARQUET_EXTENSIONS):
@@ -159,6 +168,8 @@ def _scan_file(path: str, text_field: str) -> dict:
                     what = ("no field" if not isinstance(record, dict) or text_field not in record
                             else f"a {type(value).__name__} in field")
                     scan["example"] = f"{path} line {number}: {what} {text_field!r}"
+        if not is_jsonl:
+            scan["txt_document"] = txt_document_of(fs, inner, txt_document)
     except OSError as e:
         scan["error"] = f"cannot read corpus file {path}: {e}. The file is unreadable or corrupt; fix or remove it."
     except Exception as e:  # a corrupt Parquet footer and the like
@@ -166,19 +177,21 @@ def _scan_file(path: str, text_field: str) -> dict:
     return scan
 
 
-def corpus_pieces(files: list[str], piece_bytes: int = 32 << 20) -> list[dict]:
+def corpus_pieces(files: list[str], piece_bytes: int = 32 << 20, txt_document: str = "auto") -> list[dict]:
     """The corpus cut into pieces of about `piece_bytes` for parallel reading: text and JSONL files by byte range
-    (each line belongs to the piece its first byte falls in), Parquet files whole (streamed by row batches)."""
+    (each line, or paragraph, belongs to the piece its first byte falls in), Parquet files whole (streamed by row
+    batches), and text files whole when each is one document (data.txt_document=file)."""
+    whole = PARQUET_EXTENSIONS + (TEXT_EXTENSIONS if txt_document == "file" else ())
     pieces = []
     for path in files:
         size = total_size([path])
-        cuts = 1 if path.lower().endswith(PARQUET_EXTENSIONS) else max(1, math.ceil(size / piece_bytes))
+        cuts = 1 if path.lower().endswith(whole) else max(1, math.ceil(size / piece_bytes))
         bounds = [size * k // cuts for k in range(cuts + 1)]
         pieces += [{"path": path, "start": start, "end": end} for start, end in zip(bounds, bounds[1:])]
     return pieces
 
 
-def piece_texts(piece: dict, text_field: str) -> Iterator[str]:
+def piece_texts(piece: dict, text_field: str, txt_document: str = "auto") -> Iterator[str]:
     """The raw documents of a piece (see corpus_pieces). Run after `check_records`, which has rejected files that are
     not text, JSON or string columns, and counted the records without usable text that this skips."""
     fs, inner = filesystem_for(piece["path"])
@@ -186,9 +199,79 @@ def piece_texts(piece: dict, text_field: str) -> Iterator[str]:
         yield from parquet_texts(fs, inner, text_field)
         return
     is_jsonl = piece["path"].lower().endswith(JSONL_EXTENSIONS)
-    for line in _lines(fs, inner, piece["start"], piece["end"]):
-        if (text := record_text(line, is_jsonl, text_field)) is not None:
+    records = (_lines if is_jsonl else functools.partial(txt_documents, setting=txt_document))(
+        fs, inner, start=piece["start"], end=piece["end"])
+    for record in records:
+        if (text := record_text(record, is_jsonl, text_field)) is not None:
             yield text
+
+
+# ---- what one document of a .txt file is (data.txt_document) ----------------------------------------------------
+
+
+def txt_document_of(fs, path: str, setting: str) -> str:
+    """`setting`, or for `auto` what the start of the file shows: paragraph if it looks hard-wrapped, else line. Every
+    reader of the file decides alike, from its first MiB."""
+    if setting != "auto":
+        return setting
+    with fs.open_input_stream(path) as handle:
+        head = handle.read(1 << 20)
+    lines = head.split(b"\n")
+    if len(head) == 1 << 20:
+        lines = lines[:-1]  # a line cut by the MiB
+    return "paragraph" if looks_hard_wrapped([line.decode("utf-8", "replace").strip() for line in lines]) else "line"
+
+
+def looks_hard_wrapped(lines: list[str]) -> bool:
+    """Whether these lines are hard-wrapped prose (a book, a README): paragraphs of a few lines (1.5 to 50 on
+    average) between blank lines, and the lines that do not end a paragraph filled to one width of at most 120
+    characters (half of them to 0.6 of it, at least; lists and tables fill less). A file of one document per line has
+    no blank lines, or lines of any length."""
+    paragraphs, current = [], []
+    for line in lines + [""]:
+        if line:
+            current.append(len(line))
+        elif current:
+            paragraphs.append(current)
+            current = []
+    filled = sorted(n for paragraph in paragraphs for n in paragraph[:-1])
+    if len(paragraphs) < 2 or not 1.5 <= (len(filled) + len(paragraphs)) / len(paragraphs) <= 50:
+        return False
+    width = filled[int(0.95 * (len(filled) - 1))]
+    return width <= 120 and sum(n >= 0.6 * width for n in filled) >= 0.5 * len(filled)
+
+
+def txt_documents(fs, path: str, setting: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    """The documents of a .txt file (data.txt_document) that begin in the byte range [start, end), as bytes."""
+    unit = txt_document_of(fs, path, setting)
+    if unit == "line":
+        yield from _lines(fs, path, start, end)
+    elif unit == "paragraph":
+        yield from _paragraphs(fs, path, start, end)
+    elif start == 0:  # file: corpus_pieces keeps it whole
+        with fs.open_input_stream(path) as handle:
+            yield handle.read()
+
+
+def _paragraphs(fs, path: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    """Runs of non-blank lines, each joined by spaces, whose first line begins in [start, end). Lines from up to 64
+    KiB before `start` are read to know whether a paragraph begins at it."""
+    lines, owned, after_blank = [], False, True
+    for position, line in _positioned_lines(fs, path, max(start - (64 << 10), 0)):
+        if not line.strip():
+            if owned:
+                yield b" ".join(lines)
+            lines, owned, after_blank = [], False, True
+            continue
+        if after_blank:  # a paragraph begins here
+            if end is not None and position >= end:
+                return
+            owned = position >= start
+        if owned:
+            lines.append(line.strip())
+        after_blank = False
+    if owned:
+        yield b" ".join(lines)
 
 
 def parquet_texts(fs, path: str, text_field: str) -> Iterator[str]:
@@ -208,9 +291,15 @@ def record_text(line: bytes, is_jsonl: bool, text_field: str) -> str | None:
     return text if isinstance(text, str) and text.strip() else None
 
 
-def _lines(fs, path: str, start: int = 0, end: int | None = None, chunk_bytes: int = 8 << 20) -> Iterator[bytes]:
+def _lines(fs, path: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
     """A file's lines as bytes, streamed: those that begin in the byte range [start, end), the whole file by default.
     Ranges that cut a file anywhere give each line to exactly one of them."""
+    return (line for _, line in _positioned_lines(fs, path, start, end))
+
+
+def _positioned_lines(fs, path: str, start: int = 0, end: int | None = None,
+                      chunk_bytes: int = 8 << 20) -> Iterator[tuple[int, bytes]]:
+    """(where it begins, line) for the lines of a file that begin in [start, end) (see `_lines`)."""
     with (fs.open_input_file(path) if start else fs.open_input_stream(path)) as handle:
         if start:
             handle.seek(start - 1)  # a line begins at `start` only if the byte before it ends a line
@@ -221,8 +310,8 @@ def _lines(fs, path: str, start: int = 0, end: int | None = None, chunk_bytes: i
                 if end is not None and position >= end:
                     return
                 if not skipping:
-                    yield line
+                    yield position, line
                 skipping = False  # the first split was the end of a line that began before `start`
                 position += len(line) + 1
     if rest and not skipping and (end is None or position < end):
-        yield rest
+        yield position, rest

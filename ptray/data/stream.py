@@ -38,7 +38,8 @@ from ptray import storage
 from ptray.config import Config
 from ptray.data.clean import clean_text, doc_hash, is_validation, shuffle_key
 from ptray.data.manifest import Manifest, Shard, read_manifest, write_manifest
-from ptray.data.readers import JSONL_EXTENSIONS, PARQUET_EXTENSIONS, _lines, parquet_texts, record_text
+from ptray.data.readers import (JSONL_EXTENSIONS, PARQUET_EXTENSIONS, _lines, parquet_texts, record_text,
+                                txt_document_of, txt_documents)
 from ptray.data.pack import encode_documents, pack_rows
 from ptray.data.tokenizer import (copy_tokenizer, end_of_document_id, fast_tokenizer, load_tokenizer, tokenizer_hash,
                                   train_bpe)
@@ -54,19 +55,22 @@ def stream_dir(cfg: Config) -> str:
 # ---- one source: documents -> packed rows --------------------------------------------------------------------------
 
 
-def source_texts(path: str, text_field: str) -> Iterator[str]:
-    """A corpus file's raw documents: a text file's non-empty lines, a JSONL file's `text_field`, a Parquet column."""
+def source_texts(path: str, text_field: str, txt_document: str = "auto") -> Iterator[str]:
+    """A corpus file's raw documents: a text file's lines, paragraphs or whole text (data.txt_document), a JSONL
+    file's `text_field`, a Parquet column."""
     fs, inner = storage.filesystem_for(path)
     try:
         if path.lower().endswith(PARQUET_EXTENSIONS):
             yield from parquet_texts(fs, inner, text_field)
             return
         is_jsonl = path.lower().endswith(JSONL_EXTENSIONS)
-        for number, line in enumerate(_lines(fs, inner), 1):
+        unit = "line" if is_jsonl else txt_document_of(fs, inner, txt_document)
+        records = _lines(fs, inner) if is_jsonl else txt_documents(fs, inner, unit)
+        for number, line in enumerate(records, 1):
             try:
                 text = record_text(line, is_jsonl, text_field)
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise DataError(f"{path} line {number} is not {'JSON' if is_jsonl else 'UTF-8 text'} ({e}); fix or "
+                raise DataError(f"{path} {unit} {number} is not {'JSON' if is_jsonl else 'UTF-8 text'} ({e}); fix or "
                                 "remove the file (`ptray prepare` lists every such record).") from None
             if text is not None:
                 yield text
@@ -78,7 +82,7 @@ def source_texts(path: str, text_field: str) -> Iterator[str]:
 def source_documents(path: str, data: dict, seed: int, split: str) -> Iterator[str]:
     """The cleaned documents of one split of a file, in file order (`data`: the config's data section)."""
     seen: set[int] = set()
-    for raw in source_texts(path, data["text_field"]):
+    for raw in source_texts(path, data["text_field"], data["txt_document"]):
         text = clean_text(raw, normalize_unicode=data["normalize_unicode"], strip_html=data["strip_html"],
                           collapse_whitespace=data["collapse_whitespace"])
         if len(text) < max(data["min_chars"], 1):
@@ -177,8 +181,8 @@ def train_dataset(cfg: Config, manifest: Manifest, delivered: dict) -> ray.data.
 
 def data_settings(cfg: Config) -> dict:
     d = cfg.data
-    return {key: getattr(d, key) for key in ("text_field", "normalize_unicode", "strip_html", "collapse_whitespace",
-                                             "min_chars", "val_fraction", "dedup", "seq_len")}
+    return {key: getattr(d, key) for key in ("text_field", "txt_document", "normalize_unicode", "strip_html",
+                                             "collapse_whitespace", "min_chars", "val_fraction", "dedup", "seq_len")}
 
 
 # ---- the driver: tokenizer, validation shard, manifest --------------------------------------------------------------
@@ -196,14 +200,14 @@ def start_stream(cfg: Config, files: list[str]) -> Manifest:
     if os.path.exists(os.path.join(out, "manifest.json")):
         manifest = read_manifest(out)
         changed = [f"{k} {manifest.settings.get(k)!r} -> {v!r}" for k, v in settings.items()
-                   if manifest.settings.get(k) != v]
+                   if manifest.settings.get(k, v if k == "data.txt_document" else None) != v]  # new in 2026-12
         if changed:
             raise ConfigError(f"{out} was set up for this run with other data settings ({'; '.join(changed)}), and "
                               "its checkpoints were trained on that stream. Use another run.dir (or run.name) for "
                               "the new data, or restore the settings.")
         return manifest
     d = cfg.data
-    check_sources(files, d.text_field)
+    check_sources(files, d.text_field, d.txt_document)
     tokenizer_dir = os.path.join(out, "tokenizer")
     if d.tokenizer_path:
         copy_tokenizer(d.tokenizer_path, tokenizer_dir)
@@ -248,11 +252,11 @@ def validation_rows(cfg: Config, files: list[str], tokenizer_dir: str, eos_id: i
     return np.concatenate(found) if found else np.empty((0, cfg.data.seq_len + 1), dtype=np.int32)
 
 
-def check_sources(files: list[str], text_field: str) -> None:
+def check_sources(files: list[str], text_field: str, txt_document: str = "auto") -> None:
     """Every source opens and yields a first document: a missing, unreadable or empty file stops the run here, on
     the driver, rather than in a Ray Data task mid-training."""
     for path in files:
-        if next(source_texts(path, text_field), None) is None:
+        if next(source_texts(path, text_field, txt_document), None) is None:
             raise DataError(f"corpus file {path} holds no documents (field {text_field!r}); remove it from "
                             "data.train_files or fix data.text_field.")
 
