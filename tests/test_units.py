@@ -16,7 +16,7 @@ from ptray.data import clean
 from ptray.data.clean import clean_batch, clean_text, is_validation, shuffle_order
 from ptray.data.pack import encode_documents, pack_rows
 from ptray.data.readers import corpus_pieces, expand_files, piece_texts
-from ptray.data.stream import source_texts
+from ptray.data.stream import check_sources, source_texts
 from ptray.data.tokenizer import end_of_document_id, fast_tokenizer, load_tokenizer, train_bpe
 from ptray.errors import DataError
 from ptray.objectives import IGNORE_INDEX, causal_lm_batch, masked_lm_batch
@@ -132,7 +132,7 @@ def test_hard_wrapped_paragraphs_are_documents_wherever_the_pieces_are_cut(tmp_p
     assert list(source_texts(str(path), "text", "file")) == [text]
 
 
-def test_auto_reads_hard_wrapped_prose_by_paragraph_and_anything_else_by_line(tmp_path):
+def test_auto_reads_hard_wrapped_prose_by_paragraph_and_anything_else_by_line(tmp_path, capsys):
     """data.txt_document=auto: paragraphs for prose wrapped at any usual width (and a README with a list); lines for
     one document per line, also when some lines are blank, when documents are short, or when they are separated by
     blank lines (each paragraph is then one line anyway)."""
@@ -154,6 +154,8 @@ def test_auto_reads_hard_wrapped_prose_by_paragraph_and_anything_else_by_line(tm
         expected = [" ".join(p.split()) for p in text.split("\n\n") if p.strip()] if unit == "paragraph" else \
             [line for line in text.split("\n") if line.strip()]
         assert list(source_texts(str(path), "text")) == expected, name
+    check_sources([str(tmp_path / "wrapped72.txt"), str(tmp_path / "per_line.txt")], "text")  # data.ingest=ray_data
+    assert "1 of 2 .txt files look hard-wrapped (e.g. " + str(tmp_path / "wrapped72.txt") in capsys.readouterr().out
 
 
 def test_validation_split_fraction_is_respected():

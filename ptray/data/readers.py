@@ -89,11 +89,8 @@ def check_records(files: list[str], text_field: str, max_bad_fraction: float, ma
     for scan in scans:
         if scan["error"]:
             raise DataError(scan["error"])
-    if wrapped := [f for f, s in zip(files, scans) if s["txt_document"] == "paragraph" and txt_document == "auto"]:
-        texts = sum(f.lower().endswith(TEXT_EXTENSIONS) for f in files)
-        print(f"[prepare] {len(wrapped)} of {texts} .txt files look hard-wrapped (e.g. {wrapped[0]}): each of their "
-              "paragraphs is a document" + (", each line of the others" if len(wrapped) < texts else "") +
-              ". Set data.txt_document (line, paragraph or file) to choose.", flush=True)
+    if txt_document == "auto":
+        say_hard_wrapped(files, [scan["txt_document"] for scan in scans])
     records, bad = sum(s["records"] for s in scans), sum(s["bad"] for s in scans)
     if not bad:
         return
@@ -220,6 +217,15 @@ def txt_document_of(fs, path: str, setting: str) -> str:
     if len(head) == 1 << 20:
         lines = lines[:-1]  # a line cut by the MiB
     return "paragraph" if looks_hard_wrapped([line.decode("utf-8", "replace").strip() for line in lines]) else "line"
+
+
+def say_hard_wrapped(files: list[str], units: list[str], stage: str = "prepare") -> None:
+    """Name the .txt files that data.txt_document=auto reads by paragraph (`units`: what each file was read as)."""
+    if wrapped := [f for f, unit in zip(files, units) if unit == "paragraph"]:
+        texts = sum(f.lower().endswith(TEXT_EXTENSIONS) for f in files)
+        print(f"[{stage}] {len(wrapped)} of {texts} .txt files look hard-wrapped (e.g. {wrapped[0]}): each of their "
+              "paragraphs is a document" + (", each line of the others" if len(wrapped) < texts else "") +
+              ". Set data.txt_document (line, paragraph or file) to choose.", flush=True)
 
 
 def looks_hard_wrapped(lines: list[str]) -> bool:

@@ -38,8 +38,8 @@ from ptray import storage
 from ptray.config import Config
 from ptray.data.clean import clean_text, doc_hash, is_validation, shuffle_key
 from ptray.data.manifest import Manifest, Shard, read_manifest, write_manifest
-from ptray.data.readers import (JSONL_EXTENSIONS, PARQUET_EXTENSIONS, _lines, parquet_texts, record_text,
-                                txt_document_of, txt_documents)
+from ptray.data.readers import (JSONL_EXTENSIONS, PARQUET_EXTENSIONS, TEXT_EXTENSIONS, _lines, parquet_texts,
+                                record_text, say_hard_wrapped, txt_document_of, txt_documents)
 from ptray.data.pack import encode_documents, pack_rows
 from ptray.data.tokenizer import (copy_tokenizer, end_of_document_id, fast_tokenizer, load_tokenizer, tokenizer_hash,
                                   train_bpe)
@@ -259,6 +259,9 @@ def check_sources(files: list[str], text_field: str, txt_document: str = "auto")
         if next(source_texts(path, text_field, txt_document), None) is None:
             raise DataError(f"corpus file {path} holds no documents (field {text_field!r}); remove it from "
                             "data.train_files or fix data.text_field.")
+    if txt_document == "auto":
+        texts = [path for path in files if path.lower().endswith(TEXT_EXTENSIONS)]
+        say_hard_wrapped(texts, [txt_document_of(*storage.filesystem_for(path), "auto") for path in texts], "pretrain")
 
 
 def source_identity(files: list[str]) -> list:
