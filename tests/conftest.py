@@ -3,10 +3,26 @@
 from __future__ import annotations
 
 import os
+import random
+import socket
 
 import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the export step imports DeepSpeed in the test process
+
+
+def free_port() -> int:
+    """A free port on 127.0.0.1 between Ray's worker ports (10002-19999) and the ephemeral range (32768 and up). A port
+    the OS picked from the ephemeral range and this released could be handed next to a server Ray binds to port 0 (the
+    autoscaler's metrics): CI once lost a cluster's dashboard that way."""
+    while True:
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def tiny_config(run_dir, *overrides: str):

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import free_port
 from ptray.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,11 +28,6 @@ JOB_FAST = ["data.builtin_docs=2000", "pretrain.max_steps=10", "pretrain.log_eve
             "sweep.scheduler=none", "sweep.compare_scratch=false", "sweep.num_seeds=1", "sweep.label_fractions=[1.0]",
             "sweep.pretrained_steps=[]"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(*args, timeout=600, **kwargs):
@@ -64,7 +59,7 @@ def _node_processes(temp_dir: str) -> list[int]:
 def cluster(tmp_path_factory):
     """A head and a second node, 2 CPUs each, on 127.0.0.1; the client side uses the cluster's token. Each node has its
     own temp dir, so the teardown stops exactly these processes (`ray stop` would stop every Ray on the machine)."""
-    port, dashboard_port = _free_port(), _free_port()
+    port, dashboard_port = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}  # clients of the cluster, all in subprocesses
     head_temp_dir, node2_temp_dir = str(tmp_path_factory.mktemp("head")), str(tmp_path_factory.mktemp("node2"))
     try:
@@ -174,7 +169,7 @@ def test_workers_spread_over_two_nodes_and_the_merged_checkpoint_restores(cluste
 
 
 def test_unreachable_address_fails_fast_naming_it(tmp_path):
-    closed = _free_port()
+    closed = free_port()
     proc = _run(sys.executable, "-m", "ptray.cli", "pretrain", "--config", "tiny", "--address", f"127.0.0.1:{closed}",
                 f"run.dir={tmp_path}", timeout=60)
     assert proc.returncode == 2

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_config
+from conftest import free_port, tiny_config
 from ptray import storage
 from ptray.data.builtin import write_builtin_corpus
 from ptray.data.readers import corpus_pieces, piece_texts
@@ -26,16 +26,10 @@ BUCKET = "ptray-test"
 SECRET = "s3cr3t-never-logged"  # distinctive, so the test can check it appears in no file or log
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_server():
     """A moto S3 server on loopback; credentials and endpoint in the environment before Ray starts (workers inherit)."""
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1",
                                "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"

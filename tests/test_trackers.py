@@ -7,7 +7,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,14 +15,9 @@ from importlib.metadata import version
 
 import pytest
 
+from conftest import free_port
 from ptray.cli import main
 from ptray.metrics import read_metrics
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +33,7 @@ def mlflow_server(tmp_path_factory):
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(root / "server"),
                         f"mlflow=={version('mlflow-skinny')}"], check=True)
         env["PYTHONPATH"] = os.pathsep.join([str(root / "server"), env.get("PYTHONPATH", "")])
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
                                "--default-artifact-root", str(root / "artifacts"), "--workers", "1"],
@@ -143,7 +137,7 @@ def test_an_unknown_logger_or_an_mlflow_server_that_does_not_answer_stops_before
     assert "run.loggers has 'neptune'" in capsys.readouterr().err
     started = time.time()
     assert main(["pretrain", "--config", "tiny", f"run.dir={tmp_path}", "run.loggers=[mlflow]",
-                 f"run.mlflow_uri=http://127.0.0.1:{_free_port()}"]) == 2
+                 f"run.mlflow_uri=http://127.0.0.1:{free_port()}"]) == 2
     error = capsys.readouterr().err
     assert "does not answer" in error and "run.mlflow_uri" in error and "Traceback" not in error
     assert time.time() - started < 30 and os.listdir(tmp_path) == []  # nothing prepared, nothing trained
