@@ -1,5 +1,6 @@
-"""`prepare` on a real local Ray: mixed formats, cleaning, dedup, packing, manifest, and bad input."""
+"""`prepare` on a real local Ray: mixed formats (one compressed), cleaning, dedup, packing, manifest, and bad input."""
 
+import gzip
 import json
 import os
 import textwrap
@@ -34,7 +35,8 @@ def corpus(tmp_path_factory):
     # Two records without usable text (2 of 722, under data.max_bad_fraction): skipped and counted, and a nested
     # value among strings must not break the reader.
     jsonl[50:50] = [json.dumps({"body": {"nested": "not text"}}), json.dumps({"title": "no body field"})]
-    (root / "b.jsonl").write_text("\n".join(jsonl) + "\n")
+    with pa.output_stream(str(root / "b.jsonl.gz"), compression="gzip") as f:  # corpora often come compressed
+        f.write(("\n".join(jsonl) + "\n").encode())
     pq.write_table(pa.table({"body": _docs(200, "parquet")}), root / "c.parquet")
     return root
 
@@ -43,7 +45,7 @@ def corpus(tmp_path_factory):
 def prepared(ray_local, corpus, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     (corpus / "a.jsonl").write_text((corpus / "a.txt").read_text())  # not used: we list files explicitly below
-    cfg = tiny_config(run, f"data.train_files=[{corpus}/a.txt,{corpus}/b.jsonl,{corpus}/*.parquet]",
+    cfg = tiny_config(run, f"data.train_files=[{corpus}/a.txt,{corpus}/b.jsonl.gz,{corpus}/*.parquet]",
                       "data.text_field=body", f"data.seq_len={SEQ_LEN}", "data.vocab_size=400",
                       "data.val_fraction=0.1", "data.rows_per_shard=100", "data.min_chars=10")
     # A version left by an earlier prepare: deleted once the new one is committed
@@ -131,6 +133,8 @@ def test_bad_inputs_fail_with_clear_errors(ray_local, tmp_path):
     bad = {"latin1.txt": ("caf\xe9 ol\xe9\n".encode("latin-1"), r"latin1.txt line 1 is not UTF-8 text.*iconv"),
            "image.txt": (b"GIF89a\0\0\x80\xff", r"image.txt line 1 holds NUL bytes: a binary file"),
            "torn.jsonl": (b'{"text": "a fine first record"}\n{"text": "cut off\n', r"torn.jsonl line 2 is not JSON"),
+           "torn.jsonl.gz": (gzip.compress(b'{"text": "a fine first record"}\n' * 50)[:-30],
+                             r"cannot read corpus file \S*torn.jsonl.gz: .*unreadable or corrupt"),
            "mixed.jsonl": (b'{"text": "a fine record here"}\n{"text": ["a", "list"]}\n',
                            r"1 of 2 corpus records have no usable text in field 'text' \(e.g. \S*mixed.jsonl line 2: "
                            r"a list in field 'text'\): more than data.max_bad_fraction=0.01")}

@@ -158,6 +158,37 @@ def test_auto_reads_hard_wrapped_prose_by_paragraph_and_anything_else_by_line(tm
     assert "1 of 2 .txt files look hard-wrapped (e.g. " + str(tmp_path / "wrapped72.txt") in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("codec, suffix", [("gzip", ".gz"), ("bz2", ".bz2"), ("zstd", ".zst"), ("lz4", ".lz4")])
+def test_compressed_corpus_files_read_like_plain_ones(tmp_path, codec, suffix):
+    """corpus.jsonl.gz, book.txt.zst: decompressed as they stream, each read whole by one piece (a compressed stream
+    has no byte ranges), by both ingest modes, a hard-wrapped one still by paragraph; the scan counts the text's bytes,
+    not the file's (prepare sizes its hash partitions by it). A Parquet file compresses inside: parquet.gz is no
+    corpus file."""
+    import pyarrow as pa
+
+    from ptray.data.readers import _scan_file
+
+    records = _prose(300, seed=2)
+    contents = {"corpus.jsonl": ("\n".join(json.dumps({"text": r}) for r in records) + "\n", records),
+                "book.txt": (_wrapped(records), records),
+                "lines.txt": ("\n".join(records) + "\n", records)}
+    for name, (text, expected) in contents.items():
+        path = str(tmp_path / (name + suffix))
+        with pa.output_stream(path, compression=codec) as f:
+            f.write(text.encode())
+        pieces = corpus_pieces([path], piece_bytes=64)
+        assert len(pieces) == 1 and [t for p in pieces for t in piece_texts(p, "text")] == expected, name
+        assert list(source_texts(path, "text")) == expected, name
+        scan = _scan_file(path, "text")
+        assert not scan["error"] and scan["bytes"] == len(text.encode()) > 2 * os.path.getsize(path), name
+    (tmp_path / "table.parquet.gz").write_bytes(b"")
+    assert [os.path.basename(f) for f in expand_files([str(tmp_path)])] == [
+        f"book.txt{suffix}", f"corpus.jsonl{suffix}", f"lines.txt{suffix}"]
+    torn = tmp_path / f"torn.txt{suffix}"
+    torn.write_bytes((tmp_path / f"lines.txt{suffix}").read_bytes()[:-40])
+    assert "The file is unreadable or corrupt" in _scan_file(str(torn), "text")["error"]
+
+
 def test_validation_split_fraction_is_respected():
     held_out = sum(is_validation(h, 0.1, seed=3) for h in range(-5000, 5000))
     assert 800 < held_out < 1200
@@ -477,7 +508,7 @@ def test_automatic_eval_interval_bounds_the_cost_of_evaluating():
     assert load_config("tiny").finetune.eval_every == 0  # the built-in configs use the rule
 
 
-def test_labelled_data_reads_alike_from_jsonl_csv_and_parquet(tmp_path):
+def test_labelled_data_reads_alike_from_jsonl_csv_and_parquet_compressed_or_not(tmp_path):
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -489,8 +520,11 @@ def test_labelled_data_reads_alike_from_jsonl_csv_and_parquet(tmp_path):
     (tmp_path / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     pacsv.write_csv(pa.Table.from_pylist(rows), tmp_path / "set.csv")
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "set.parquet")
+    for name, codec in [("set.jsonl.gz", "gzip"), ("set.csv.zst", "zstd")]:  # compressed, as corpora often are
+        with pa.output_stream(str(tmp_path / name), compression=codec) as f:
+            f.write((tmp_path / name.rsplit(".", 1)[0]).read_bytes())
     cfg = load_config("tiny", [])
-    for name in ("set.jsonl", "set.csv", "set.parquet"):
+    for name in ("set.jsonl", "set.csv", "set.parquet", "set.jsonl.gz", "set.csv.zst"):
         assert read_labelled_rows([str(tmp_path / name)], cfg) == rows, name
 
 

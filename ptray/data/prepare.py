@@ -252,7 +252,8 @@ def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> tuple[dic
     dropped)."""
     d = cfg.data
     cores = _cores_of_one_machine_cluster()
-    check_records(files, d.text_field, d.max_bad_fraction, max_tasks=cores, txt_document=d.txt_document)
+    corpus_bytes = check_records(files, d.text_field, d.max_bad_fraction, max_tasks=cores,
+                                 txt_document=d.txt_document)
     pieces = corpus_pieces(files, txt_document=d.txt_document)
     # On one machine, a task per core: each task beyond the prestarted workers starts a process (a second of CPU).
     tasks = ray.data.TaskPoolStrategy(size=cores and min(cores, len(pieces)))  # more than inputs: Ray Data warns
@@ -266,7 +267,6 @@ def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> tuple[dic
     # sample of the whole corpus. Sorting each bucket by a seeded key then shuffles the documents before packing, the
     # same way on every run, so packed rows mix the corpus instead of following one file or book. The number of buckets
     # follows the corpus size (about 64 MiB of raw text each), not the cluster, so the order is the same everywhere.
-    corpus_bytes = sum(piece["end"] - piece["start"] for piece in pieces)  # the pieces tile every file
     num_buckets = min(1024, math.ceil(corpus_bytes / PARTITION_BYTES) or 1)
     near = None
     if d.dedup == "minhash":  # a pass of its own over the cleaned corpus, before the split (see ptray.data.minhash)

@@ -26,20 +26,41 @@ TEXT_EXTENSIONS = (".txt", ".text")
 JSONL_EXTENSIONS = (".jsonl", ".json")
 PARQUET_EXTENSIONS = (".parquet",)
 SUPPORTED = TEXT_EXTENSIONS + JSONL_EXTENSIONS + PARQUET_EXTENSIONS
+# Text and JSONL files may be compressed (corpus.jsonl.gz, book.txt.zst): pyarrow decompresses them as it streams.
+# Such a file is read whole by one task (a compressed stream has no byte ranges to cut); Parquet compresses inside.
+COMPRESSED_EXTENSIONS = (".gz", ".bz2", ".zst", ".lz4")
 GLOB_CHARS = "*?["
+
+
+def is_compressed(path: str) -> bool:
+    return path.lower().endswith(COMPRESSED_EXTENSIONS)
+
+
+def format_name(path: str) -> str:
+    """The file's name, lowercased, without a compression suffix: its extension says how to read it."""
+    name = path.lower()
+    return name[:name.rindex(".")] if is_compressed(name) else name
+
+
+def has_format(path: str, suffixes: tuple[str, ...]) -> bool:
+    """Whether the file is one of these formats, compressed or not (never a compressed Parquet file)."""
+    name = format_name(path)
+    return name.endswith(suffixes) and not (is_compressed(path) and name.endswith(PARQUET_EXTENSIONS))
 
 
 def expand_files(patterns: list[str], key: str = "data.train_files", suffixes: tuple[str, ...] = SUPPORTED,
                  example: str = "corpus/*.txt") -> list[str]:
-    """Expand paths, directories and globs to a sorted list of files with `suffixes`; error on any that match none."""
+    """Expand paths, directories and globs to a sorted list of files with `suffixes` (or compressed ones, see
+    COMPRESSED_EXTENSIONS); error on any that match none."""
     files: list[str] = []
     for pattern in patterns:
         matched = _expand_uri(pattern) if is_uri(pattern) else _expand_local(pattern)
-        matched = [f for f in matched if f.lower().endswith(suffixes)]
+        matched = [f for f in matched if has_format(f, suffixes)]
         if not matched:
             raise DataError(
-                f"{key} entry {pattern!r} matched no {'/'.join(suffixes)} files. "
-                f"Check the path or glob (quote globs in the shell), e.g. {key}=[{example}].")
+                f"{key} entry {pattern!r} matched no {'/'.join(suffixes)} files (text formats may be compressed: "
+                f"{', '.join(COMPRESSED_EXTENSIONS)}). Check the path or glob (quote globs in the shell), e.g. "
+                f"{key}=[{example}].")
         files.extend(matched)
     return sorted(dict.fromkeys(files))
 
@@ -73,11 +94,12 @@ def _expand_uri(pattern: str) -> list[str]:
 
 
 def check_records(files: list[str], text_field: str, max_bad_fraction: float, max_tasks: int | None = None,
-                  txt_document: str = "auto") -> None:
+                  txt_document: str = "auto") -> int:
     """Read every record of every file once, in Ray tasks, before any work starts: a file that is not UTF-8
     text, a JSONL line that is not JSON, a Parquet text column that is not strings is an error naming the file and
     line; records without usable text are counted, and more than `max_bad_fraction` of them is an error. With
-    data.txt_document=auto, the .txt files read as paragraphs are named."""
+    data.txt_document=auto, the .txt files read as paragraphs are named. Returns the corpus size in bytes, compressed
+    files counted decompressed (Parquet files as they are)."""
     # One task per file, or per group of files when `max_tasks` (a one-machine cluster's cores) is smaller: each
     # task beyond the cores starts a worker process of its own (about a second of CPU on 2 cores), for a scan of
     # tens of milliseconds.
@@ -92,14 +114,16 @@ def check_records(files: list[str], text_field: str, max_bad_fraction: float, ma
     if txt_document == "auto":
         say_hard_wrapped(files, [scan["txt_document"] for scan in scans])
     records, bad = sum(s["records"] for s in scans), sum(s["bad"] for s in scans)
+    corpus_bytes = sum(s["bytes"] for s in scans)
     if not bad:
-        return
+        return corpus_bytes
     example = next(s["example"] for s in scans if s["bad"])
     summary = (f"{bad:,} of {records:,} corpus records have no usable text in field {text_field!r} (e.g. {example})")
     if bad > max_bad_fraction * records:
         raise DataError(f"{summary}: more than data.max_bad_fraction={max_bad_fraction}. Set data.text_field to the "
                         "field that holds the text, fix the records, or raise data.max_bad_fraction to skip them.")
     print(f"[prepare] skipping {summary}", flush=True)
+    return corpus_bytes
 
 
 @ray.remote(num_cpus=0.5)
@@ -108,11 +132,12 @@ def _scan_files(paths: list[str], text_field: str, txt_document: str) -> list[tu
 
 
 def _scan_file(path: str, text_field: str, txt_document: str = "auto") -> dict:
-    """{records, bad, example, error, txt_document} for one corpus file (see check_records)."""
-    scan = {"records": 0, "bad": 0, "example": "", "error": "", "txt_document": ""}
+    """{records, bad, example, error, txt_document, bytes} for one corpus file (see check_records)."""
+    scan = {"records": 0, "bad": 0, "example": "", "error": "", "txt_document": "", "bytes": 0}
     fs, inner = filesystem_for(path)
     try:
-        if path.lower().endswith(PARQUET_EXTENSIONS):
+        if format_name(path).endswith(PARQUET_EXTENSIONS):
+            scan["bytes"] = fs.get_file_info(inner).size or 0
             with fs.open_input_file(inner) as handle:
                 parquet = pq.ParquetFile(handle)
                 names = parquet.schema_arrow.names
@@ -134,8 +159,9 @@ def _scan_file(path: str, text_field: str, txt_document: str = "auto") -> dict:
                     if nulls and not scan["example"]:
                         scan["example"] = f"{path}: null values in row group {g}"
             return scan
-        is_jsonl = path.lower().endswith(JSONL_EXTENSIONS)
+        is_jsonl = format_name(path).endswith(JSONL_EXTENSIONS)
         for number, line in enumerate(_lines(fs, inner), 1):
+            scan["bytes"] += len(line) + 1
             if b"\0" in line:
                 scan["error"] = (f"{path} line {number} holds NUL bytes: a binary file, not text. Remove it from "
                                  "data.train_files.")
@@ -176,13 +202,13 @@ def _scan_file(path: str, text_field: str, txt_document: str = "auto") -> dict:
 
 def corpus_pieces(files: list[str], piece_bytes: int = 32 << 20, txt_document: str = "auto") -> list[dict]:
     """The corpus cut into pieces of about `piece_bytes` for parallel reading: text and JSONL files by byte range
-    (each line, or paragraph, belongs to the piece its first byte falls in), Parquet files whole (streamed by row
-    batches), and text files whole when each is one document (data.txt_document=file)."""
+    (each line, or paragraph, belongs to the piece its first byte falls in), Parquet and compressed files whole
+    (streamed), and text files whole when each is one document (data.txt_document=file)."""
     whole = PARQUET_EXTENSIONS + (TEXT_EXTENSIONS if txt_document == "file" else ())
     pieces = []
     for path in files:
         size = total_size([path])
-        cuts = 1 if path.lower().endswith(whole) else max(1, math.ceil(size / piece_bytes))
+        cuts = 1 if format_name(path).endswith(whole) or is_compressed(path) else max(1, math.ceil(size / piece_bytes))
         bounds = [size * k // cuts for k in range(cuts + 1)]
         pieces += [{"path": path, "start": start, "end": end} for start, end in zip(bounds, bounds[1:])]
     return pieces
@@ -192,12 +218,13 @@ def piece_texts(piece: dict, text_field: str, txt_document: str = "auto") -> Ite
     """The raw documents of a piece (see corpus_pieces). Run after `check_records`, which has rejected files that are
     not text, JSON or string columns, and counted the records without usable text that this skips."""
     fs, inner = filesystem_for(piece["path"])
-    if piece["path"].lower().endswith(PARQUET_EXTENSIONS):
+    if format_name(piece["path"]).endswith(PARQUET_EXTENSIONS):
         yield from parquet_texts(fs, inner, text_field)
         return
-    is_jsonl = piece["path"].lower().endswith(JSONL_EXTENSIONS)
+    is_jsonl = format_name(piece["path"]).endswith(JSONL_EXTENSIONS)
+    end = None if is_compressed(piece["path"]) else piece["end"]  # a whole file; its size is not its text's
     records = (_lines if is_jsonl else functools.partial(txt_documents, setting=txt_document))(
-        fs, inner, start=piece["start"], end=piece["end"])
+        fs, inner, start=piece["start"], end=end)
     for record in records:
         if (text := record_text(record, is_jsonl, text_field)) is not None:
             yield text
@@ -222,7 +249,7 @@ def txt_document_of(fs, path: str, setting: str) -> str:
 def say_hard_wrapped(files: list[str], units: list[str], stage: str = "prepare") -> None:
     """Name the .txt files that data.txt_document=auto reads by paragraph (`units`: what each file was read as)."""
     if wrapped := [f for f, unit in zip(files, units) if unit == "paragraph"]:
-        texts = sum(f.lower().endswith(TEXT_EXTENSIONS) for f in files)
+        texts = sum(format_name(f).endswith(TEXT_EXTENSIONS) for f in files)
         print(f"[{stage}] {len(wrapped)} of {texts} .txt files look hard-wrapped (e.g. {wrapped[0]}): each of their "
               "paragraphs is a document" + (", each line of the others" if len(wrapped) < texts else "") +
               ". Set data.txt_document (line, paragraph or file) to choose.", flush=True)
