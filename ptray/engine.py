@@ -13,6 +13,7 @@ import functools
 import os
 import re
 import shutil
+import sys
 
 import torch
 
@@ -22,6 +23,21 @@ from ptray.schedule import Schedule, pretrain_schedule
 from ptray.session import quiet_prints
 
 CHECKPOINT_TAG = "ds"  # DeepSpeed's files live in <checkpoint>/ds/
+
+
+def import_deepspeed():
+    """`import deepspeed`, without the `import mlflow` that DeepSpeed's autotuner tries on the way (ptray never
+    autotunes): mlflow was 1.3 s of DeepSpeed's 3 s import in every worker process. Every DeepSpeed import goes
+    through here; ptray's own MLflow logger still imports mlflow where it logs."""
+    if "deepspeed" not in sys.modules and "mlflow" not in sys.modules:
+        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError while this is here
+        try:
+            import deepspeed
+        finally:
+            del sys.modules["mlflow"]
+    import deepspeed
+
+    return deepspeed
 
 
 def deepspeed_config(cfg: Config, schedule: Schedule) -> dict:
@@ -94,7 +110,7 @@ def load_op(builder_name: str) -> None:
     `flock` when its holder dies, so a lock file found while holding ours was left by a dead process."""
     import fcntl
 
-    import deepspeed.ops
+    deepspeed = import_deepspeed()
     from deepspeed.accelerator import get_accelerator
     from torch.utils.cpp_extension import _get_build_directory
 
@@ -116,8 +132,7 @@ def load_op(builder_name: str) -> None:
 def adopt_process_group(cfg: Config) -> None:
     """DeepSpeed's communication layer over the process group Ray Train created (on CPU it loads a shared-memory
     all-reduce, and prints so)."""
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     load_ops(cfg)
     with quiet_prints():
         deepspeed.init_distributed(dist_init_required=False)
@@ -179,8 +194,7 @@ def gathered(model: torch.nn.Module):
     params = [p for p in model.parameters() if hasattr(p, "ds_id")]
     if not params:
         return contextlib.nullcontext()
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
@@ -192,8 +206,7 @@ def held_params(model: torch.nn.Module) -> int:
 def initialize(model: torch.nn.Module, cfg: Config, schedule: Schedule, *, load_universal: bool = False):
     """Wrap `model` in a DeepSpeed engine with AdamW over `param_groups(model)`.
     `load_universal`: the next `load` reads a universal checkpoint (see `to_universal`)."""
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     load_ops(cfg)
     groups = param_groups(model, schedule.weight_decay)
     config = deepspeed_config(cfg, schedule)
@@ -266,6 +279,7 @@ def to_universal(checkpoint_dir: str, out_dir: str) -> None:
     """Rewrite a checkpoint's ZeRO shards, which are cut for one world size, as DeepSpeed's universal checkpoint in
     `<out_dir>/ds/`: every parameter's fp32 weights, Adam moments and step as whole tensors, loadable on any world size
     by an engine made with `initialize(..., load_universal=True)`. Runs in this process (one worker: no forking)."""
+    import_deepspeed()
     from deepspeed.checkpoint.ds_to_universal import main as convert
 
     convert(argparse.Namespace(
@@ -282,6 +296,7 @@ def consolidated_state_dict(checkpoint_dir: str, zero_stage: int) -> dict[str, t
         states = torch.load(os.path.join(checkpoint_dir, CHECKPOINT_TAG, "mp_rank_00_model_states.pt"),
                             map_location="cpu", weights_only=False)
         return {k: v.float() for k, v in states["module"].items()}
+    import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with quiet_prints():  # a line per step of the consolidation

@@ -528,6 +528,17 @@ def test_labelled_data_reads_alike_from_jsonl_csv_and_parquet_compressed_or_not(
         assert read_labelled_rows([str(tmp_path / name)], cfg) == rows, name
 
 
+def test_deepspeed_is_imported_without_mlflow():
+    """DeepSpeed's autotuner imports mlflow when it can (1.3 s of CPU in every worker process); ptray imports DeepSpeed
+    without it, and mlflow still imports afterwards for ptray's own logger. (A fresh interpreter: this one has both.)"""
+    code = ("import sys; from ptray.engine import import_deepspeed; ds = import_deepspeed(); "
+            "assert 'mlflow' not in sys.modules, 'mlflow imported'; assert ds.ops.__compatible_ops__; "
+            "from mlflow.entities import Metric; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
 def test_deepspeed_config_for_each_precision():
     from ptray.config import load_config
     from ptray.engine import deepspeed_config
