@@ -85,7 +85,13 @@ def ray_session(cfg: Config):
         auth_notice.setLevel(logging.ERROR)
         try:
             # address="local": always a fresh in-process Ray, even if a `ray start` cluster runs on this machine.
-            ray.init(address="local", num_cpus=num_cpus, logging_level=logging.WARNING)
+            # No dashboard unless asked for (PTRAY_DASHBOARD=1): it cost every local command about 1.5 s of its start
+            # and ten processes more on the cores, and at ptray's log level Ray never printed where it was.
+            dashboard = os.environ.get("PTRAY_DASHBOARD") == "1"
+            context = ray.init(address="local", num_cpus=num_cpus, logging_level=logging.WARNING,
+                               include_dashboard=dashboard)
+            if dashboard:
+                print(f"[ptray] Ray dashboard: http://{context.dashboard_url}", flush=True)
         finally:
             for key, value in saved.items():
                 if value is None:
