@@ -85,13 +85,10 @@ def ray_session(cfg: Config):
         auth_notice.setLevel(logging.ERROR)
         try:
             # address="local": always a fresh in-process Ray, even if a `ray start` cluster runs on this machine.
-            # No dashboard unless asked for (PTRAY_DASHBOARD=1): it cost every local command about 1.5 s of its start
-            # and ten processes more on the cores, and at ptray's log level Ray never printed where it was.
-            dashboard = os.environ.get("PTRAY_DASHBOARD") == "1"
-            context = ray.init(address="local", num_cpus=num_cpus, logging_level=logging.WARNING,
-                               include_dashboard=dashboard)
-            if dashboard:
-                print(f"[ptray] Ray dashboard: http://{context.dashboard_url}", flush=True)
+            # Keep the dashboard (about 1.5 s of the start): Ray Train's placement-group cleaner asks the State API,
+            # which it serves, whether a run's controller still lives. Without it a finished sweep trial's workers'
+            # CPUs were never given back, and the next trials waited for them forever (CI hung so).
+            ray.init(address="local", num_cpus=num_cpus, logging_level=logging.WARNING)
         finally:
             for key, value in saved.items():
                 if value is None:

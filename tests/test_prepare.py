@@ -393,35 +393,6 @@ def test_the_local_session_hands_its_settings_to_workers_through_their_environme
     assert drop_trial_stop_race(record("Error in control loop iteration: worker group failed"))
 
 
-def test_a_local_session_starts_the_dashboard_only_when_asked(ray_local):
-    """Local mode starts no Ray dashboard (about 1.5 s of every command's start, and ten processes more on the
-    cores); PTRAY_DASHBOARD=1 starts it and prints where it is."""
-    import subprocess
-    import sys
-    import urllib.error
-    import urllib.request
-
-    import ray
-
-    assert not ray._private.worker._global_node.address_info["webui_url"]  # this module's session: none
-    code = ("from ptray.config import load_config; from ptray.session import ray_session\n"
-            "with ray_session(load_config('tiny', [])): input()")  # up until the test answers
-    session = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                               env={**os.environ, "PTRAY_DASHBOARD": "1"})
-    try:
-        line = session.stdout.readline()
-        assert line.startswith("[ptray] Ray dashboard: http://127.0.0.1:"), line
-        try:  # it answers (Ray 2.60 asks a browser for the session's token)
-            status = urllib.request.urlopen(line.split(": ", 1)[1].strip() + "/api/version", timeout=30).status
-        except urllib.error.HTTPError as e:
-            status = e.code
-        assert status in (200, 401)
-        session.communicate("\n", timeout=120)
-        assert session.returncode == 0
-    finally:
-        session.kill()
-
-
 def test_a_local_session_runs_many_processes_without_raylet_warnings(ray_local, capfd):
     """A sweep runs trials side by side, each with a controller and its workers, beside the workers Ray prestarts.
     Ray caps the raylet's start-up concurrency at the cores and warns on the console once 4x as many worker processes
