@@ -40,7 +40,7 @@ from ptray import hf_mean_pooling
 from ptray.config import Config, from_dict, save_config, with_absolute_paths
 from ptray.data.builtin import generate_labelled
 from ptray.data.clean import doc_hash, is_validation
-from ptray.data.readers import expand_files, format_name
+from ptray.data.readers import expand_files, has_format
 from ptray.data.tokenizer import load_tokenizer, tokenizer_hash
 from ptray.errors import ConfigError, DataError
 from ptray.loop import fit, raise_if_stopped, setup_worker, to_device, worker_entry
@@ -79,12 +79,12 @@ def read_labelled_rows(patterns: list[str], cfg: Config) -> list[dict]:
     for f in expand_files(patterns, "finetune.train_files / val_files", (".jsonl", ".json", ".csv", ".parquet"),
                           "labelled/train.jsonl"):
         fs, path = filesystem_for(f)
-        parquet = format_name(f).endswith(".parquet")
+        parquet = has_format(f, (".parquet",))
         try:  # a stream decompresses .jsonl.gz, .csv.zst and the like (see readers.COMPRESSED_EXTENSIONS)
             with fs.open_input_file(path) if parquet else fs.open_input_stream(path) as handle:
                 if parquet:
                     rows += pq.read_table(handle).to_pylist()
-                elif format_name(f).endswith(".csv"):
+                elif has_format(f, (".csv",)):
                     rows += pacsv.read_csv(handle).to_pylist()
                 else:  # parsed per line: Arrow's reader rejects a file whose field changes type between records
                     for number, line in enumerate(handle.read().decode("utf-8").splitlines(), 1):

@@ -36,7 +36,7 @@ def is_compressed(path: str) -> bool:
     return path.lower().endswith(COMPRESSED_EXTENSIONS)
 
 
-def format_name(path: str) -> str:
+def _format_name(path: str) -> str:
     """The file's name, lowercased, without a compression suffix: its extension says how to read it."""
     name = path.lower()
     return name[:name.rindex(".")] if is_compressed(name) else name
@@ -44,7 +44,7 @@ def format_name(path: str) -> str:
 
 def has_format(path: str, suffixes: tuple[str, ...]) -> bool:
     """Whether the file is one of these formats, compressed or not (never a compressed Parquet file)."""
-    name = format_name(path)
+    name = _format_name(path)
     return name.endswith(suffixes) and not (is_compressed(path) and name.endswith(PARQUET_EXTENSIONS))
 
 
@@ -136,7 +136,7 @@ def _scan_file(path: str, text_field: str, txt_document: str = "auto") -> dict:
     scan = {"records": 0, "bad": 0, "example": "", "error": "", "txt_document": "", "bytes": 0}
     fs, inner = filesystem_for(path)
     try:
-        if format_name(path).endswith(PARQUET_EXTENSIONS):
+        if has_format(path, PARQUET_EXTENSIONS):
             scan["bytes"] = fs.get_file_info(inner).size or 0
             with fs.open_input_file(inner) as handle:
                 parquet = pq.ParquetFile(handle)
@@ -159,7 +159,7 @@ def _scan_file(path: str, text_field: str, txt_document: str = "auto") -> dict:
                     if nulls and not scan["example"]:
                         scan["example"] = f"{path}: null values in row group {g}"
             return scan
-        is_jsonl = format_name(path).endswith(JSONL_EXTENSIONS)
+        is_jsonl = has_format(path, JSONL_EXTENSIONS)
         for number, line in enumerate(_lines(fs, inner), 1):
             scan["bytes"] += len(line) + 1
             if b"\0" in line:
@@ -208,7 +208,7 @@ def corpus_pieces(files: list[str], piece_bytes: int = 32 << 20, txt_document: s
     pieces = []
     for path in files:
         size = total_size([path])
-        cuts = 1 if format_name(path).endswith(whole) or is_compressed(path) else max(1, math.ceil(size / piece_bytes))
+        cuts = 1 if has_format(path, whole) or is_compressed(path) else max(1, math.ceil(size / piece_bytes))
         bounds = [size * k // cuts for k in range(cuts + 1)]
         pieces += [{"path": path, "start": start, "end": end} for start, end in zip(bounds, bounds[1:])]
     return pieces
@@ -218,10 +218,10 @@ def piece_texts(piece: dict, text_field: str, txt_document: str = "auto") -> Ite
     """The raw documents of a piece (see corpus_pieces). Run after `check_records`, which has rejected files that are
     not text, JSON or string columns, and counted the records without usable text that this skips."""
     fs, inner = filesystem_for(piece["path"])
-    if format_name(piece["path"]).endswith(PARQUET_EXTENSIONS):
+    if has_format(piece["path"], PARQUET_EXTENSIONS):
         yield from parquet_texts(fs, inner, text_field)
         return
-    is_jsonl = format_name(piece["path"]).endswith(JSONL_EXTENSIONS)
+    is_jsonl = has_format(piece["path"], JSONL_EXTENSIONS)
     end = None if is_compressed(piece["path"]) else piece["end"]  # a whole file; its size is not its text's
     records = (_lines if is_jsonl else functools.partial(txt_documents, setting=txt_document))(
         fs, inner, start=piece["start"], end=end)
@@ -249,7 +249,7 @@ def txt_document_of(fs, path: str, setting: str) -> str:
 def say_hard_wrapped(files: list[str], units: list[str], stage: str = "prepare") -> None:
     """Name the .txt files that data.txt_document=auto reads by paragraph (`units`: what each file was read as)."""
     if wrapped := [f for f, unit in zip(files, units) if unit == "paragraph"]:
-        texts = sum(format_name(f).endswith(TEXT_EXTENSIONS) for f in files)
+        texts = sum(has_format(f, TEXT_EXTENSIONS) for f in files)
         print(f"[{stage}] {len(wrapped)} of {texts} .txt files look hard-wrapped (e.g. {wrapped[0]}): each of their "
               "paragraphs is a document" + (", each line of the others" if len(wrapped) < texts else "") +
               ". Set data.txt_document (line, paragraph or file) to choose.", flush=True)

@@ -38,7 +38,7 @@ from ptray import storage
 from ptray.config import Config
 from ptray.data.clean import clean_text, doc_hash, is_validation, shuffle_key
 from ptray.data.manifest import Manifest, Shard, read_manifest, write_manifest
-from ptray.data.readers import (JSONL_EXTENSIONS, PARQUET_EXTENSIONS, TEXT_EXTENSIONS, _lines, format_name,
+from ptray.data.readers import (JSONL_EXTENSIONS, PARQUET_EXTENSIONS, TEXT_EXTENSIONS, _lines, has_format,
                                 parquet_texts, record_text, say_hard_wrapped, txt_document_of, txt_documents)
 from ptray.data.pack import encode_documents, pack_rows
 from ptray.data.tokenizer import (copy_tokenizer, end_of_document_id, fast_tokenizer, load_tokenizer, tokenizer_hash,
@@ -60,10 +60,10 @@ def source_texts(path: str, text_field: str, txt_document: str = "auto") -> Iter
     file's `text_field`, a Parquet column."""
     fs, inner = storage.filesystem_for(path)
     try:
-        if format_name(path).endswith(PARQUET_EXTENSIONS):
+        if has_format(path, PARQUET_EXTENSIONS):
             yield from parquet_texts(fs, inner, text_field)
             return
-        is_jsonl = format_name(path).endswith(JSONL_EXTENSIONS)
+        is_jsonl = has_format(path, JSONL_EXTENSIONS)
         unit = "line" if is_jsonl else txt_document_of(fs, inner, txt_document)
         records = _lines(fs, inner) if is_jsonl else txt_documents(fs, inner, unit)
         for number, line in enumerate(records, 1):
@@ -260,7 +260,7 @@ def check_sources(files: list[str], text_field: str, txt_document: str = "auto")
             raise DataError(f"corpus file {path} holds no documents (field {text_field!r}); remove it from "
                             "data.train_files or fix data.text_field.")
     if txt_document == "auto":
-        texts = [path for path in files if format_name(path).endswith(TEXT_EXTENSIONS)]
+        texts = [path for path in files if has_format(path, TEXT_EXTENSIONS)]
         say_hard_wrapped(texts, [txt_document_of(*storage.filesystem_for(path), "auto") for path in texts], "pretrain")
 
 
