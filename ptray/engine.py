@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib
 import os
 import re
 import shutil
@@ -25,10 +26,17 @@ from ptray.session import quiet_prints
 CHECKPOINT_TAG = "ds"  # DeepSpeed's files live in <checkpoint>/ds/
 
 
+MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
 def import_deepspeed():
-    """`import deepspeed`, without the `import mlflow` that DeepSpeed's autotuner tries on the way (ptray never
-    autotunes): mlflow was 1.3 s of DeepSpeed's 3 s import in every worker process. Every DeepSpeed import goes
-    through here; ptray's own MLflow logger still imports mlflow where it logs."""
+    """`import deepspeed`, without what it would import for features ptray never uses (every DeepSpeed import goes
+    through here):
+    - `import mlflow`, tried by DeepSpeed's autotuner: 1.3 s of DeepSpeed's 3 s import in every worker process.
+      ptray's own MLflow logger still imports mlflow where it logs.
+    - torch.compile for DeepSpeed's Muon optimizer, whose module every ZeRO-1/2/3 engine imports at start only to
+      ask whether the optimizer is a Muon (ptray's is AdamW): its @torch.compile decorators pulled in TorchDynamo
+      and Inductor, 1.4 s of every worker's start. The module is imported with its functions left uncompiled."""
     if "deepspeed" not in sys.modules and "mlflow" not in sys.modules:
         sys.modules["mlflow"] = None  # `import mlflow` raises ImportError while this is here
         try:
@@ -37,6 +45,15 @@ def import_deepspeed():
             del sys.modules["mlflow"]
     import deepspeed
 
+    if MUON not in sys.modules:
+        from deepspeed.runtime import compiler
+
+        compile_decorator, compiler.compile = compiler.compile, lambda: (lambda function: function)
+        try:
+            with contextlib.suppress(ImportError):  # a DeepSpeed without Muon
+                importlib.import_module(MUON)
+        finally:
+            compiler.compile = compile_decorator
     return deepspeed
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import free_port
 from ptray.config import load_config
 from ptray.data import clean
 from ptray.data.clean import clean_batch, clean_text, is_validation, shuffle_order
@@ -528,13 +529,35 @@ def test_labelled_data_reads_alike_from_jsonl_csv_and_parquet_compressed_or_not(
         assert read_labelled_rows([str(tmp_path / name)], cfg) == rows, name
 
 
-def test_deepspeed_is_imported_without_mlflow():
-    """DeepSpeed's autotuner imports mlflow when it can (1.3 s of CPU in every worker process); ptray imports DeepSpeed
-    without it, and mlflow still imports afterwards for ptray's own logger. (A fresh interpreter: this one has both.)"""
-    code = ("import sys; from ptray.engine import import_deepspeed; ds = import_deepspeed(); "
-            "assert 'mlflow' not in sys.modules, 'mlflow imported'; assert ds.ops.__compatible_ops__; "
-            "from mlflow.entities import Metric; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+def test_deepspeed_starts_without_mlflow_or_torch_compile():
+    """DeepSpeed's autotuner imports mlflow when it can (1.3 s of CPU in every worker process), and every ZeRO-1/2/3
+    engine imports DeepSpeed's Muon optimizer, whose @torch.compile decorators pull in TorchDynamo and Inductor (1.4 s
+    more). ptray imports DeepSpeed without the one and Muon without compiling, and a ZeRO-2 engine then trains without
+    either; mlflow still imports afterwards for ptray's own logger, and torch.compile is DeepSpeed's again. (A fresh
+    interpreter: this one has imported all of them.)"""
+    code = """
+import os, sys, torch
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+from ptray.engine import import_deepspeed
+ds = import_deepspeed()
+assert "mlflow" not in sys.modules, "mlflow imported"
+assert ds.ops.__compatible_ops__
+from deepspeed.runtime import compiler
+from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+assert compiler.compile() is torch.compile and isinstance(MuonWithAuxAdam, type)
+model = torch.nn.Linear(8, 1)
+engine, *_ = ds.initialize(model=model, model_parameters=model.parameters(), config={
+    "train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
+    "optimizer": {"type": "AdamW", "params": {"lr": 0.1, "torch_adam": True}}})
+before = model.weight.detach().clone()
+engine.backward(engine(torch.ones(2, 8)).sum())
+engine.step()
+assert not torch.equal(before, model.weight), "no update"
+assert "torch._inductor.compile_fx" not in sys.modules and "torch._dynamo.repro.after_dynamo" not in sys.modules
+from mlflow.entities import Metric
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code, str(free_port())], capture_output=True, text=True,
                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
