@@ -269,6 +269,7 @@ def worker_scaling(cfg: Config, driver_cpus: float = 0.0) -> ScalingConfig:
     Ray would otherwise wait silently for resources that do not exist (GPUs on a CPU cluster, or 2 workers x 1 CPU
     plus a trial's 0.01 CPU on a 2-CPU head). An autoscaling cluster gets `cluster.wait_for_nodes_s` to grow.
     """
+    check_state_api()
     c = cfg.cluster
     bundle = {"CPU": c.cpus_per_worker, **({"GPU": 1.0} if c.use_gpu else {})}
     deadline = time.monotonic() + c.wait_for_nodes_s
@@ -292,6 +293,24 @@ def worker_scaling(cfg: Config, driver_cpus: float = 0.0) -> ScalingConfig:
         "cluster.cpus_per_worker (e.g. cluster.cpus_per_worker=0.9 leaves room for a trial)"
         f"{', set cluster.use_gpu=false' if c.use_gpu else ''}, use another "
         "cluster.placement_strategy, add nodes, or give an autoscaling cluster time with cluster.wait_for_nodes_s.")
+
+
+def check_state_api() -> None:
+    """Ray Train gives back the CPUs and GPUs of a run whose controller ended abruptly (a sweep trial that ASHA stops,
+    a driver stopped with Ctrl-C) only once Ray's State API, which the cluster's dashboard serves, says the controller
+    is gone. Without it the next runs wait for those resources forever, silently: say so before any run starts."""
+    from ray.util.state import list_actors
+    from ray.util.state.exception import RayStateApiException
+
+    try:  # this cluster's, not whichever Ray another process runs on this machine
+        list_actors(address=ray.get_runtime_context().gcs_address, limit=1, raise_on_missing_output=False)
+    except (RayStateApiException, ValueError, ConnectionError) as e:
+        raise UserError(
+            f"the Ray cluster does not answer Ray's State API ({str(e).split('. ')[0]}): its dashboard is not "
+            "running (a head started with --include-dashboard=false, or from an image without ray[default]). Ray "
+            "Train asks it before giving back the resources of a run that ended abruptly (every sweep trial that "
+            "ASHA stops), and without it the next runs would wait for them forever. Start the head node with the "
+            "dashboard (the default of `ray start --head` with ray[default] installed).") from None
 
 
 def placeable_workers(nodes: list[dict], bundle: dict, strategy: str, driver_cpus: float = 0.0) -> int:

@@ -180,6 +180,28 @@ def test_unreachable_address_fails_fast_naming_it(tmp_path):
     assert proc.returncode == 2 and "is a dashboard / job-submission URL" in proc.stderr
 
 
+def test_a_cluster_without_its_dashboard_fails_fast_naming_it(tmp_path, tmp_path_factory):
+    """Without the dashboard's State API, Ray Train never gives back the resources of a stopped sweep trial, and the
+    next trials wait forever: ptray says so before any work. (The module's cluster has a dashboard and passes.)"""
+    port, temp_dir = free_port(), str(tmp_path_factory.mktemp("nodash"))  # short: Ray's socket paths have a limit
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    try:
+        assert _run("ray", "get-auth-token", "--generate", env=env).returncode == 0
+        head = _run("ray", "start", "--head", "--include-dashboard=false", "--temp-dir", temp_dir, "--node-ip-address",
+                    "127.0.0.1", "--port", str(port), "--num-cpus", "2", "--disable-usage-stats", env=env)
+        assert head.returncode == 0, head.stderr[-2000:]
+        proc = _run(sys.executable, "-m", "ptray.cli", "pretrain", "--config", "tiny", "--address",
+                    f"127.0.0.1:{port}", f"run.dir={tmp_path}/run", env=env, timeout=120)
+    finally:
+        for pid in _node_processes(temp_dir):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "does not answer Ray's State API" in proc.stderr and "--include-dashboard=false" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "data").exists()  # failed before any work
+
+
 def test_gpus_on_a_cpu_cluster_fail_fast_with_the_shortfall(cluster, tmp_path):
     proc = _run(sys.executable, "-m", "ptray.cli", "pretrain", "--config", "tiny", "--address", cluster["address"],
                 "cluster.use_gpu=true", f"run.dir={tmp_path}", env=cluster["env"], timeout=120)
