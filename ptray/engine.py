@@ -24,9 +24,7 @@ from ptray.schedule import Schedule, pretrain_schedule
 from ptray.session import quiet_prints
 
 CHECKPOINT_TAG = "ds"  # DeepSpeed's files live in <checkpoint>/ds/
-
-
-MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"  # see import_deepspeed
 
 
 def import_deepspeed():
@@ -45,13 +43,13 @@ def import_deepspeed():
             del sys.modules["mlflow"]
     import deepspeed
 
-    if MUON not in sys.modules:
+    if MUON_MODULE not in sys.modules:
         from deepspeed.runtime import compiler
 
         compile_decorator, compiler.compile = compiler.compile, lambda: (lambda function: function)
         try:
             with contextlib.suppress(ImportError):  # a DeepSpeed without Muon
-                importlib.import_module(MUON)
+                importlib.import_module(MUON_MODULE)
         finally:
             compiler.compile = compile_decorator
     return deepspeed

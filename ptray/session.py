@@ -264,7 +264,7 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 def worker_scaling(cfg: Config, driver_cpus: float = 0.0) -> ScalingConfig:
     """The workers' ScalingConfig, after checking the cluster can ever place them, beside `driver_cpus` held by what
-    drives them (a sweep trial's own share).
+    drives them (a sweep trial's own share), and can give them back (check_state_api).
 
     Ray would otherwise wait silently for resources that do not exist (GPUs on a CPU cluster, or 2 workers x 1 CPU
     plus a trial's 0.01 CPU on a 2-CPU head). An autoscaling cluster gets `cluster.wait_for_nodes_s` to grow.
