@@ -562,6 +562,32 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
+def test_a_local_session_prestarts_no_workers():
+    """Local mode starts Ray without prestarted workers: Ray would start one per logical CPU (5 on 2 cores) as the
+    driver connects, each importing Ray and running the setup hook beside the command's own start, though most
+    commands use few of them. A task still gets a worker, started for it. (A fresh interpreter with its own Ray.)"""
+    code = """
+import psutil, ray, time
+from ptray.config import load_config
+from ptray.session import ray_session
+from ray._private import ray_constants
+with ray_session(load_config("tiny", ["run.dir=/tmp/unused"])):
+    node = ray._private.worker._global_node
+    raylet = psutil.Process(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
+    def workers():  # the raylet's children other than its two agents
+        return [p for p in raylet.children() if not p.cmdline()[0].startswith(("ray::DashboardAgent",
+                                                                                "ray::RuntimeEnvAgent"))]
+    time.sleep(2)
+    before = len(workers())
+    assert ray.get(ray.remote(lambda: 1).remote()) == 1
+    print(before, len(workers()))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after = map(int, out.stdout.split()[-2:])
+    assert before == 0 and after >= 1, out.stdout
+
+
 def test_deepspeed_config_for_each_precision():
     from ptray.config import load_config
     from ptray.engine import deepspeed_config

@@ -255,7 +255,7 @@ def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> tuple[dic
     corpus_bytes = check_records(files, d.text_field, d.max_bad_fraction, max_tasks=cores,
                                  txt_document=d.txt_document)
     pieces = corpus_pieces(files, txt_document=d.txt_document)
-    # On one machine, a task per core: each task beyond the prestarted workers starts a process (a second of CPU).
+    # On one machine, a task per core: each task beyond Ray's idle workers starts a process (a second of CPU).
     tasks = ray.data.TaskPoolStrategy(size=cores and min(cores, len(pieces)))  # more than inputs: Ray Data warns
     cleaned = ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(  # lazy: each use reads anew
         _read_and_clean, batch_format="numpy", batch_size=1, compute=tasks,
