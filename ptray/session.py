@@ -88,10 +88,10 @@ def ray_session(cfg: Config):
             # Keep the dashboard (about 1.5 s of the start): Ray Train's placement-group cleaner asks the State API,
             # which it serves, whether a run's controller still lives. Without it a finished sweep trial's workers'
             # CPUs were never given back, and the next trials waited for them forever (CI hung so).
-            # No prestarted workers: Ray starts one per logical CPU (5 on 2 cores) as the driver connects, each
-            # importing Ray and running the setup hook beside the command's own start, and most commands use few of
-            # them (Ray Train's controller and workers have a runtime_env and can use none). Started on demand
-            # instead, the manual pages' prepare took 2.8 s less as a whole command, a tiny finetune 3.8 s less.
+            # No prestarted workers: Ray starts one per logical CPU as the driver connects (5 on 2 cores, with the
+            # start-up concurrency raised above), each importing Ray and running the setup hook beside the command's
+            # own start, and most commands use few of them (Ray Train's controller and workers have a runtime_env
+            # and can use none). Started on demand, the manual pages' prepare took 2.4 s less as a whole command.
             ray.init(address="local", num_cpus=num_cpus, logging_level=logging.WARNING,
                      _system_config={"prestart_worker_first_driver": False})
         finally:
