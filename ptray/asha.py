@@ -10,7 +10,8 @@ not counted (`stop_steps`, which the leaderboard uses on the trials' logs).
 
 As in Tune's ASHA: rungs at grace_period x reduction_factor^k steps below max_t; at a rung a trial is stopped when its
 value is below the (1 - 1/reduction_factor) quantile of the earlier trials' values there; the first trial to reach a
-rung always goes on. A rung's value is a trial's first report at or past it.
+rung always goes on. A rung's value is a trial's first report at or past it. A trial that reaches max_t (the longest
+trial's length) is not stopped there: it ends on its own.
 """
 
 from __future__ import annotations
@@ -100,7 +101,10 @@ class OrderedASHA(FIFOScheduler):
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         self._record(trial, result)
-        if result.get(self.time_attr, 0) >= self.max_t or trial.trial_id in self.decisions()[0]:
+        # Never a STOP at max_t, unlike Tune's ASHA: a ptray trial ends by itself after its last report (a decision
+        # made only then is in `decisions` all the same), and a STOP there had Tune kill its workers while they
+        # closed their experiment trackers (W&B lost the run's end).
+        if result.get(self.time_attr, 0) < self.max_t and trial.trial_id in self.decisions()[0]:
             return TrialScheduler.STOP
         return TrialScheduler.CONTINUE
 

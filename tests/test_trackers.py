@@ -4,6 +4,7 @@ the MLflow client, TensorBoard event files read back with TensorBoard's reader, 
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import os
@@ -111,9 +112,13 @@ def test_mlflow_server_gets_metrics_params_a_parent_run_per_sweep_and_the_report
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     trials = _trial_dirs(pipeline_run)
     assert len(trials) == 3 and len(children) == len(trials)  # 2 search trials and the winner's rerun
+    stopped = {r["trial_id"] for r in csv.DictReader(open(os.path.join(sweep_dir, "leaderboard.csv")))
+               if r["status"] == "stopped early"}
     for metrics in trials:
         child = client.get_run(_ids(os.path.dirname(metrics))["mlflow_run_id"])
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        # A trial that ran to its end closed its tracker runs: Tune did not kill it at its last report.
+        assert child.info.status == "FINISHED" or os.path.basename(os.path.dirname(metrics)) in stopped
         evals = [r for r in read_metrics(os.path.dirname(metrics)) if "val_accuracy" in r]
         accuracy = client.get_metric_history(child.info.run_id, "val_accuracy")
         assert [m.value for m in accuracy] == pytest.approx([r["val_accuracy"] for r in evals])
