@@ -862,6 +862,22 @@ def test_a_lock_file_left_by_a_killed_op_build_does_not_hang_later_runs():
             os.remove(left)
 
 
+def test_ops_build_with_the_ninja_beside_python_whatever_comes_first_on_path(tmp_path):
+    """A `ninja` earlier on PATH than this Python's own (a system one, with the virtualenv not activated) is not the one
+    that checks or builds the op: alternating ninja versions rebuilt it on every switch."""
+    if not os.access(os.path.join(os.path.dirname(sys.executable), "ninja"), os.X_OK):
+        pytest.skip("no ninja beside this Python")
+    other = tmp_path / "bin"
+    other.mkdir()
+    (other / "ninja").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/called\nexit 1\n")
+    (other / "ninja").chmod(0o755)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PATH": f"{other}{os.pathsep}{os.environ['PATH']}"}
+    loaded = subprocess.run([sys.executable, "-c", LOAD_SHM_OP, "ptray"], env=env, capture_output=True, text=True,
+                            timeout=600)  # builds the op if no run has yet
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert not (tmp_path / "called").exists()
+
+
 def test_minhash_signatures_estimate_jaccard_similarity_without_bias():
     """Agreement of two MinHash signatures estimates the Jaccard similarity of the documents' word shingles: over 200
     random pairs the error has mean ~0 and the spread theory gives for 128 functions (~0.04); hash functions that are
