@@ -1,8 +1,9 @@
 """Exact resume: a run killed mid-way and started again continues with the very next global batch and ends with the
 same per-step losses and the same weights as a run that was never interrupted (CPU, fp32, fixed seed).
 
-Every run here is a `ptray` subprocess with its own local Ray, so a kill takes the whole process tree down, as losing
-the driver's machine would.
+A run that is killed is a `ptray` subprocess with its own local Ray, so a kill takes the whole process tree down, as
+losing the driver's machine would. The runs nothing kills are the `ptray` command in-process, on one local Ray for the
+module (a separate process and Ray costs each ~15 s of start-up on 2 cores).
 """
 
 import contextlib
@@ -14,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -21,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ptray.cli import main
 from ptray.config import load_config
 from ptray.data.manifest import read_manifest
 from ptray.loop import fingerprint
@@ -32,8 +35,20 @@ STEPS = ["pretrain.max_steps=16", "pretrain.log_every=1", "pretrain.ckpt_every=6
 
 
 def _ptray_args(run_dir, prepared_dir):
-    return [sys.executable, "-m", "ptray.cli", "pretrain", "--config", "tiny", f"run.dir={run_dir}",
-            f"data.prepared_dir={prepared_dir}", *STEPS]
+    return [sys.executable, "-m", "ptray.cli", *_pretrain_argv(run_dir, prepared_dir)]
+
+
+def _pretrain_argv(run_dir, prepared_dir):
+    return ["pretrain", "--config", "tiny", f"run.dir={run_dir}", f"data.prepared_dir={prepared_dir}", *STEPS]
+
+
+def _pretrain(capfd, run_dir, prepared_dir, *overrides) -> str:
+    """`ptray pretrain` in-process on the module's Ray, which must succeed; returns its console output."""
+    capfd.readouterr()
+    code = main(_pretrain_argv(run_dir, prepared_dir) + list(overrides))
+    output = "".join(capfd.readouterr())
+    assert code == 0, output[-3000:]
+    return output
 
 
 # What Ray and the libraries print on their own; without --verbose none of it reaches the console.
@@ -42,28 +57,28 @@ LIBRARY_CHATTER = ("Token authentication is enabled", "Progress bars disabled", 
                    "is deprecated", "Processing zero checkpoint", "Loading weights", "Writing model shards", "it/s]")
 
 
-def _run_quietly(args) -> None:
+def _run_quietly(args) -> str:
     """A ptray command in its own process and local Ray, as a user starts it (RAY_AUTH_MODE unset), which must succeed
-    with only ptray's own lines on the console."""
+    with only ptray's own lines on the console. Returns the console output."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     console = proc.stdout + proc.stderr
     assert not [line for line in LIBRARY_CHATTER if line in console], console[-3000:]
+    return console
 
 
 @pytest.fixture(scope="module")
-def prepared_dir(tmp_path_factory):
+def prepared_dir(ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("prep") / "data"
-    _run_quietly([sys.executable, "-m", "ptray.cli", "prepare", "--config", "tiny", f"run.dir={out.parent}",
-                  "data.builtin_docs=4000"])
+    assert main(["prepare", "--config", "tiny", f"run.dir={out.parent}", "data.builtin_docs=4000"]) == 0
     return out
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(prepared_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("uninterrupted")
-    _run_quietly(_ptray_args(run_dir, prepared_dir))
+    assert main(_pretrain_argv(run_dir, prepared_dir)) == 0
     return run_dir
 
 
@@ -119,9 +134,8 @@ def test_driver_killed_mid_run_then_rerun_matches_the_uninterrupted_run(prepared
     killed_at = max(_train_rows(tmp_path))
     assert killed_at < 16
 
-    rerun = subprocess.run(_ptray_args(tmp_path, prepared_dir), capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    resumed_at = _assert_matches(tmp_path, uninterrupted, rerun.stdout + rerun.stderr, prepared_dir)
+    output = _run_quietly(_ptray_args(tmp_path, prepared_dir))  # the rerun, as a user starts it after the crash
+    resumed_at = _assert_matches(tmp_path, uninterrupted, output, prepared_dir)
     assert resumed_at in (6, 12) and resumed_at < killed_at
 
 
@@ -132,15 +146,13 @@ def _copy_run(src, dst):
     return _checkpoints(dst)  # steps 6, 12, 16
 
 
-def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(prepared_dir, uninterrupted, tmp_path):
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(prepared_dir, uninterrupted, tmp_path, capfd):
     run_dir = tmp_path / "run"
     *_, previous, latest = _copy_run(uninterrupted, run_dir)
     shard = max(glob.glob(f"{latest}/ds/**/*.pt", recursive=True), key=os.path.getsize)
     with open(shard, "r+b") as f:  # a torn write: the file is cut short
         f.truncate(os.path.getsize(shard) // 2)
-    rerun = subprocess.run(_ptray_args(run_dir, prepared_dir), capture_output=True, text=True, timeout=600)
-    output = rerun.stdout + rerun.stderr
-    assert rerun.returncode == 0, output[-3000:]
+    output = _pretrain(capfd, run_dir, prepared_dir)
     assert f"skipping checkpoint {latest}: ds/{os.path.relpath(shard, latest + '/ds')} has" in output
     assert f"resumed from {previous} at step 12" in output
     expected, resumed = _train_rows(uninterrupted), _train_rows(run_dir)
@@ -148,14 +160,11 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(prepared_dir
         assert abs(resumed[step]["loss"] - expected[step]["loss"]) <= 1e-6, step
 
 
-def test_resume_on_another_world_size_continues_the_loss(prepared_dir, uninterrupted, tmp_path):
+def test_resume_on_another_world_size_continues_the_loss(prepared_dir, uninterrupted, tmp_path, capfd):
     run_dir = tmp_path / "run"
     *_, previous, latest = _copy_run(uninterrupted, run_dir)
     os.remove(f"{latest}/commit.json")  # as if the run had died while saving step 16: resume from step 12
-    rerun = subprocess.run(_ptray_args(run_dir, prepared_dir) + ["cluster.num_workers=1"], capture_output=True,
-                           text=True, timeout=600)
-    output = rerun.stdout + rerun.stderr
-    assert rerun.returncode == 0, output[-3000:]
+    output = _pretrain(capfd, run_dir, prepared_dir, "cluster.num_workers=1")
     assert f"resumed from {previous} at step 12; world size 2 -> 1" in output
     expected, resumed = _train_rows(uninterrupted), _train_rows(run_dir)
     for step in range(13, 17):
@@ -167,18 +176,15 @@ def test_resume_on_another_world_size_continues_the_loss(prepared_dir, uninterru
 
 # Stage 1 shares stage 2's path (partitioned optimizer state through a universal checkpoint), tested above.
 @pytest.mark.parametrize("zero_stage,workers,new_workers", [(0, 2, 1), (3, 2, 1)])
-def test_every_zero_stage_resumes_on_another_world_size(prepared_dir, tmp_path, zero_stage, workers, new_workers):
+def test_every_zero_stage_resumes_on_another_world_size(prepared_dir, tmp_path, capfd, zero_stage, workers,
+                                                        new_workers):
     """ZeRO-2 2 -> 1 is tested above against the 16-step run; here each other stage gets its own 8-step run."""
-    args = _ptray_args(tmp_path, prepared_dir) + [f"deepspeed.zero_stage={zero_stage}", "pretrain.max_steps=8",
-                                                  "pretrain.ckpt_every=4"]
-    first = subprocess.run(args + [f"cluster.num_workers={workers}"], capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
+    args = [f"deepspeed.zero_stage={zero_stage}", "pretrain.max_steps=8", "pretrain.ckpt_every=4"]
+    _pretrain(capfd, tmp_path, prepared_dir, *args, f"cluster.num_workers={workers}")
     expected = _train_rows(tmp_path)
     at_4, at_8 = _checkpoints(tmp_path)
     os.remove(f"{at_8}/commit.json")  # as if the run had died while saving step 8: resume from step 4
-    rerun = subprocess.run(args + [f"cluster.num_workers={new_workers}"], capture_output=True, text=True, timeout=600)
-    output = rerun.stdout + rerun.stderr
-    assert rerun.returncode == 0, output[-3000:]
+    output = _pretrain(capfd, tmp_path, prepared_dir, *args, f"cluster.num_workers={new_workers}")
     restored = {0: "all state restored", 1: "all state restored through a DeepSpeed universal checkpoint",
                 3: "weights restored, Adam moments restarted"}[zero_stage]
     assert f"resumed from {at_4} at step 4; world size {workers} -> {new_workers}: {restored}" in output
@@ -199,7 +205,8 @@ def test_every_zero_stage_resumes_on_another_world_size(prepared_dir, tmp_path, 
 
 
 def test_non_finite_losses_skip_updates_then_stop_keeping_the_last_good_checkpoint(prepared_dir, uninterrupted,
-                                                                                  tmp_path):
+                                                                                  tmp_path, capfd):
+    # The fault is injected through the workers' environment: the first run needs its own Ray.
     faulty = {**os.environ, "PTRAY_INJECT_NONFINITE_STEPS": "3,8-10"}  # rank 0's loss is NaN at these steps
     first = subprocess.run(_ptray_args(tmp_path, prepared_dir), env=faulty, capture_output=True, text=True, timeout=600)
     assert first.returncode == 2, first.stderr[-3000:]
@@ -218,9 +225,7 @@ def test_non_finite_losses_skip_updates_then_stop_keeping_the_last_good_checkpoi
     assert abs(rows[2]["loss"] - expected[2]["loss"]) <= 1e-6  # identical up to the first skip
     assert abs(rows[4]["loss"] - expected[4]["loss"]) > 1e-6  # then step 3's update is missing
 
-    rerun = subprocess.run(_ptray_args(tmp_path, prepared_dir), capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"resumed from {kept[0]} at step 6" in rerun.stdout + rerun.stderr
+    assert f"resumed from {kept[0]} at step 6" in _pretrain(capfd, tmp_path, prepared_dir)
     rows = _train_rows(tmp_path)
     assert sorted(rows) == list(range(1, 17)) and rows[16]["skipped_steps"] == 1
     assert all(math.isfinite(rows[s]["loss"]) for s in range(7, 17))
@@ -245,22 +250,23 @@ def _descendants(pid: int) -> list[tuple[int, str]]:
     return found
 
 
-def test_a_killed_worker_is_restarted_from_the_checkpoint_and_matches(prepared_dir, uninterrupted, tmp_path):
-    log = tmp_path / "driver.log"
-    driver = subprocess.Popen(_ptray_args(tmp_path, prepared_dir) + ["cluster.max_failures=1"],
-                              stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+def test_a_killed_worker_is_restarted_from_the_checkpoint_and_matches(prepared_dir, uninterrupted, tmp_path, capfd):
+    """In-process: the command runs here while a thread kills one of its workers (both are below this process, under
+    the module's raylet) once step 8 is logged, past the step-6 checkpoint."""
+    killed = []
+
+    def kill_a_worker():
         deadline = time.time() + 300
-        while not any(step >= 8 for step in _train_rows(tmp_path)):
-            assert driver.poll() is None and time.time() < deadline, "the run ended before a worker could be killed"
+        while not any(step >= 8 for step in _train_rows(tmp_path)) and time.time() < deadline:
             time.sleep(0.05)
-        workers = [pid for pid, args in _descendants(driver.pid) if args.startswith("ray::RayTrainWorker")]
-        assert len(workers) == 2, _descendants(driver.pid)
-        os.kill(workers[1], signal.SIGKILL)
-        driver.wait(timeout=600)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-    output = log.read_text()
-    assert driver.returncode == 0, output[-3000:]
+        workers = [pid for pid, args in _descendants(os.getpid()) if args.startswith("ray::RayTrainWorker")]
+        if len(workers) == 2:
+            os.kill(workers[1], signal.SIGKILL)
+        killed.append(workers)
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer.start()
+    output = _pretrain(capfd, tmp_path, prepared_dir, "cluster.max_failures=1")
+    killer.join(timeout=60)
+    assert len(killed) == 1 and len(killed[0]) == 2, killed  # one of the two was killed mid-run
     _assert_matches(tmp_path, uninterrupted, output, prepared_dir)
