@@ -106,10 +106,12 @@ def prepare_fused_adam_build(capability: tuple[int, int], arch_list: str | None)
 
 
 def load_ops(cfg: Config) -> None:
-    """Load the DeepSpeed ops a run JIT-builds at start (see `load_op`): on CPU its shared-memory all-reduce (loaded by
-    the communication layer), on GPU its fused Adam unless torch's AdamW is used (`deepspeed.torch_adam`)."""
+    """The DeepSpeed ops a run JIT-builds at start. On GPU: its fused Adam (see `load_op`), unless torch's AdamW is
+    used (`deepspeed.torch_adam`). On CPU: none. DeepSpeed's communication layer would build a shared-memory
+    all-reduce that only its inference all-reduce uses (training's goes through torch.distributed); marked
+    unavailable, it is not compiled on a machine's first run (~60 s on 2 cores, and no compiler is needed)."""
     if not cfg.cluster.use_gpu:
-        load_op("ShareMemCommBuilder")
+        import_deepspeed().ops.__compatible_ops__["deepspeed_shm_comm"] = False
     elif not cfg.deepspeed.torch_adam:
         load_op("FusedAdamBuilder")
 
@@ -158,8 +160,7 @@ def prefer_own_ninja() -> None:
 
 
 def adopt_process_group(cfg: Config) -> None:
-    """DeepSpeed's communication layer over the process group Ray Train created (on CPU it loads a shared-memory
-    all-reduce, and prints so)."""
+    """DeepSpeed's communication layer over the process group Ray Train created."""
     deepspeed = import_deepspeed()
     load_ops(cfg)
     with quiet_prints():

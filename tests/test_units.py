@@ -562,6 +562,31 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
+def test_deepspeed_on_cpu_builds_no_op(tmp_path):
+    """DeepSpeed's communication layer JIT-builds a shared-memory all-reduce on CPU that training never uses (only its
+    inference all-reduce does): ptray's CPU workers compile nothing (an empty extensions directory here) and still
+    train over the process group. (A fresh interpreter, one gloo rank.)"""
+    code = """
+import os, sys, torch
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+from ptray.config import load_config
+from ptray.engine import adopt_process_group
+adopt_process_group(load_config("tiny"))
+from deepspeed.comm import comm as dist
+assert dist.cdb is not None and dist.cdb.shm_comm_op is None
+t = torch.ones(3)
+dist.all_reduce(t)
+assert torch.equal(t, torch.ones(3))
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code, str(free_port())], capture_output=True, text=True,
+                         env={**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(tmp_path)},
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+    assert os.listdir(tmp_path) == []  # nothing built
+
+
 def test_a_local_session_prestarts_no_workers():
     """Local mode starts Ray without prestarted workers: Ray would start one per logical CPU (5 on 2 cores) as the
     driver connects, each importing Ray and running the setup hook beside the command's own start, though most
