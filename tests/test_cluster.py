@@ -143,28 +143,21 @@ def test_failed_job_exits_non_zero_with_the_error_in_its_log(cluster, tmp_path):
     assert "Did you mean 'pretrain.max_steps'" in job.stdout + job.stderr
 
 
-def test_workers_spread_over_two_nodes_and_the_merged_checkpoint_restores(cluster, pipeline_job, tmp_path):
+def test_workers_spread_over_two_nodes_write_one_checkpoint(cluster, pipeline_job, tmp_path):
+    """Restoring from such a checkpoint, written from two nodes: test_killing_the_second_node_... (last in the module)."""
     prepared = pipeline_job[0] / "data"  # the job's prepared data: no need to prepare again
-
-    def pretrain(max_steps):  # `ptray pretrain --address`, as a user connects to a running cluster
-        proc = _run(sys.executable, "-m", "ptray.cli", "pretrain", "--config", "tiny", "--address", cluster["address"],
-                    f"run.dir={tmp_path}", "cluster.placement_strategy=STRICT_SPREAD", f"data.prepared_dir={prepared}",
-                    f"pretrain.max_steps={max_steps}", "pretrain.ckpt_every=4", "pretrain.log_every=4",
-                    "pretrain.eval_every=8", "pretrain.eval_batches=2", env=cluster["env"])
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-        return proc.stdout + proc.stderr
-
-    pretrain(4)
+    # `ptray pretrain --address`, as a user connects to a running cluster
+    proc = _run(sys.executable, "-m", "ptray.cli", "pretrain", "--config", "tiny", "--address", cluster["address"],
+                f"run.dir={tmp_path}", "cluster.placement_strategy=STRICT_SPREAD", f"data.prepared_dir={prepared}",
+                "pretrain.max_steps=4", "pretrain.ckpt_every=4", "pretrain.log_every=4", "pretrain.eval_every=8",
+                "pretrain.eval_batches=2", env=cluster["env"])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     [checkpoint] = [p for p in glob.glob(str(tmp_path / "train" / "checkpoint_*")) if os.path.isdir(p)]
     # Each rank wrote its own ZeRO shard and RNG file into the one shared checkpoint, from its own node.
     shards = glob.glob(os.path.join(checkpoint, "ds", "**", "*optim_states.pt"), recursive=True)
     assert len(shards) == 2, shards
     nodes = {torch.load(os.path.join(checkpoint, f"rng_rank{r}.pt"))["node_id"] for r in (0, 1)}
     assert len(nodes) == 2
-    output = pretrain(8)  # the same run, longer: resumes from the merged step-4 checkpoint
-    assert f"resumed from {checkpoint} at step 4" in output
-    steps = [r["step"] for r in read_metrics(str(tmp_path)) if "loss" in r]
-    assert steps == [4, 8]
     AutoModelForCausalLM.from_pretrained(tmp_path / "export")
 
 
@@ -237,6 +230,7 @@ def test_killing_the_second_node_mid_run_restarts_on_the_head_from_the_checkpoin
             driver.kill()
     output = log.read_text()
     assert driver.returncode == 0, output[-4000:]
+    # From the step-4 checkpoint (or a later one), which the two nodes' ranks wrote together.
     resumed_at = int(re.search(r"resumed from \S+ at step (\d+)", output).group(1))
     assert resumed_at >= 4
     assert [r["step"] for r in read_metrics(str(tmp_path)) if "loss" in r] == list(range(1, 13))
