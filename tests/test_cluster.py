@@ -144,7 +144,7 @@ def test_failed_job_exits_non_zero_with_the_error_in_its_log(cluster, tmp_path):
 
 
 def test_workers_spread_over_two_nodes_write_one_checkpoint(cluster, pipeline_job, tmp_path):
-    """Restoring from such a checkpoint, written from two nodes: test_killing_the_second_node_... (last in the module)."""
+    """Restoring a checkpoint written from two nodes: test_killing_the_second_node_... (last in the module)."""
     prepared = pipeline_job[0] / "data"  # the job's prepared data: no need to prepare again
     # `ptray pretrain --address`, as a user connects to a running cluster
     proc = _run(sys.executable, "-m", "ptray.cli", "pretrain", "--config", "tiny", "--address", cluster["address"],
