@@ -361,6 +361,7 @@ def sweep(cfg: Config, resume: bool = False) -> SweepResult:
                       **{f"{side}_{s.metric}": found["seed_mean"] for side, found in summary["sides"].items()},
                       **({"pretraining_gain": summary["pretraining_gain"]} if "pretraining_gain" in summary else {})})
         trackers.log_files([os.path.join(run_dir, "best.json"), os.path.join(sweep_dir, "leaderboard.csv")])
+        trackers.end_killed_children([os.path.join(trials_dir, t) for t in sorted(os.listdir(trials_dir))])
         trackers.close()
     verdicts = " ".join([summary["verdict"], *summary.get("label_verdicts", {}).values()])
     print(f"[sweep] best {s.metric} {summary['value']:.4f} ({winner_side}, {winner['trial_id']}, {winner['config']}). "

@@ -87,7 +87,10 @@ class Trackers:
             from mlflow import MlflowClient
             from mlflow.entities import Param
 
-            self._mlflow = MlflowClient(mlflow_uri(cfg))
+            uri = mlflow_uri(cfg)
+            if uri.startswith("file:"):  # a directory (the default): MLflow 3 refuses its file store unless allowed
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            self._mlflow = MlflowClient(uri)
             run_id = saved.get("mlflow_run_id")
             if not run_id:
                 experiment = self._mlflow.get_experiment_by_name(cfg.run.name)
@@ -166,6 +169,17 @@ class Trackers:
             self._wandb.log({f"report/{os.path.basename(p)}": wandb.Image(p) for p in images})
             for path in paths:
                 self._wandb.save(path, base_path=os.path.dirname(path), policy="now")
+
+    def end_killed_children(self, trial_dirs: list[str]) -> None:
+        """A sweep's trials that ASHA stopped were killed before they could end their MLflow runs: those still shown
+        as running are ended as KILLED (what they logged stays), so no run of a finished sweep looks alive."""
+        if not self._mlflow:
+            return
+        for trial_dir in trial_dirs:
+            path = os.path.join(trial_dir, "trackers.json")
+            run_id = json.load(open(path)).get("mlflow_run_id") if os.path.exists(path) else None
+            if run_id and self._mlflow.get_run(run_id).info.status == "RUNNING":
+                self._mlflow.set_terminated(run_id, status="KILLED")
 
     def close(self, finished: bool = True) -> None:
         if self._tb:

@@ -117,8 +117,10 @@ def test_mlflow_server_gets_metrics_params_a_parent_run_per_sweep_and_the_report
     for metrics in trials:
         child = client.get_run(_ids(os.path.dirname(metrics))["mlflow_run_id"])
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        # A trial that ran to its end closed its tracker runs: Tune did not kill it at its last report.
-        assert child.info.status == "FINISHED" or os.path.basename(os.path.dirname(metrics)) in stopped
+        # A trial that ran to its end closed its tracker runs (Tune did not kill it at its last report); one that ASHA
+        # stopped was killed, and the sweep ended its run as such.
+        stopped_early = os.path.basename(os.path.dirname(metrics)) in stopped
+        assert child.info.status == ("KILLED" if stopped_early else "FINISHED"), (stopped_early, child.info.status)
         evals = [r for r in read_metrics(os.path.dirname(metrics)) if "val_accuracy" in r]
         accuracy = client.get_metric_history(child.info.run_id, "val_accuracy")
         assert [m.value for m in accuracy] == pytest.approx([r["val_accuracy"] for r in evals])
@@ -135,6 +137,29 @@ def test_wandb_writes_offline_runs_without_a_key(pipeline_run):
         run_id = _ids(directory)["wandb_id"]
         files = glob.glob(os.path.join(directory, "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb"))
         assert files and all(os.path.getsize(f) > 1000 for f in files), directory  # (a resumed run: one more)
+
+
+def test_the_sweeps_end_marks_the_mlflow_runs_of_killed_trials(tmp_path):
+    """A trial that ASHA stops is killed with its MLflow run still RUNNING: the sweep's parent ends it as KILLED and
+    leaves the runs that ended alone. (MLflow's file store; the pipeline above may or may not stop a trial.)"""
+    from mlflow import MlflowClient
+
+    from ptray.config import load_config
+    from ptray.trackers import Trackers
+
+    cfg = load_config("tiny", [f"run.dir={tmp_path}", "run.loggers=[mlflow]"])
+    parent = Trackers(cfg, "sweep", str(tmp_path / "sweep"))
+    trials = {name: tmp_path / "sweep" / "trials" / name for name in ("killed", "finished")}
+    for name, trial_dir in trials.items():
+        trial_dir.mkdir(parents=True)
+        trial = Trackers(cfg, f"sweep/{name}", str(trial_dir), parent=parent.ids)
+        if name == "finished":
+            trial.close()
+    parent.end_killed_children([str(d) for d in trials.values()] + [str(tmp_path / "sweep" / "no-trackers")])
+    parent.close()
+    client = MlflowClient(f"file://{tmp_path}/mlruns")
+    status = {name: client.get_run(_ids(str(d))["mlflow_run_id"]).info.status for name, d in trials.items()}
+    assert status == {"killed": "KILLED", "finished": "FINISHED"}
 
 
 def test_an_unknown_logger_or_an_mlflow_server_that_does_not_answer_stops_before_any_work(tmp_path, capsys):
