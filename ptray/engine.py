@@ -125,15 +125,22 @@ def load_op(builder_name: str) -> None:
     it holds one (Ray Train stops a worker group when one rank fails, often while the others are still starting)
     leaves the file behind, and every later run hangs on it in silence: CI once waited an hour. The kernel frees a
     `flock` when its holder dies, so a lock file found while holding ours was left by a dead process."""
-    import fcntl
-
     deepspeed = import_deepspeed()
     from deepspeed.accelerator import get_accelerator
-    from torch.utils.cpp_extension import _get_build_directory
 
     builder = get_accelerator().create_op_builder(builder_name)
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         return  # DeepSpeed skips it too, or raises its own error when it needs it
+    build_op(builder)
+
+
+def build_op(builder) -> None:
+    """`builder.load()` (a DeepSpeed OpBuilder) under the kernel lock of `load_op`, clearing a lock file a killed
+    build left behind."""
+    import fcntl
+
+    from torch.utils.cpp_extension import _get_build_directory
+
     build_dir = _get_build_directory(builder.name, verbose=False)
     prefer_own_ninja()
     with open(os.path.join(os.path.dirname(build_dir), "ptray-build.lock"), "w") as guard:

@@ -1,5 +1,6 @@
 """Pure functions: cleaning, packing, masking, schedules, file expansion, tokenizer training. No Ray."""
 
+import glob
 import json
 import os
 import random
@@ -542,6 +543,7 @@ from ptray.engine import import_deepspeed
 ds = import_deepspeed()
 assert "mlflow" not in sys.modules, "mlflow imported"
 assert ds.ops.__compatible_ops__
+ds.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # as ptray's CPU workers do (engine.load_ops): no op build
 from deepspeed.runtime import compiler
 from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
 assert compiler.compile() is torch.compile and isinstance(MuonWithAuxAdam, type)
@@ -854,34 +856,63 @@ def test_flash_attention_without_its_package_names_the_install():
         _tiny_causal_lm("llama", "flash_attention_2")
 
 
-LOAD_SHM_OP = """
+# A stand-in for the ops ptray builds (DeepSpeed's fused Adam, on GPUs): a real DeepSpeed OpBuilder that torch
+# JIT-builds with the same lock file, build directory and ninja, from one C file that compiles in about a second.
+# (DeepSpeed's CPU op, its shared-memory all-reduce, took ~50 s on 2 cores; ptray's CPU runs build nothing.)
+TINY_OP = """
 import sys
-from deepspeed.accelerator import get_accelerator
+from deepspeed.ops.op_builder.cpu.builder import CPUOpBuilder
+
+class TinyOpBuilder(CPUOpBuilder):
+    BUILD_VAR, NAME = "DS_BUILD_PTRAY_TINY_OP", "ptray_tiny_op"
+
+    def __init__(self):
+        super().__init__(name=self.NAME)
+
+    def absolute_name(self):
+        return self.NAME
+
+    def sources(self):
+        return [sys.argv[2]]
+
+    def cxx_args(self):
+        return ["-O0"]
+
 if sys.argv[1] == "ptray":
-    from ptray.engine import load_op
-    load_op("ShareMemCommBuilder")
+    from ptray.engine import build_op
+    build_op(TinyOpBuilder())
 else:
-    get_accelerator().create_op_builder("ShareMemCommBuilder").load()
+    TinyOpBuilder().load()
+"""
+TINY_OP_SOURCE = """#include <Python.h>
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "ptray_tiny_op", NULL, -1, NULL};
+PyMODINIT_FUNC PyInit_ptray_tiny_op(void) { return PyModule_Create(&module); }
 """
 
 
-def test_a_lock_file_left_by_a_killed_op_build_does_not_hang_later_runs():
-    # A worker killed while torch JIT-built (or checked) DeepSpeed's shared-memory op left torch's lock file: every
-    # later run waited on it forever (CI hung for an hour). This uses the real build directory, as runs do.
+def _load_tiny_op(how: str, tmp_path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    source = tmp_path / "ptray_tiny_op.cpp"
+    source.write_text(TINY_OP_SOURCE)
+    return subprocess.run([sys.executable, "-c", TINY_OP, how, str(source)], env={**env, "DS_ACCELERATOR": "cpu"},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_lock_file_left_by_a_killed_op_build_does_not_hang_later_runs(tmp_path):
+    # A worker killed while torch JIT-built (or checked) a DeepSpeed op left torch's lock file: every later run waited
+    # on it forever (CI hung for an hour). This uses the real build directory, as runs do.
     from torch.utils.cpp_extension import _get_build_directory
 
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    left = os.path.join(_get_build_directory("deepspeed_shm_comm", verbose=False), "lock")
+    left = os.path.join(_get_build_directory("ptray_tiny_op", verbose=False), "lock")
     open(left, "w").close()
     try:
         with pytest.raises(subprocess.TimeoutExpired):  # control: DeepSpeed alone waits on it
-            subprocess.run([sys.executable, "-c", LOAD_SHM_OP, "deepspeed"], env=env, capture_output=True, timeout=20)
+            _load_tiny_op("deepspeed", tmp_path, dict(os.environ), timeout=20)
         assert os.path.exists(left)
-        loaded = subprocess.run([sys.executable, "-c", LOAD_SHM_OP, "ptray"], env=env, capture_output=True, text=True,
-                                timeout=600)  # builds the op if no run has yet
+        loaded = _load_tiny_op("ptray", tmp_path, dict(os.environ), timeout=600)
         assert loaded.returncode == 0, loaded.stderr[-3000:]
         assert f"removed {left}" in loaded.stdout
         assert not os.path.exists(left)
+        assert glob.glob(os.path.join(os.path.dirname(left), "ptray_tiny_op*.so"))  # built
     finally:
         if os.path.exists(left):
             os.remove(left)
@@ -896,9 +927,8 @@ def test_ops_build_with_the_ninja_beside_python_whatever_comes_first_on_path(tmp
     other.mkdir()
     (other / "ninja").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/called\nexit 1\n")
     (other / "ninja").chmod(0o755)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PATH": f"{other}{os.pathsep}{os.environ['PATH']}"}
-    loaded = subprocess.run([sys.executable, "-c", LOAD_SHM_OP, "ptray"], env=env, capture_output=True, text=True,
-                            timeout=600)  # builds the op if no run has yet
+    env = {**os.environ, "PATH": f"{other}{os.pathsep}{os.environ['PATH']}"}
+    loaded = _load_tiny_op("ptray", tmp_path, env, timeout=600)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert not (tmp_path / "called").exists()
 
