@@ -109,7 +109,8 @@ def bare_finetune(cfg, pretrained: str, *, init: str = "pretrained", lr: float |
     Returns {"final_val_accuracy", "best_val_accuracy", "curve": [(epoch, val_accuracy)]}."""
     import dataclasses
 
-    from ptray.finetune import finetune_model, finetune_schedule, load_labelled
+    from ptray.finetune import finetune_model, load_labelled
+    from ptray.trial import finetune_schedule
 
     torch.set_num_threads(os.cpu_count())
     ft = dataclasses.replace(cfg.finetune, init=init, lr=lr or cfg.finetune.lr)

@@ -1,7 +1,7 @@
 """One stage's optimization, whichever stage it is: what `loop.fit` and `engine` read, and nothing else.
 
 Pretraining builds its `Schedule` from the `pretrain` section (`pretrain_schedule`), finetuning from the `finetune`
-section and the size of the labelled set (`finetune.finetune_schedule`). Every derived number (accumulation steps,
+section and the size of the labelled set (`trial.finetune_schedule`). Every derived number (accumulation steps,
 warm-up steps, steps per epoch) is computed once, here, when a schedule is built; workers receive the built schedule.
 """
 

@@ -33,20 +33,19 @@ import time
 import ray
 from ray import tune
 from ray.tune import ExperimentAnalysis
-from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from ptray.asha import OrderedASHA, rungs, stop_steps
-from ptray.config import DATA_KEYS, Config, load_config, load_config_dict, save_config, with_absolute_paths
+from ptray.config import DATA_KEYS, Config, load_config, save_config, with_absolute_paths
 from ptray.errors import ConfigError, UserError
-from ptray.finetune import (METRICS, best_checkpoint, build_trainer, check_pretrained, export_finetuned,
-                            finetune_schedule, load_labelled, pretrained_dir)
+from ptray.finetune import METRICS, best_checkpoint, check_pretrained, export_finetuned, load_labelled
 from ptray.data.tokenizer import load_tokenizer
 from ptray.loop import snapshot_dir
 from ptray.metrics import read_metrics
-from ptray.session import fit_with_retries, verbose, worker_scaling
+from ptray.session import verbose, worker_scaling
 from ptray.trackers import Trackers
+from ptray.trial import data_key, finetune_schedule, make_trial, pretrained_dir, trial_config
 
 SIDES = ("pretrained", "scratch")
 TRIAL_CPUS = 0.01  # a Tune trial's own share: it only drives a TorchTrainer (0 is rejected)
@@ -87,17 +86,7 @@ def max_concurrent_trials(cfg: Config) -> int:
     return max(1, int(fit))  # sweep() has already checked with worker_scaling that one trial fits
 
 
-def trial_config(base: dict, overrides: dict) -> Config:
-    """The base config (as a dict) with a trial's sampled dotted overrides applied and validated."""
-    return load_config_dict(base, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
-
-
 # ---- labelled data per data variant ----------------------------------------------------------------------------
-
-
-def data_key(cfg: Config) -> str:
-    """Which tokenized labelled set a configuration trains on: the values of the keys that change the data."""
-    return json.dumps({key: getattr(cfg.finetune, key.split(".")[1]) for key in DATA_KEYS}, sort_keys=True)
 
 
 class LabelledSets:
@@ -223,27 +212,6 @@ def configured_point(cfg: Config) -> dict | None:
 
 
 # ---- running Tune experiments ------------------------------------------------------------------------------------
-
-
-def make_trial(base: dict, sets: LabelledSets, trials_dir: str, metric: str, mode: str,
-               plans: list[dict] | None = None, tracker_parent: dict | None = None):
-    """Tune's function for one trial: a TorchTrainer over the trial's configuration. `plans`: a fixed list of
-    configurations, picked by the trial's `plan` index (follow-up runs), instead of sampled overrides.
-    `tracker_parent`: the sweep's experiment-tracker ids; each trial logs as their child."""
-    # Only these travel with the trial (`sets` itself holds the tokenizer and a tokenized copy: a 10 MiB actor).
-    refs, num_train, num_val = sets.refs, sets.num_train, sets.num_val
-
-    def trial(params: dict) -> None:
-        overrides = plans[params["plan"]] if plans is not None else params
-        cfg = trial_config(base, overrides)
-        key, trial_id = data_key(cfg), tune.get_context().get_trial_id()
-        fit_with_retries(lambda: build_trainer(cfg, refs[key], storage_path=trials_dir, name=trial_id,
-                                               num_examples=num_train[key], num_val=num_val,
-                                               callbacks=[TuneReportCallback()],
-                                               metric=metric, mode=mode, tracker_stage=f"sweep/{trial_id}",
-                                               tracker_parent=tracker_parent),
-                         max_failures=cfg.cluster.max_failures, label="finetune")
-    return trial
 
 
 def run_tune(cfg: Config, trainable, *, sweep_dir: str, name: str, param_space: dict, num_samples: int, search_alg,

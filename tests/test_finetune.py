@@ -21,11 +21,12 @@ from ptray.config import load_config
 from ptray.data.builtin import CATEGORIES
 from ptray.errors import ConfigError, DataError
 from ptray.data.tokenizer import load_tokenizer
-from ptray.finetune import finetune, finetune_schedule, freeze, load_labelled, prepare_finetune
+from ptray.finetune import finetune, freeze, load_labelled, prepare_finetune
 from ptray.metrics import read_metrics
 from ptray.pretrain import pretrain
 from ptray.report import report
-from ptray.sweep import sweep, trial_config
+from ptray.sweep import sweep
+from ptray.trial import finetune_schedule, trial_config
 
 FINETUNE_FAST = ["finetune.builtin_examples=400", "finetune.epochs=1", "finetune.eval_every=4"]
 
@@ -160,7 +161,7 @@ def test_bad_labelled_input(pretrained_run, tmp_path):
 @pytest.fixture(scope="module")
 def swept(pretrained_run):
     # One worker per trial: 11 trials of 20 steps are mostly process start-up on 2 cores, and a trial's workers start
-    # in parallel with other trials' anyway. Multi-worker trials: the interrupted-sweep test and the cluster job.
+    # in parallel with other trials' anyway. Multi-worker trials: the cluster job (test_cluster).
     # Optuna's TPE, for real (random search: the cluster job's pipeline; grid: the interrupted-sweep test).
     cfg = tiny_config(pretrained_run, *FINETUNE_FAST, "cluster.num_workers=1", "sweep.num_samples=3",
                       "sweep.searcher=optuna",
@@ -325,6 +326,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(pretrained_
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     args = [f"run.dir={run_dir}", f"finetune.pretrained={pretrained_run}/export", *FINETUNE_FAST,
+            "cluster.num_workers=1",  # each trial's start is mostly process start-up on 2 cores
             "sweep.searcher=grid", "sweep.space={finetune.lr: {grid: [1e-3, 3e-3]}}",  # a real grid sweep: 2 points
             "sweep.num_samples=1", "sweep.max_concurrent=1", "sweep.compare_scratch=false",
             "sweep.num_seeds=1", "sweep.label_fractions=[1.0]", "sweep.pretrained_steps=[]"]  # ASHA, as by default

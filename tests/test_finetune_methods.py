@@ -27,8 +27,8 @@ from ptray.data.tokenizer import load_tokenizer
 from ptray.errors import ConfigError
 from ptray.metrics import read_metrics
 from ptray.finetune import (FinetuneTask, LabelledData, MeanPooledClassifier, confusion_counts, finetune,
-                            finetune_model, finetune_schedule, load_classifier, load_labelled, metrics_from_counts,
-                            prepare_finetune)
+                            finetune_model, load_classifier, load_labelled, metrics_from_counts, prepare_finetune)
+from ptray.trial import finetune_schedule
 
 LABELS = {0: "a", 1: "b", 2: "c"}
 

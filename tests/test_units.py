@@ -475,14 +475,38 @@ def test_a_trial_function_carries_object_refs_not_the_labelled_data():
     import numpy as np
     from ray import cloudpickle
 
-    from ptray.sweep import make_trial
+    from ptray.trial import make_trial
 
     sets = types.SimpleNamespace(refs={"v": None}, num_train={"v": 10}, num_val=5, data=np.zeros(1 << 20))  # 8 MiB
     assert len(cloudpickle.dumps(make_trial({}, sets, "/tmp", "val_accuracy", "max"))) < 64 << 10
 
 
+def test_a_trials_process_imports_no_model_or_training_code():
+    """Every Tune trial is a process of its own that unpickles make_trial's function and only drives a TorchTrainer:
+    it imports neither transformers, DeepSpeed nor ptray's training code (about 4 s of each trial's start on 2 cores;
+    only the Train workers need them). (A fresh interpreter.)"""
+    import types
+
+    from ray import cloudpickle
+
+    from ptray.trial import make_trial
+
+    sets = types.SimpleNamespace(refs={"v": None}, num_train={"v": 10}, num_val=5)
+    code = """
+import sys
+from ray import cloudpickle
+trial = cloudpickle.loads(sys.stdin.buffer.read())
+assert callable(trial)
+print([m for m in ("transformers", "deepspeed", "ptray.finetune", "ptray.sweep", "ptray.loop") if m in sys.modules])
+"""
+    trial = cloudpickle.dumps(make_trial({}, sets, "/tmp", "val_accuracy", "max"))
+    out = subprocess.run([sys.executable, "-c", code], input=trial, capture_output=True, timeout=300)
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    assert out.stdout.decode().split() == ["[]"], out.stdout.decode()
+
+
 def test_label_fraction_runs_keep_the_step_budget():
-    from ptray.finetune import finetune_schedule
+    from ptray.trial import finetune_schedule
     from ptray.config import load_config
     from ptray.sweep import fraction_plan
 
@@ -496,7 +520,7 @@ def test_label_fraction_runs_keep_the_step_budget():
 
 
 def test_automatic_eval_interval_bounds_the_cost_of_evaluating():
-    from ptray.finetune import finetune_schedule
+    from ptray.trial import finetune_schedule
 
     cfg = load_config("tiny", ["finetune.eval_every=0", "finetune.global_batch_size=16", "finetune.epochs=4"])
     debian = finetune_schedule(cfg, 1800, 750)  # 113 steps an epoch, 750 validation examples
