@@ -118,13 +118,8 @@ def load_ops(cfg: Config) -> None:
 
 @functools.cache
 def load_op(builder_name: str) -> None:
-    """Load (and on first use build) one DeepSpeed op into this process, one process at a time under a kernel lock,
-    so that DeepSpeed later finds it loaded.
-
-    torch guards each build with a lock *file* and every other process waits while it exists. A process killed while
-    it holds one (Ray Train stops a worker group when one rank fails, often while the others are still starting)
-    leaves the file behind, and every later run hangs on it in silence: CI once waited an hour. The kernel frees a
-    `flock` when its holder dies, so a lock file found while holding ours was left by a dead process."""
+    """Load (and on first use build, see `build_op`) one of DeepSpeed's ops by its builder's name into this process,
+    so that DeepSpeed later finds it loaded."""
     deepspeed = import_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
@@ -135,8 +130,12 @@ def load_op(builder_name: str) -> None:
 
 
 def build_op(builder) -> None:
-    """`builder.load()` (a DeepSpeed OpBuilder) under the kernel lock of `load_op`, clearing a lock file a killed
-    build left behind."""
+    """`builder.load()` (a DeepSpeed OpBuilder), one process at a time under a kernel lock.
+
+    torch guards each build with a lock *file* and every other process waits while it exists. A process killed while
+    it holds one (Ray Train stops a worker group when one rank fails, often while the others are still starting)
+    leaves the file behind, and every later run hangs on it in silence: CI once waited an hour. The kernel frees a
+    `flock` when its holder dies, so a lock file found while holding ours was left by a dead process."""
     import fcntl
 
     from torch.utils.cpp_extension import _get_build_directory
