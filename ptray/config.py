@@ -324,6 +324,11 @@ class FinetuneConfig:
     head_lr: float = 0.0
     """classification: peak learning rate of the newly initialized head (score; bert: pooler and classifier), on the
     same schedule as the rest (LoRA adapters count as the rest). 0: finetune.lr."""
+    layer_decay: float = 1.0
+    """Layer-wise learning-rate decay (ULMFiT, ELECTRA): the top (final norm and head) trains at finetune.lr, each
+    transformer block below it at layer_decay times the rate of the block above, and the embeddings below the first
+    block, so the lower layers' pretrained features move least. In (0, 1]; 1: every layer at finetune.lr. With
+    finetune.head_lr the head keeps that rate."""
     label_smoothing: float = 0.0
     """classification: label smoothing of the training cross-entropy (val_loss stays the plain cross-entropy)."""
     lm_weight: float = 0.0
@@ -468,7 +473,7 @@ RANGES = {
     "finetune.freeze_layers": "[0, inf)", "finetune.train_fraction": "(0, 1]", "finetune.eval_every": "[0, inf)",
     "finetune.builtin_examples": "(0, inf)", "finetune.lora_rank": "(0, inf)", "finetune.lora_alpha": "(0, inf)",
     "finetune.lora_dropout": "[0, 1)", "finetune.head_lr": "[0, inf)", "finetune.label_smoothing": "[0, 1)",
-    "finetune.lm_weight": "[0, inf)",
+    "finetune.lm_weight": "[0, inf)", "finetune.layer_decay": "(0, 1]",
     "finetune.distill_weight": "[0, 1]", "finetune.distill_temperature": "(0, inf)",
     "sweep.num_samples": "(0, inf)", "sweep.grace_period": "[0, inf)", "sweep.reduction_factor": "[2, inf)",
     "sweep.max_concurrent": "[0, inf)", "sweep.num_seeds": "(0, inf)",

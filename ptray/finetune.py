@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 
@@ -357,6 +358,15 @@ def _in_head(name: str, task: str, family: str) -> bool:
     return any(f".{h}." in f".{name}." for h in head)
 
 
+def _depth(name: str, num_layers: int) -> int:
+    """Where parameter `name` sits for finetune.layer_decay: 0 the embeddings, i + 1 transformer block i (gpt2's h.i,
+    llama's layers.i, bert's layer.i, LoRA adapters included), num_layers + 1 the rest (final norm, pooler, head)."""
+    block = re.search(r"\.(?:h|layers|layer)\.(\d+)\.", f".{name}")
+    if block:
+        return int(block.group(1)) + 1
+    return 0 if re.search(r"embed|\.wte\.|\.wpe\.", f".{name}") else num_layers + 1
+
+
 def check_method(ft, hf, where: str, model: torch.nn.Module | None = None) -> None:
     """The finetune options that depend on the model's family: pooling=cls needs bert, and every LoRA target must name
     a linear layer of `model` outside the head (None: the architecture of `hf`, built on the meta device, which
@@ -426,6 +436,10 @@ def finetune_model(cfg: Config, pretrained: str, num_labels: int, id2label: dict
     elif ft.method == "head":
         for name, param in model.named_parameters():
             param.requires_grad = _in_head(name, ft.task, family)
+    if ft.layer_decay != 1:
+        num_layers = hf.num_hidden_layers
+        for name, param in model.named_parameters():
+            param.lr_scale = ft.layer_decay ** (num_layers + 1 - _depth(name, num_layers))
     if ft.head_lr:
         for name, param in model.named_parameters():
             if param.requires_grad and _in_head(name, ft.task, family):

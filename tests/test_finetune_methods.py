@@ -305,12 +305,43 @@ def test_validation_counts_from_rank_shards_sum_to_the_whole_set_metrics():
         pytest.approx(accuracy, abs=1e-9)  # one rank's share alone is a different number
 
 
+@pytest.mark.parametrize("family,method", [("gpt2", "full"), ("llama", "full"), ("bert", "full"), ("gpt2", "lora")])
+def test_layer_decay_scales_each_block_below_the_top(random_models, family, method):
+    # 2 blocks: the top (final norm, head) at lr, block 1 at 0.5 lr, block 0 at 0.25 lr, the embeddings at 0.125 lr;
+    # with head_lr the head keeps its own rate.
+    model = _model(random_models[family], f"finetune.method={method}", "finetune.lr=1e-3", "finetune.layer_decay=0.5",
+                   "finetune.head_lr=4e-3", "finetune.pooling=last" if family != "bert" else "finetune.pooling=cls")
+    optimizer = torch.optim.AdamW(ds.param_groups(model, weight_decay=0.1), lr=1.0)
+    ds.set_lr(types.SimpleNamespace(optimizer=optimizer), 1e-3)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    named = {n: lr_of[id(p)] for n, p in model.named_parameters() if p.requires_grad}
+    assert len(named) == len(lr_of)  # every trainable tensor in exactly one group
+
+    def rate(*parts):
+        matches = {lr for n, lr in named.items() if all(part in n for part in parts)}
+        assert len(matches) == 1, (parts, matches)
+        return matches.pop()
+
+    block = {"gpt2": ".h.{}.", "llama": ".layers.{}.", "bert": ".layer.{}."}[family]
+    embedding = {"gpt2": "wte", "llama": "embed_tokens", "bert": "word_embeddings"}[family]
+    head = {"gpt2": "score", "llama": "score", "bert": "classifier"}[family]
+    inner = "lora_A" if method == "lora" else ""
+    assert rate(block.format(1), inner) == pytest.approx(5e-4)
+    assert rate(block.format(0), inner) == pytest.approx(2.5e-4)
+    assert rate(head) == pytest.approx(4e-3)
+    if method == "full":  # LoRA leaves the embeddings and norms frozen
+        assert rate(embedding) == pytest.approx(1.25e-4)
+        top = {"gpt2": "ln_f", "llama": "model.norm", "bert": "pooler"}[family]  # bert's pooler is in its head
+        assert rate(top) == pytest.approx(4e-3 if family == "bert" else 1e-3)
+
+
 @pytest.mark.parametrize("override,named", [
     ("finetune.pooling=max", "finetune.pooling"), ("finetune.method=adapter", "finetune.method"),
     ("finetune.lora_rank=0", "finetune.lora_rank"), ("finetune.lora_dropout=1.0", "finetune.lora_dropout"),
     ("finetune.head_lr=-1", "finetune.head_lr"), ("finetune.label_smoothing=1.0", "finetune.label_smoothing"),
     ("finetune.dropout=1.5", "finetune.dropout"), ("finetune.lora_targets=['']", "finetune.lora_targets"),
-    ("finetune.lm_weight=-1", "finetune.lm_weight")])
+    ("finetune.lm_weight=-1", "finetune.lm_weight"), ("finetune.layer_decay=0", "finetune.layer_decay"),
+    ("finetune.layer_decay=1.5", "finetune.layer_decay")])
 def test_bad_values_name_the_key(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         load_config("tiny", [override])
