@@ -328,7 +328,8 @@ class FinetuneConfig:
     """Layer-wise learning-rate decay (ULMFiT, ELECTRA): the top (final norm and head) trains at finetune.lr, each
     transformer block below it at layer_decay times the rate of the block above, and the embeddings below the first
     block, so the lower layers' pretrained features move least. In (0, 1]; 1: every layer at finetune.lr. With
-    finetune.head_lr the head keeps that rate."""
+    finetune.head_lr the head trains at head_lr. An output layer tied to the embeddings (SFT on gpt2) is one tensor
+    with them and trains at their rate."""
     label_smoothing: float = 0.0
     """classification: label smoothing of the training cross-entropy (val_loss stays the plain cross-entropy)."""
     lm_weight: float = 0.0
