@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import json
 import os
 import types
 import typing
@@ -722,7 +723,25 @@ def load_config(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Conf
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (run:, data:, ...), got {type(raw).__name__}.")
-    return load_config_dict(raw, overrides, source=str(path))
+    cfg = load_config_dict(raw, overrides, source=str(path))
+    check_space_values(cfg)
+    return cfg
+
+
+def check_space_values(cfg: Config) -> None:
+    """Every value sweep.space can give a trial (each choice or grid value, each end of a range) must make a valid
+    config, so that a bad one stops the command now, naming the key, instead of failing trials later."""
+    base = cfg.to_dict()
+    for key, spec in cfg.sweep.space.items():
+        kind, values = next(iter(spec.items()))
+        for value in values:
+            if kind in ("uniform", "loguniform"):
+                value = float(value)  # YAML 1.1 reads `1e-4` as a string
+            try:
+                load_config_dict(base, [f"{key}={json.dumps(value)}"])
+            except ConfigError as e:
+                raise ConfigError(f"sweep.space[{key!r}].{kind} can give a trial {key}={value!r}, which is not "
+                                  f"valid: {e}") from None
 
 
 def load_config_dict(raw: dict, overrides: typing.Sequence[str] = (), source: str = "config") -> Config:

@@ -89,6 +89,10 @@ def test_cli_bad_key_exits_nonzero_with_message():
     ("{finetune.val_fraction: {choice: [0.1, 0.2]}}", "not something a finetuning trial can change"),
     ("{finetune.task: {choice: [sft]}}", "not something a finetuning trial can change"),
     ("{finetune.train_fraction: {uniform: [0.1, 1.0]}}", "changes the data a trial trains on"),
+    # a value a trial could draw but not use: out of the key's range, not one of its values
+    ("{finetune.layer_decay: {uniform: [0.6, 1.2]}}", r"finetune.layer_decay=1.2.*must be in \(0, 1\]"),
+    ("{finetune.lr: {choice: [0, 1e-3]}}", r"finetune.lr=0.*must be > 0"),
+    ("{finetune.pooling: {grid: [mean, max]}}", r"finetune.pooling='max'.*choose one of"),
 ])
 def test_sweep_space_errors(space, message):
     with pytest.raises(ConfigError, match=message):
