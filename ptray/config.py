@@ -729,8 +729,9 @@ def load_config(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Conf
 
 
 def check_space_values(cfg: Config) -> None:
-    """Every value sweep.space can give a trial (each choice or grid value, each end of a range) must make a valid
-    config, so that a bad one stops the command now, naming the key, instead of failing trials later."""
+    """Every value sweep.space can give a trial (each choice or grid value, both ends of a range) must make a valid
+    config: a bad one stops the command as the config loads (before `ptray pipeline` pretrains), naming the key.
+    What depends on the pretrained model is checked as the sweep starts (`ptray.sweep.check_space_for_model`)."""
     base = cfg.to_dict()
     for key, spec in cfg.sweep.space.items():
         kind, values = next(iter(spec.items()))
@@ -740,8 +741,7 @@ def check_space_values(cfg: Config) -> None:
             try:
                 load_config_dict(base, [f"{key}={json.dumps(value)}"])
             except ConfigError as e:
-                raise ConfigError(f"sweep.space[{key!r}].{kind} can give a trial {key}={value!r}, which is not "
-                                  f"valid: {e}") from None
+                raise ConfigError(f"sweep.space gives {key}={value!r}, which no trial can run: {e}") from None
 
 
 def load_config_dict(raw: dict, overrides: typing.Sequence[str] = (), source: str = "config") -> Config:

@@ -116,10 +116,10 @@ class LabelledSets:
             self.add(trial_config(cfg.to_dict(), dict(combination)))
 
 
-def check_space_values(cfg: Config) -> None:
-    """Every value the space can give a key (a range's bounds) must make a valid trial configuration for this task
-    and pretrained model: a value that does not apply (finetune.lm_weight=0.5 with task=sft or a bert model) stops the
-    sweep before any trial starts."""
+def check_space_for_model(cfg: Config) -> None:
+    """Every value the space can give a key (a range's bounds) must suit the pretrained model: a value that does not
+    (finetune.lm_weight=0.5 or pooling=cls with a bert / gpt2 model) stops the sweep before any trial starts. What
+    needs no model was checked when the config loaded (`ptray.config.check_space_values`)."""
     for key, spec in cfg.sweep.space.items():
         for value in _values(spec):
             try:
@@ -260,7 +260,7 @@ def sweep(cfg: Config, resume: bool = False) -> SweepResult:
                           f"choose one of {', '.join(METRICS[cfg.finetune.task])}.")
     worker_scaling(cfg, driver_cpus=TRIAL_CPUS)  # fail fast if one trial (its workers and itself) can never fit
     check_pretrained(cfg, pretrained_dir(cfg))
-    check_space_values(cfg)
+    check_space_for_model(cfg)
     for step in s.pretrained_steps:
         snapshot_export(cfg, step)  # before any trial runs
     sets = LabelledSets(cfg)  # tokenized once per data variant; every trial reads its variant from the object store

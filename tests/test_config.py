@@ -90,7 +90,7 @@ def test_cli_bad_key_exits_nonzero_with_message():
     ("{finetune.task: {choice: [sft]}}", "not something a finetuning trial can change"),
     ("{finetune.train_fraction: {uniform: [0.1, 1.0]}}", "changes the data a trial trains on"),
     # a value a trial could draw but not use: out of the key's range, not one of its values
-    ("{finetune.layer_decay: {uniform: [0.6, 1.2]}}", r"finetune.layer_decay=1.2.*must be in \(0, 1\]"),
+    ("{finetune.layer_decay: {uniform: [0.6, 1.2]}}", r"gives finetune.layer_decay=1.2.*must be in \(0, 1\]"),
     ("{finetune.lr: {choice: [0, 1e-3]}}", r"finetune.lr=0.*must be > 0"),
     ("{finetune.pooling: {grid: [mean, max]}}", r"finetune.pooling='max'.*choose one of"),
 ])
