@@ -723,15 +723,14 @@ def load_config(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Conf
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (run:, data:, ...), got {type(raw).__name__}.")
-    cfg = load_config_dict(raw, overrides, source=str(path))
-    check_space_values(cfg)
-    return cfg
+    return load_config_dict(raw, overrides, source=str(path))
 
 
 def check_space_values(cfg: Config) -> None:
     """Every value sweep.space can give a trial (each choice or grid value, both ends of a range) must make a valid
-    config: a bad one stops the command as the config loads (before `ptray pipeline` pretrains), naming the key.
-    What depends on the pretrained model is checked as the sweep starts (`ptray.sweep.check_space_for_model`)."""
+    config; ConfigError names the first that does not. `ptray pipeline` runs this before pretraining, and the sweep
+    before any trial (`ptray.sweep.check_space_for_model`, which also checks each value against the pretrained
+    model). Not at load: `ptray finetune` with another task must not fail over a sweep it does not run."""
     base = cfg.to_dict()
     for key, spec in cfg.sweep.space.items():
         kind, values = next(iter(spec.items()))

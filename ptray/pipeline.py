@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from ptray.config import Config, check_pretrained_steps, resolved
+from ptray.config import Config, check_pretrained_steps, check_space_values, resolved
 from ptray.pretrain import pretrain
 from ptray.report import report
 from ptray.sweep import sweep
@@ -18,6 +18,7 @@ def pipeline(cfg: Config) -> dict:
     """Run every stage (Ray must be up); re-running resumes the pretraining and reuses prepared data."""
     cfg = resolved(cfg)
     check_pretrained_steps(cfg)
+    check_space_values(cfg)  # a space value no trial can run stops here, not after the pretraining
     pretrained = pretrain(cfg)  # prepares the data first when there is none
     result = sweep(cfg)
     report_path = report(cfg.run_dir)

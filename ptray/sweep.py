@@ -117,9 +117,10 @@ class LabelledSets:
 
 
 def check_space_for_model(cfg: Config) -> None:
-    """Every value the space can give a key (a range's bounds) must suit the pretrained model: a value that does not
-    (finetune.lm_weight=0.5 or pooling=cls with a bert / gpt2 model) stops the sweep before any trial starts. What
-    needs no model was checked when the config loaded (`ptray.config.check_space_values`)."""
+    """Every value the space can give a key (a range's bounds) must make a valid trial configuration and suit the
+    pretrained model (finetune.lm_weight=0.5 does not with task=sft or a bert model, pooling=cls not with gpt2): else
+    the sweep stops before any trial starts. `ptray pipeline` checks the first part before pretraining
+    (`ptray.config.check_space_values`)."""
     for key, spec in cfg.sweep.space.items():
         for value in _values(spec):
             try:

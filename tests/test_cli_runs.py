@@ -152,6 +152,15 @@ def test_a_bad_input_exits_2_naming_it_and_changes_nothing(run, capsys, args, na
     assert _snapshot(run_dir) == before  # nothing the earlier run wrote was touched, nothing half-written was left
 
 
+def test_pipeline_stops_on_a_bad_space_value_before_pretraining(ray_local, tmp_path, capsys):
+    run_dir = tmp_path / "pipe"
+    code = main(["pipeline", "--config", "tiny", f"run.dir={run_dir}", "data.builtin_docs=2000",
+                 "sweep.space={finetune.layer_decay: {uniform: [0.6, 1.2]}}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "sweep.space gives finetune.layer_decay=1.2" in err, err[-2000:]
+    assert not (run_dir / "data").exists() and not (run_dir / "train").exists()  # nothing prepared or pretrained
+
+
 def test_the_table_holds_at_least_30_inputs():
     assert len(BAD_INPUTS) >= 30
 

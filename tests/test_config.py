@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from ptray.config import Config, builtin_config_names, load_config, resolved
+from ptray.config import Config, builtin_config_names, check_space_values, load_config, resolved
 from ptray.errors import ConfigError
 from ptray.schedule import pretrain_schedule
 
@@ -89,14 +89,22 @@ def test_cli_bad_key_exits_nonzero_with_message():
     ("{finetune.val_fraction: {choice: [0.1, 0.2]}}", "not something a finetuning trial can change"),
     ("{finetune.task: {choice: [sft]}}", "not something a finetuning trial can change"),
     ("{finetune.train_fraction: {uniform: [0.1, 1.0]}}", "changes the data a trial trains on"),
-    # a value a trial could draw but not use: out of the key's range, not one of its values
-    ("{finetune.layer_decay: {uniform: [0.6, 1.2]}}", r"gives finetune.layer_decay=1.2.*must be in \(0, 1\]"),
-    ("{finetune.lr: {choice: [0, 1e-3]}}", r"finetune.lr=0.*must be > 0"),
-    ("{finetune.pooling: {grid: [mean, max]}}", r"finetune.pooling='max'.*choose one of"),
 ])
 def test_sweep_space_errors(space, message):
     with pytest.raises(ConfigError, match=message):
         load_config("tiny", [f"sweep.space={space}"])
+
+
+@pytest.mark.parametrize("space, message", [  # a value a trial could draw but not use
+    ("{finetune.layer_decay: {uniform: [0.6, 1.2]}}", r"gives finetune.layer_decay=1.2.*must be in \(0, 1\]"),
+    ("{finetune.lr: {choice: [0, 1e-3]}}", r"finetune.lr=0.*must be > 0"),
+    ("{finetune.pooling: {grid: [mean, max]}}", r"finetune.pooling='max'.*choose one of"),
+])
+def test_a_space_value_no_trial_can_run_is_named(space, message):
+    cfg = load_config("tiny", [f"sweep.space={space}"])  # it loads: `ptray finetune` does not sweep
+    with pytest.raises(ConfigError, match=message):
+        check_space_values(cfg)
+    check_space_values(load_config("tiny"))
 
 
 def test_search_space_and_searchers_map_to_tune():
