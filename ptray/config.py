@@ -726,19 +726,29 @@ def load_config(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Conf
     return load_config_dict(raw, overrides, source=str(path))
 
 
-def check_space_values(cfg: Config) -> None:
-    """Every value sweep.space can give a trial (each choice or grid value, both ends of a range) must make a valid
-    config; ConfigError names the first that does not. `ptray pipeline` runs this before pretraining, and the sweep
-    before any trial (`ptray.sweep.check_space_for_model`, which also checks each value against the pretrained
-    model). Not at load: `ptray finetune` with another task must not fail over a sweep it does not run."""
+def space_values(spec: dict) -> list:
+    """The values a search distribution can give that bound what a trial does: every choice or grid value, every
+    integer of a randint, both ends of a (log)uniform range."""
+    kind, values = next(iter(spec.items()))
+    if kind == "randint":
+        return list(range(values[0], values[1] + 1))
+    if kind in ("loguniform", "uniform"):
+        return [float(v) for v in values]  # YAML 1.1 reads `1e-4` as a string
+    return list(values)
+
+
+def check_space_values(cfg: Config, check_trial: typing.Callable[[Config], None] | None = None) -> None:
+    """Every value sweep.space can give a trial (`space_values`, one key at a time) must make a valid config, and
+    pass `check_trial` on it (the sweep checks it against the pretrained model); ConfigError names the first that
+    does not. `ptray pipeline` runs this before pretraining, the sweep before any trial. Not at load: `ptray
+    finetune` with another task must not fail over a sweep it does not run."""
     base = cfg.to_dict()
     for key, spec in cfg.sweep.space.items():
-        kind, values = next(iter(spec.items()))
-        for value in values:
-            if kind in ("uniform", "loguniform"):
-                value = float(value)  # YAML 1.1 reads `1e-4` as a string
+        for value in space_values(spec):
             try:
-                load_config_dict(base, [f"{key}={json.dumps(value)}"])
+                trial = load_config_dict(base, [f"{key}={json.dumps(value)}"])
+                if check_trial:
+                    check_trial(trial)
             except ConfigError as e:
                 raise ConfigError(f"sweep.space gives {key}={value!r}, which no trial can run: {e}") from None
 

@@ -37,7 +37,8 @@ from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from ptray.asha import OrderedASHA, rungs, stop_steps
-from ptray.config import DATA_KEYS, Config, load_config, save_config, with_absolute_paths
+from ptray.config import (DATA_KEYS, Config, check_space_values, load_config, save_config, space_values,
+                          with_absolute_paths)
 from ptray.errors import ConfigError, UserError
 from ptray.finetune import METRICS, best_checkpoint, check_pretrained, export_finetuned, load_labelled
 from ptray.data.tokenizer import load_tokenizer
@@ -111,31 +112,10 @@ class LabelledSets:
 
     def add_space(self, cfg: Config) -> None:
         """Every data variant a search over `sweep.space` can sample (data keys are choice/grid: a finite set)."""
-        values = [[(key, v) for v in _values(cfg.sweep.space[key])] for key in DATA_KEYS if key in cfg.sweep.space]
+        space = cfg.sweep.space
+        values = [[(key, v) for v in space_values(space[key])] for key in DATA_KEYS if key in space]
         for combination in itertools.product(*values):
             self.add(trial_config(cfg.to_dict(), dict(combination)))
-
-
-def check_space_for_model(cfg: Config) -> None:
-    """Every value the space can give a key (a range's bounds) must make a valid trial configuration and suit the
-    pretrained model (finetune.lm_weight=0.5 does not with task=sft or a bert model, pooling=cls not with gpt2): else
-    the sweep stops before any trial starts. `ptray pipeline` checks the first part before pretraining
-    (`ptray.config.check_space_values`)."""
-    for key, spec in cfg.sweep.space.items():
-        for value in _values(spec):
-            try:
-                check_pretrained(trial_config(cfg.to_dict(), {key: value}), pretrained_dir(cfg))
-            except ConfigError as e:
-                raise ConfigError(f"sweep.space gives {key}={value!r}, which no trial can run: {e}") from None
-
-
-def _values(spec: dict) -> list:
-    kind, values = next(iter(spec.items()))
-    if kind in ("randint",):
-        return list(range(values[0], values[1] + 1))
-    if kind in ("loguniform", "uniform"):
-        return [float(v) for v in values]  # bounds: the extremes for run-length arithmetic
-    return list(values)
 
 
 # ---- scheduler: rungs in optimizer steps, relative to each trial's own length ----------------------------------
@@ -147,7 +127,7 @@ def longest_trial(cfg: Config, sets: LabelledSets) -> tuple[int, int]:
     length_keys = [k for k in ("finetune.epochs", "finetune.train_fraction", "finetune.global_batch_size",
                                "finetune.micro_batch_size", "finetune.warmup_ratio") if k in space]
     longest, warmup = 0, 0
-    for combination in itertools.product(*[[(k, v) for v in _values(space[k])] for k in length_keys]):
+    for combination in itertools.product(*[[(k, v) for v in space_values(space[k])] for k in length_keys]):
         trial = trial_config(cfg.to_dict(), dict(combination))
         num_train = sets.num_train.get(data_key(trial)) or max(sets.num_train.values())
         schedule = finetune_schedule(trial, num_train, sets.num_val)
@@ -261,7 +241,7 @@ def sweep(cfg: Config, resume: bool = False) -> SweepResult:
                           f"choose one of {', '.join(METRICS[cfg.finetune.task])}.")
     worker_scaling(cfg, driver_cpus=TRIAL_CPUS)  # fail fast if one trial (its workers and itself) can never fit
     check_pretrained(cfg, pretrained_dir(cfg))
-    check_space_for_model(cfg)
+    check_space_values(cfg, lambda trial: check_pretrained(trial, pretrained_dir(cfg)))  # before any trial
     for step in s.pretrained_steps:
         snapshot_export(cfg, step)  # before any trial runs
     sets = LabelledSets(cfg)  # tokenized once per data variant; every trial reads its variant from the object store
