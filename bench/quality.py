@@ -33,6 +33,7 @@ TASKS = {"debian": realdata, "manpages": realdata_man}  # --task -> the module t
 from ptray.config import load_config  # noqa: E402
 from ptray.metrics import read_metrics  # noqa: E402
 from ptray.pretrain import pretrain  # noqa: E402
+from ptray.schedule import pretrain_schedule  # noqa: E402
 from ptray.session import ray_session  # noqa: E402
 from ptray.sweep import sweep  # noqa: E402
 
@@ -56,6 +57,7 @@ def main() -> None:
                                 f"finetune.val_files=[{data}/labelled/val.jsonl]", f"pretrain.max_steps={args.steps}",
                                 *args.overrides])
     p, m = cfg.pretrain, cfg.model
+    warmup_steps = pretrain_schedule(cfg).warmup_steps
     with ray_session(cfg):
         bare_dir = os.path.join(args.out, "bare-export")
         curve_file = os.path.join(args.out, "bare-curve.json")
@@ -63,7 +65,7 @@ def main() -> None:
             pretrain(cfg)
             bare = bare_pretrain(cfg.prepared_dir, num_layers=m.num_layers, hidden_size=m.hidden_size,
                                  num_heads=m.num_heads, max_positions=m.max_positions, max_steps=p.max_steps,
-                                 batch_size=p.global_batch_size, lr=p.lr, warmup_steps=p.warmup_steps,
+                                 batch_size=p.global_batch_size, lr=p.lr, warmup_steps=warmup_steps,
                                  weight_decay=p.weight_decay, beta2=p.beta2, min_lr_ratio=p.min_lr_ratio,
                                  eval_every=p.eval_every, seed=cfg.run.seed, save_dir=bare_dir,
                                  num_val_rows=cfg.cluster.num_workers * p.eval_batches * p.micro_batch_size)
@@ -73,7 +75,7 @@ def main() -> None:
         bare_curve = json.load(open(curve_file)) if os.path.exists(curve_file) else []
         print(f"\nreal data: {summary}")
         print(f"\npretraining: {m.num_layers} layers x {m.hidden_size}, {p.max_steps} steps of {p.global_batch_size} x "
-              f"{cfg.data.seq_len} tokens, lr {p.lr}, warm-up {p.warmup_steps}; held-out perplexity")
+              f"{cfg.data.seq_len} tokens, lr {p.lr}, warm-up {warmup_steps}; held-out perplexity")
         print(f"{'step':>6} {'ptray':>10} {'bare':>10} {'ratio':>7}")
         for step, _, bare_ppl in bare_curve:
             ours = ptray_curve.get(step)

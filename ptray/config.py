@@ -189,8 +189,11 @@ class PretrainConfig:
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of lr."""
-    warmup_steps: int = 20
-    """Linear warmup from lr/warmup_steps to lr."""
+    warmup_steps: int = 0
+    """Linear warmup from lr/warmup_steps to lr, in optimizer steps. 0: pretrain.warmup_ratio decides."""
+    warmup_ratio: float = 0.05
+    """Warm-up as a fraction of max_steps, used when warmup_steps is 0, so that it follows a max_steps override.
+    Both 0: no warm-up."""
     schedule: str = "cosine"
     """cosine, wsd (warmup-stable-decay) or constant (after warmup)."""
     decay_fraction: float = 0.2
@@ -463,6 +466,7 @@ RANGES = {
     "model.vocab_size": "[0, inf)", "model.dropout": "[0, 1)", "model.rope_theta": "(0, inf)",
     "pretrain.max_steps": "(0, inf)", "pretrain.global_batch_size": "(0, inf)", "pretrain.micro_batch_size": "(0, inf)",
     "pretrain.lr": "(0, inf)", "pretrain.min_lr_ratio": "[0, 1]", "pretrain.warmup_steps": "[0, inf)",
+    "pretrain.warmup_ratio": "[0, 1)",
     "pretrain.decay_fraction": "(0, 1]",
     "pretrain.weight_decay": "[0, inf)", "pretrain.beta1": "[0, 1)", "pretrain.beta2": "[0, 1)",
     "pretrain.grad_clip": "[0, inf)", "pretrain.mlm_probability": "(0, 1)", "pretrain.eval_every": "[0, inf)",

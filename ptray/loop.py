@@ -147,7 +147,8 @@ def fit(cfg: Config, schedule: Schedule, task: Task, model: torch.nn.Module, *, 
         print(f"[{label}] {num_params:,} parameters, ZeRO-{cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision}"
               f"{', compiled' if engine.is_compiled else ''}, "
               f"{world_size} workers x {p.micro_batch_size} x {p.grad_accum_steps} accumulation, {p.max_steps} "
-              f"steps; MFU against {peak_flops / 1e9:,.1f} GFLOP/s per worker ({peak_source})", flush=True)
+              f"steps ({p.warmup_steps} warm-up); MFU against {peak_flops / 1e9:,.1f} GFLOP/s per worker "
+              f"({peak_source})", flush=True)
 
     def improves(metrics: dict) -> bool:
         """Whether these metrics should be checkpointed (records a new best; the same on every rank)."""

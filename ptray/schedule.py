@@ -55,10 +55,11 @@ class Schedule:
 def pretrain_schedule(cfg: Config) -> Schedule:
     """Pretraining's schedule: the `pretrain` section as it is."""
     p = cfg.pretrain
+    warmup_steps = p.warmup_steps or round(p.warmup_ratio * p.max_steps)  # a ratio follows a max_steps override
     return Schedule(
         max_steps=p.max_steps, global_batch_size=p.global_batch_size, micro_batch_size=p.micro_batch_size,
         grad_accum_steps=p.global_batch_size // (cfg.cluster.num_workers * p.micro_batch_size),  # validated
-        lr=p.lr, warmup_steps=p.warmup_steps, decay=p.schedule, min_lr_ratio=p.min_lr_ratio,
+        lr=p.lr, warmup_steps=warmup_steps, decay=p.schedule, min_lr_ratio=p.min_lr_ratio,
         decay_fraction=p.decay_fraction, weight_decay=p.weight_decay, beta1=p.beta1, beta2=p.beta2,
         grad_clip=p.grad_clip, log_every=p.log_every, eval_every=p.eval_every, ckpt_every=p.ckpt_every,
         max_nonfinite_steps=p.max_nonfinite_steps, profile_steps=p.profile_steps,

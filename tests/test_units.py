@@ -20,7 +20,7 @@ from ptray.data.pack import encode_documents, pack_rows
 from ptray.data.readers import corpus_pieces, expand_files, piece_texts
 from ptray.data.stream import check_sources, source_texts
 from ptray.data.tokenizer import end_of_document_id, fast_tokenizer, load_tokenizer, train_bpe
-from ptray.errors import DataError
+from ptray.errors import ConfigError, DataError
 from ptray.objectives import IGNORE_INDEX, causal_lm_batch, masked_lm_batch
 from ptray.schedule import pretrain_schedule
 
@@ -247,6 +247,19 @@ def test_lr_schedules(schedule):
         assert lrs[79] == 1.0 and lrs[99] == pytest.approx(0.1 + 0.9 / 20, abs=1e-6)
     if schedule == "constant":
         assert lrs[-1] == 1.0
+
+
+def test_warmup_ratio_follows_max_steps_and_warmup_steps_overrides_it():
+    def warmup(*overrides):  # (warm-up steps, lr of the first step, lr of the last warm-up step) at peak lr 1
+        p = pretrain_schedule(load_config("tiny", ["pretrain.lr=1.0", *overrides]))
+        return p.warmup_steps, p.lr_at(0), p.lr_at(max(p.warmup_steps - 1, 0))
+
+    assert warmup() == (15, pytest.approx(1 / 15), pytest.approx(1.0))  # tiny: 5% of its 300 steps
+    assert warmup("pretrain.max_steps=1500") == (75, pytest.approx(1 / 75), pytest.approx(1.0))  # not 15 of 1,500
+    assert warmup("pretrain.max_steps=1500", "pretrain.warmup_steps=100")[:2] == (100, pytest.approx(1 / 100))
+    assert warmup("pretrain.warmup_ratio=0") == (0, 1.0, 1.0)  # both 0: no warm-up
+    with pytest.raises(ConfigError, match="pretrain.warmup_ratio"):
+        load_config("tiny", ["pretrain.warmup_ratio=1.5"])
 
 
 def test_expand_files_globs_dirs_and_errors(tmp_path):
@@ -658,7 +671,6 @@ def test_init_from_starts_from_the_given_local_model(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from ptray.config import ModelConfig
-    from ptray.errors import ConfigError
     from ptray.model import build_model, init_from_info
 
     torch.manual_seed(1)
@@ -744,7 +756,6 @@ def test_deepspeeds_fused_adam_is_built_for_the_gpu_present(arch_list, built_for
 def test_bf16_on_a_gpu_without_it_names_fp16_and_fp32(monkeypatch):
     from ptray.config import load_config
     from ptray.engine import check_device
-    from ptray.errors import ConfigError
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
@@ -874,7 +885,6 @@ def test_flash_attention_without_its_package_names_the_install():
 
     if importlib.util.find_spec("flash_attn") is not None:
         pytest.skip("flash-attn is installed here")
-    from ptray.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"needs the flash-attn package \(pip install flash-attn"):
         _tiny_causal_lm("llama", "flash_attention_2")
