@@ -387,9 +387,10 @@ class SweepConfig:
     """Fractions of the labelled training set at which each side's winner is also trained, e.g. [0.1, 0.3, 1.0]: the
     curve that shows whether pretraining cuts the labels needed. A fraction f trains epochs / f epochs, about the
     optimizer steps of the full-label run."""
-    pretrained_steps: list[int] = field(default_factory=list)
-    """Pretraining steps, e.g. [50, 100], whose weights pretraining keeps (`<run.dir>/snapshots/step-N/export`) and
-    the sweep also finetunes with the pretrained winner's configuration: accuracy against pretraining tokens, which
+    pretrained_steps: list[float] = field(default_factory=list)
+    """Points of pretraining, e.g. [500, 1000] (optimizer steps) or [0.333, 0.667] (fractions of pretrain.max_steps,
+    which follow a max_steps override), whose weights pretraining keeps (`<run.dir>/snapshots/step-N/export`) and the
+    sweep also finetunes with the pretrained winner's configuration: accuracy against pretraining tokens, which
     answers "was pretraining long enough?". Set it before pretraining."""
 
 
@@ -661,9 +662,10 @@ def validate(cfg: Config) -> Config:
         if not 0 < fraction <= 1:
             raise ConfigError(f"sweep.label_fractions holds {fraction}; each fraction of the labelled training set "
                               "must be in (0, 1], e.g. sweep.label_fractions=[0.1,0.3,1.0].")
-    for step in cfg.sweep.pretrained_steps:
-        if step <= 0:
-            raise ConfigError(f"sweep.pretrained_steps holds {step}; give optimizer steps of pretraining, >= 1.")
+    for point in cfg.sweep.pretrained_steps:
+        if not (0 < point < 1 or (point >= 1 and point.is_integer())):
+            raise ConfigError(f"sweep.pretrained_steps holds {point:g}; give optimizer steps of pretraining (whole "
+                              "numbers >= 1) or fractions of pretrain.max_steps in (0, 1), e.g. [0.333, 0.667].")
     return cfg
 
 
@@ -885,15 +887,24 @@ def resolved(cfg: Config) -> Config:
     return cfg
 
 
-def check_pretrained_steps(cfg: Config) -> None:
-    """Before a pipeline pretrains: every sweep.pretrained_steps must fall inside pretraining (checked here, not at
-    load, so shortening pretraining for a `ptray pretrain` alone needs no other change)."""
+def snapshot_steps(cfg: Config) -> list[int]:
+    """sweep.pretrained_steps as optimizer steps: a fraction f is round(f x pretrain.max_steps), kept inside the
+    run (steps 1 to max_steps - 1; the final step is always finetuned)."""
     max_steps = cfg.pretrain.max_steps
-    for step in cfg.sweep.pretrained_steps:
+    steps = {int(p) if p >= 1 else min(max(round(p * max_steps), 1), max_steps - 1) for p in cfg.sweep.pretrained_steps}
+    return sorted(step for step in steps if step >= 1)
+
+
+def check_pretrained_steps(cfg: Config) -> None:
+    """Before a pipeline pretrains: every step in sweep.pretrained_steps must fall inside pretraining (checked here,
+    not at load, so shortening pretraining for a `ptray pretrain` alone needs no other change; fractions always do)."""
+    max_steps = cfg.pretrain.max_steps
+    for step in (int(p) for p in cfg.sweep.pretrained_steps if p >= 1):
         if not 0 < step < max_steps:
             raise ConfigError(f"sweep.pretrained_steps holds {step}, but pretraining runs steps 1-{max_steps} (the "
-                              f"final step is always finetuned); give steps in 1-{max_steps - 1}, or "
-                              "sweep.pretrained_steps=[] to finetune from the final model only.")
+                              f"final step is always finetuned); give steps in 1-{max_steps - 1}, fractions "
+                              "of the run such as [0.333, 0.667], or sweep.pretrained_steps=[] to finetune from the "
+                              "final model only.")
 
 
 def reference_tables() -> str:

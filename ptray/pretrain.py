@@ -28,7 +28,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from ptray import checkpoint as ckpt
 from ptray import storage
-from ptray.config import Config, from_dict, save_config, with_absolute_paths
+from ptray.config import Config, from_dict, save_config, snapshot_steps, with_absolute_paths
 from ptray.data.loader import MixtureStream, RowStream, ShardRows, rank_micro_batches
 from ptray.data.manifest import Manifest, Shard, verify_shards
 from ptray.data.prepare import corpus_files, ensure_prepared
@@ -92,7 +92,7 @@ def pretrain(cfg: Config) -> PretrainResult:
     with result.checkpoint.as_directory() as checkpoint_dir:
         ckpt.export_hf(cfg, checkpoint_dir, vocab_size=vocab_size, special_ids=special_ids(manifest),
                        tokenizer_dir=storage.join(prepared_dir, manifest.tokenizer_dir), out_dir=export_dir)
-    for step in cfg.sweep.pretrained_steps:  # intermediate points of pretraining, to finetune from (sweep)
+    for step in snapshot_steps(cfg):  # intermediate points of pretraining, to finetune from (sweep)
         snapshot = snapshot_dir(run_dir, step)
         if not os.path.isdir(os.path.join(snapshot, "export")) and not os.path.isdir(os.path.join(snapshot, "ds")):
             why = (f"beyond this run's {cfg.pretrain.max_steps} steps" if step > cfg.pretrain.max_steps else
@@ -372,4 +372,4 @@ def train_loop_per_worker(loop_config: dict) -> None:
     fit(cfg, pretrain_schedule(cfg), task, model, run_dir=loop_config["run_dir"],
         checkpoint_root=loop_config["checkpoint_root"],
         flops_per_token=functools.partial(flops_per_token, model.config, num_params(model)), label="pretrain",
-        snapshot_steps=tuple(cfg.sweep.pretrained_steps), bound_to=loop_config["bound_to"])
+        snapshot_steps=tuple(snapshot_steps(cfg)), bound_to=loop_config["bound_to"])

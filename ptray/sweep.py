@@ -37,8 +37,8 @@ from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from ptray.asha import OrderedASHA, rungs, stop_steps
-from ptray.config import (DATA_KEYS, Config, check_space_values, load_config, save_config, space_values,
-                          with_absolute_paths)
+from ptray.config import (DATA_KEYS, Config, check_space_values, load_config, save_config, snapshot_steps,
+                          space_values, with_absolute_paths)
 from ptray.errors import ConfigError, UserError
 from ptray.finetune import METRICS, best_checkpoint, check_pretrained, export_finetuned, load_labelled
 from ptray.data.tokenizer import load_tokenizer
@@ -242,7 +242,7 @@ def sweep(cfg: Config, resume: bool = False) -> SweepResult:
     worker_scaling(cfg, driver_cpus=TRIAL_CPUS)  # fail fast if one trial (its workers and itself) can never fit
     check_pretrained(cfg, pretrained_dir(cfg))
     check_space_values(cfg, lambda trial: check_pretrained(trial, pretrained_dir(cfg)))  # before any trial
-    for step in s.pretrained_steps:
+    for step in snapshot_steps(cfg):
         snapshot_export(cfg, step)  # before any trial runs
     sets = LabelledSets(cfg)  # tokenized once per data variant; every trial reads its variant from the object store
     sets.add(cfg)
@@ -384,7 +384,7 @@ def run_followups(cfg: Config, sides: dict, sets: LabelledSets, sweep_dir: str, 
         sets.add(trial_config(cfg.to_dict(), plan))
     reruns = sum(m["kind"] == "seed" for m in meta)
     print(f"[sweep] follow-up runs of the winners: {len(plans)} ({reruns} seed reruns, label fractions "
-          f"{[f for f in s.label_fractions if f < 1]}, pretrained steps {s.pretrained_steps})", flush=True)
+          f"{[f for f in s.label_fractions if f < 1]}, pretrained steps {snapshot_steps(cfg)})", flush=True)
     results = run_tune(cfg, make_trial(cfg.to_dict(), sets, trials_dir, s.metric, s.mode, plans=plans,
                                            tracker_parent=tracker_parent),
                        sweep_dir=sweep_dir, name="followup",
@@ -414,7 +414,7 @@ def followup_plans(cfg: Config, sides: dict) -> tuple[list[dict], list[dict]]:
             if fraction < 1:
                 plans.append(fraction_plan(overrides, fraction, cfg.finetune.epochs))
                 meta.append({"side": side, "kind": "fraction", "fraction": fraction})
-    for step in s.pretrained_steps:  # the pretrained winner from intermediate points of pretraining
+    for step in snapshot_steps(cfg):  # the pretrained winner from intermediate points of pretraining
         plans.append({**sides["pretrained"]["winner"]["config"], "finetune.init": "pretrained",
                       "finetune.pretrained": snapshot_export(cfg, step)})
         meta.append({"side": "pretrained", "kind": "pretrained_step", "step": step})
@@ -464,7 +464,7 @@ def summarize(cfg: Config, sides: dict, followups: list[dict], num_val: int = 0)
                               "seed_std": statistics.stdev(seeds) if len(seeds) > 1 else 0.0,
                               "label_fractions": dict(sorted(fractions.items(), key=lambda kv: float(kv[0])))}
     out["side"] = better(out["sides"], key=lambda side: out["sides"][side]["best"])
-    if s.pretrained_steps:  # accuracy against pretraining tokens; the last point is the final model (seed mean)
+    if snapshot_steps(cfg):  # accuracy against pretraining tokens; the last point is the final model (seed mean)
         tokens_per_step = cfg.pretrain.global_batch_size * cfg.data.seq_len
         points = {f["step"]: f["value"] for f in followups if f["kind"] == "pretrained_step"}
         final_step = max((r["step"] for r in read_metrics(cfg.run_dir) if "step" in r), default=cfg.pretrain.max_steps)

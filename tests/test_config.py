@@ -145,6 +145,7 @@ def test_search_space_and_searchers_map_to_tune():
     ("sweep.num_seeds=0", "sweep.num_seeds must be > 0"),
     ("sweep.grace_period=-1", "sweep.grace_period must be >= 0"),
     ("sweep.pretrained_steps=[0]", "sweep.pretrained_steps holds 0"),
+    ("sweep.pretrained_steps=[2.5]", r"sweep.pretrained_steps holds 2.5; give optimizer steps .* or fractions"),
 ])
 def test_sweep_option_errors(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -171,10 +172,26 @@ def test_an_older_config_s_boolean_dedup_reads_as_exact_or_none():
 def test_pretrained_steps_must_fall_inside_pretraining_before_a_pipeline_starts(tmp_path):
     from ptray.pipeline import pipeline
 
-    shortened = load_config("tiny", [f"run.dir={tmp_path}", "pretrain.max_steps=150"])  # a pretrain alone may do this
+    shortened = load_config("tiny", [f"run.dir={tmp_path}", "pretrain.max_steps=150",  # a pretrain alone may do this
+                                     "sweep.pretrained_steps=[100,200]"])
     with pytest.raises(ConfigError, match=r"sweep.pretrained_steps holds 200, but pretraining runs steps 1-150"):
         pipeline(shortened)  # before any work: nothing prepared, no Ray needed
     assert not os.listdir(tmp_path)
+
+
+def test_pretrained_steps_as_fractions_follow_max_steps():
+    from ptray.config import check_pretrained_steps, snapshot_steps
+
+    def steps(*overrides):
+        cfg = load_config("tiny", list(overrides))
+        check_pretrained_steps(cfg)  # a fraction always falls inside pretraining
+        return snapshot_steps(cfg)
+
+    assert steps() == [100, 200]  # tiny's thirds of its 300 steps
+    assert steps("pretrain.max_steps=1500") == [500, 1000]  # not 100 and 200 of 1,500
+    assert steps("pretrain.max_steps=150") == [50, 100]  # a shortened tiny pipeline needs no other change
+    assert steps("pretrain.max_steps=2") == [1]  # both thirds round into the run, once
+    assert steps("sweep.pretrained_steps=[0.5,300,50]", "pretrain.max_steps=600") == [50, 300]
 
 
 def test_asha_grace_is_a_quarter_of_the_longest_trial_never_inside_warmup():
