@@ -357,9 +357,12 @@ def snapshot_export(cfg: Config, step: int) -> str:
     """The export of pretraining's snapshot at `step`; ConfigError if pretraining kept none."""
     path = os.path.join(snapshot_dir(os.path.abspath(cfg.run_dir), step), "export")
     if not os.path.isfile(os.path.join(path, "config.json")):
+        fractions = any(p < 1 for p in cfg.sweep.pretrained_steps)
         raise ConfigError(f"sweep.pretrained_steps names step {step}, but pretraining kept no checkpoint there ({path} "
                           "is missing). Pretraining keeps these snapshots only when sweep.pretrained_steps is set "
-                          "before it passes the step: pretrain again with it set (a new run.dir), or remove the step.")
+                          "before it passes the step: pretrain again with it set (a new run.dir), or remove the step."
+                          + (f" Its fractions count in pretrain.max_steps={cfg.pretrain.max_steps}: give the sweep "
+                             "the max_steps pretraining ran." if fractions else ""))
     return path
 
 

@@ -179,8 +179,9 @@ def test_pretrained_steps_must_fall_inside_pretraining_before_a_pipeline_starts(
     assert not os.listdir(tmp_path)
 
 
-def test_pretrained_steps_as_fractions_follow_max_steps():
+def test_pretrained_steps_as_fractions_follow_max_steps(tmp_path):
     from ptray.config import check_pretrained_steps, snapshot_steps
+    from ptray.sweep import snapshot_export
 
     def steps(*overrides):
         cfg = load_config("tiny", list(overrides))
@@ -192,6 +193,9 @@ def test_pretrained_steps_as_fractions_follow_max_steps():
     assert steps("pretrain.max_steps=150") == [50, 100]  # a shortened tiny pipeline needs no other change
     assert steps("pretrain.max_steps=2") == [1]  # both thirds round into the run, once
     assert steps("sweep.pretrained_steps=[0.5,300,50]", "pretrain.max_steps=600") == [50, 300]
+    # a sweep whose max_steps differs from pretraining's looks for other steps, and says why
+    with pytest.raises(ConfigError, match=r"names step 500, .* fractions count in pretrain.max_steps=1500"):
+        snapshot_export(load_config("tiny", [f"run.dir={tmp_path}", "pretrain.max_steps=1500"]), 500)
 
 
 def test_asha_grace_is_a_quarter_of_the_longest_trial_never_inside_warmup():
