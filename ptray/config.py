@@ -752,11 +752,16 @@ def check_space_values(cfg: Config, check_trial: typing.Callable[[Config], None]
     for key, spec in cfg.sweep.space.items():
         for value in space_values(spec):
             try:
-                trial = load_config_dict(base, [f"{key}={json.dumps(value)}"])
+                trial = trial_config(base, {key: value})
                 if check_trial:
                     check_trial(trial)
             except ConfigError as e:
                 raise ConfigError(f"sweep.space gives {key}={value!r}, which no trial can run: {e}") from None
+
+
+def trial_config(base: dict, overrides: dict) -> Config:
+    """The base config (as a dict) with a trial's sampled dotted overrides applied and validated."""
+    return load_config_dict(base, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
 
 
 def load_config_dict(raw: dict, overrides: typing.Sequence[str] = (), source: str = "config") -> Config:

@@ -38,7 +38,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from ptray.asha import OrderedASHA, rungs, stop_steps
 from ptray.config import (DATA_KEYS, Config, check_space_values, load_config, save_config, snapshot_steps,
-                          space_values, with_absolute_paths)
+                          space_values, trial_config, with_absolute_paths)
 from ptray.errors import ConfigError, UserError
 from ptray.finetune import METRICS, best_checkpoint, check_pretrained, export_finetuned, load_labelled
 from ptray.data.tokenizer import load_tokenizer
@@ -46,7 +46,7 @@ from ptray.loop import snapshot_dir
 from ptray.metrics import read_metrics
 from ptray.session import verbose, worker_scaling
 from ptray.trackers import Trackers
-from ptray.trial import data_key, finetune_schedule, make_trial, pretrained_dir, trial_config
+from ptray.trial import data_key, finetune_schedule, make_trial, pretrained_dir
 
 SIDES = ("pretrained", "scratch")
 TRIAL_CPUS = 0.01  # a Tune trial's own share: it only drives a TorchTrainer (0 is rejected)

@@ -20,7 +20,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from ptray.config import DATA_KEYS, Config, load_config_dict
+from ptray.config import DATA_KEYS, Config, trial_config
 from ptray.schedule import Schedule
 from ptray.session import fit_with_retries, train_logging, worker_scaling
 
@@ -93,11 +93,6 @@ def build_trainer(cfg: Config, data_ref: ray.ObjectRef, *, storage_path: str, na
                              checkpoint_config=keep),
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
     )
-
-
-def trial_config(base: dict, overrides: dict) -> Config:
-    """The base config (as a dict) with a trial's sampled dotted overrides applied and validated."""
-    return load_config_dict(base, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
 
 
 def data_key(cfg: Config) -> str:

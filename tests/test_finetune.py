@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import tiny_config
-from ptray.config import load_config
+from ptray.config import load_config, trial_config
 from ptray.data.builtin import CATEGORIES
 from ptray.errors import ConfigError, DataError
 from ptray.data.tokenizer import load_tokenizer
@@ -26,7 +26,7 @@ from ptray.metrics import read_metrics
 from ptray.pretrain import pretrain
 from ptray.report import report
 from ptray.sweep import sweep
-from ptray.trial import finetune_schedule, trial_config
+from ptray.trial import finetune_schedule
 
 FINETUNE_FAST = ["finetune.builtin_examples=400", "finetune.epochs=1", "finetune.eval_every=4"]
 
