@@ -381,8 +381,9 @@ class SweepConfig:
     """Also search the same space with the same budget from random initialization (best against best), to show
     honestly what pretraining bought; `best/` is then the better model of the two sides."""
     num_seeds: int = 3
-    """Each side's winning configuration is run with this many seeds in all (the swept run is one): the spread that
-    tells a real difference from noise."""
+    """Each side's winning configuration is run again with this many new seeds, and the verdict compares the means of
+    these reruns (their spread tells a real difference from noise). The search trial itself is not counted: picked as
+    the best of many runs, it flatters its side. 0: no reruns; the verdict compares the two search winners."""
     label_fractions: list[float] = field(default_factory=lambda: [1.0])
     """Fractions of the labelled training set at which each side's winner is also trained, e.g. [0.1, 0.3, 1.0]: the
     curve that shows whether pretraining cuts the labels needed. A fraction f trains epochs / f epochs, about the
@@ -483,7 +484,7 @@ RANGES = {
     "finetune.lm_weight": "[0, inf)", "finetune.layer_decay": "(0, 1]",
     "finetune.distill_weight": "[0, 1]", "finetune.distill_temperature": "(0, inf)",
     "sweep.num_samples": "(0, inf)", "sweep.grace_period": "[0, inf)", "sweep.reduction_factor": "[2, inf)",
-    "sweep.max_concurrent": "[0, inf)", "sweep.num_seeds": "(0, inf)",
+    "sweep.max_concurrent": "[0, inf)", "sweep.num_seeds": "[0, inf)",
 }
 
 

@@ -120,7 +120,7 @@ def _pretraining_verdict(plt, figures: str, best: dict, metric: str) -> list[str
         ax_fractions.plot([float(f) for f in fractions], list(fractions.values()), "o-", color=color,
                           label=f"from {side}")
     ax_seeds.set(xticks=[0, 1], xticklabels=["from pretrained", "from scratch"], ylabel=metric,
-                 title=f"Each side's best configuration over {len(sides['pretrained']['seeds'])} seeds")
+                 title=f"Each side's best configuration (the verdict's {len(sides['pretrained']['seeds'])} runs)")
     ax_fractions.set(xlabel="fraction of the labelled training set", ylabel=metric, xscale="log",
                      title="Labels needed: each side's winner at fewer labels")
     ax_fractions.legend()

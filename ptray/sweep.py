@@ -9,8 +9,9 @@ What it runs, each stage a Tune experiment of Train runs (concurrent as far as t
 1. `search`: `sweep.num_samples` trials over `sweep.space` from the pretrained model (ASHA stops poor ones early);
 2. with `sweep.compare_scratch`, `search-scratch`: the same space and budget from random initialization (best against
    best: a fair verdict on pretraining);
-3. `followup`: each side's winning configuration again with `sweep.num_seeds - 1` other seeds (the spread), and at each
-   of `sweep.label_fractions` of the labelled training set (does pretraining cut the labels needed?).
+3. `followup`: each side's winning configuration again with `sweep.num_seeds` new seeds (the verdict compares their
+   means), and at each of `sweep.label_fractions` of the labelled training set (does pretraining cut the labels
+   needed?).
 
 Outputs in `<run.dir>/sweep/`: `leaderboard.csv` (one row per search trial), `trials/<trial>/` (each trial's Train
 run and metrics.jsonl); and in `<run.dir>/`: `best.json` and `best/` (the best run's own best checkpoint, exported:
@@ -404,13 +405,13 @@ def run_followups(cfg: Config, sides: dict, sets: LabelledSets, sweep_dir: str, 
 
 
 def followup_plans(cfg: Config, sides: dict) -> tuple[list[dict], list[dict]]:
-    """The follow-up runs' configurations and what each measures. A winner that ASHA stopped early is also run again
-    with its own seed, in full: every seed a side's verdict counts is a whole run."""
+    """The follow-up runs' configurations and what each measures. Each winner's reruns are whole runs with new seeds:
+    the seeds the verdict counts never include the search trial (see `summarize`)."""
     s = cfg.sweep
     plans, meta = [], []
     for side, found in sides.items():
         overrides = {**found["winner"]["config"], "finetune.init": side}
-        for seed in range(0 if _stopped(found) else 1, s.num_seeds):
+        for seed in range(1, s.num_seeds + 1):
             plans.append({**overrides, "run.seed": cfg.run.seed + seed})
             meta.append({"side": side, "kind": "seed", "seed": cfg.run.seed + seed})
         for fraction in s.label_fractions:
@@ -422,11 +423,6 @@ def followup_plans(cfg: Config, sides: dict) -> tuple[list[dict], list[dict]]:
                       "finetune.pretrained": snapshot_export(cfg, step)})
         meta.append({"side": "pretrained", "kind": "pretrained_step", "step": step})
     return plans, meta
-
-
-def _stopped(found: dict) -> bool:
-    """Whether a side's search winner was stopped early by ASHA (ran only part of its schedule)."""
-    return found["winner"].get("status") == "stopped early"
 
 
 def fraction_plan(overrides: dict, fraction: float, epochs: int) -> dict:
@@ -447,16 +443,15 @@ def summarize(cfg: Config, sides: dict, followups: list[dict], num_val: int = 0)
     better = max if s.mode == "max" else min
     out = {"sides": {}}
     for side, found in sides.items():
-        # The winner's runs on all the labels: its search trial and its reruns with other seeds. The side's model
-        # is the best of them (a rerun may beat the trial that won the search); the verdict uses their mean.
+        # The verdict uses the mean of the winner's reruns with new seeds, never the search trial: that one was picked
+        # as the best of many runs, and a maximum flatters its side, the noisier side most (the winner's curse). With
+        # no reruns (sweep.num_seeds=0) the search winners stand in, and the verdict says so. The side's model is
+        # the best of all the winner's runs on all the labels, the search trial's included.
         search = {"trial_id": found["winner"]["trial_id"], "value": found["winner"]["best_metric"],
                   "config": found["winner"]["config"]}
         reruns = [f for f in followups if f["side"] == side and f["kind"] == "seed"]
-        # A search trial stopped early is not a whole run of its configuration: its full rerun counts instead.
-        full_rerun = any(f["seed"] == cfg.run.seed for f in reruns)
-        runs = reruns if _stopped(found) and full_rerun else [search] + reruns
-        seeds = [run["value"] for run in runs]
-        top = better(runs, key=lambda run: run["value"])
+        seeds = [run["value"] for run in reruns or [search]]
+        top = better([search] + reruns, key=lambda run: run["value"])
         fractions = {str(f["fraction"]): f["value"] for f in followups if f["side"] == side and f["kind"] == "fraction"}
         if 1.0 in s.label_fractions:
             fractions["1.0"] = statistics.mean(seeds)
@@ -484,11 +479,14 @@ def summarize(cfg: Config, sides: dict, followups: list[dict], num_val: int = 0)
     spread = max(pre["seed_std"], scr["seed_std"])  # run-to-run noise, as the seeds show it
     gain, noise = _gain(s, pre["seed_mean"], scr["seed_mean"], spread, num_val)
     out["pretraining_gain"], out["noise"] = gain, noise
-    seeds = f"{len(pre['seeds'])} seed{'s' if len(pre['seeds']) > 1 else ''}"
+    if any(f["kind"] == "seed" for f in followups):
+        runs = f"rerun with {len(pre['seeds'])} new seed{'s' if len(pre['seeds']) > 1 else ''}"
+    else:
+        runs = "as its search found it, which its selection flatters: sweep.num_seeds=0 reruns none"
     out["verdict"] = (f"{_verdict(gain, noise)}: {s.metric} {pre['seed_mean']:.4f} ± {pre['seed_std']:.4f} "
                       f"from the pretrained model "
                       f"vs {scr['seed_mean']:.4f} ± {scr['seed_std']:.4f} from scratch (each side's own best "
-                      f"configuration over {seeds}; best single runs {pre['best']:.4f} vs {scr['best']:.4f}).")
+                      f"configuration {runs}; best single runs {pre['best']:.4f} vs {scr['best']:.4f}).")
     # The label curve, one sentence per fraction: one run a side, judged against the same kinds of noise.
     out["label_verdicts"] = {}
     for fraction, p in pre["label_fractions"].items():

@@ -25,7 +25,7 @@ from ptray.metrics import read_metrics
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB_FAST = ["data.builtin_docs=2000", "pretrain.max_steps=10", "pretrain.log_every=5", "pretrain.eval_every=10",
             "pretrain.ckpt_every=10", "finetune.builtin_examples=200", "finetune.epochs=1", "sweep.num_samples=1",
-            "sweep.scheduler=none", "sweep.compare_scratch=false", "sweep.num_seeds=1", "sweep.label_fractions=[1.0]",
+            "sweep.scheduler=none", "sweep.compare_scratch=false", "sweep.num_seeds=0", "sweep.label_fractions=[1.0]",
             "sweep.pretrained_steps=[]"]
 
 

@@ -142,7 +142,7 @@ def test_search_space_and_searchers_map_to_tune():
     ("finetune.val_fraction=0", r"finetune.val_fraction must be in \(0, 1\)"),
     ("sweep.label_fractions=[0.1,1.5]", "sweep.label_fractions holds 1.5"),
     ("sweep.label_fractions=[0]", "sweep.label_fractions holds 0"),
-    ("sweep.num_seeds=0", "sweep.num_seeds must be > 0"),
+    ("sweep.num_seeds=-1", "sweep.num_seeds must be >= 0"),
     ("sweep.grace_period=-1", "sweep.grace_period must be >= 0"),
     ("sweep.pretrained_steps=[0]", "sweep.pretrained_steps holds 0"),
     ("sweep.pretrained_steps=[2.5]", r"sweep.pretrained_steps holds 2.5; give optimizer steps .* or fractions"),

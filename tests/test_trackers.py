@@ -60,7 +60,7 @@ def pipeline_run(ray_local, mlflow_server, tmp_path_factory):
                  "pretrain.max_steps=10", "pretrain.log_every=2", "pretrain.eval_every=5", "pretrain.ckpt_every=10",
                  "finetune.builtin_examples=300", "finetune.epochs=1", "finetune.eval_every=4",
                  "sweep.num_samples=2", "sweep.compare_scratch=false", "sweep.label_fractions=[1.0]",
-                 "sweep.pretrained_steps=[]", "sweep.num_seeds=2",
+                 "sweep.pretrained_steps=[]", "sweep.num_seeds=1",
                  "run.loggers=[tensorboard,mlflow,wandb]", f"run.mlflow_uri={mlflow_server}"]) == 0
     return str(run_dir)
 
