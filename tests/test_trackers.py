@@ -118,9 +118,11 @@ def test_mlflow_server_gets_metrics_params_a_parent_run_per_sweep_and_the_report
         child = client.get_run(_ids(os.path.dirname(metrics))["mlflow_run_id"])
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         # A trial that ran to its end closed its tracker runs (Tune did not kill it at its last report); one that ASHA
-        # stopped was killed, and the sweep ended its run as such.
+        # stopped was killed, and the sweep ended its run as such; none looks alive. (A stopped trial may also reach
+        # its last step in the moment before Tune's stop arrives: a 15-step trial stopped at step 8 did so in CI.)
         stopped_early = os.path.basename(os.path.dirname(metrics)) in stopped
-        assert child.info.status == ("KILLED" if stopped_early else "FINISHED"), (stopped_early, child.info.status)
+        assert child.info.status in (("KILLED", "FINISHED") if stopped_early else ("FINISHED",)), \
+            (stopped_early, child.info.status)
         evals = [r for r in read_metrics(os.path.dirname(metrics)) if "val_accuracy" in r]
         accuracy = client.get_metric_history(child.info.run_id, "val_accuracy")
         assert [m.value for m in accuracy] == pytest.approx([r["val_accuracy"] for r in evals])
