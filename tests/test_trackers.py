@@ -119,7 +119,7 @@ def test_mlflow_server_gets_metrics_params_a_parent_run_per_sweep_and_the_report
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         # A trial that ran to its end closed its tracker runs (Tune did not kill it at its last report); one that ASHA
         # stopped was killed, and the sweep ended its run as such; none looks alive. (A stopped trial may also reach
-        # its last step in the moment before Tune's stop arrives: a 15-step trial stopped at step 8 did so in CI.)
+        # its last step in the moment before Tune's stop arrives: a 16-step trial stopped at step 4 did so in CI.)
         stopped_early = os.path.basename(os.path.dirname(metrics)) in stopped
         assert child.info.status in (("KILLED", "FINISHED") if stopped_early else ("FINISHED",)), \
             (stopped_early, child.info.status)

@@ -462,7 +462,7 @@ def test_the_pretraining_steps_curve_says_whether_the_last_stretch_paid(metric, 
 
 def test_the_verdict_counts_new_seeds_only_never_the_search_trial_that_won():
     # The check's Debian run: each winner's search trial was the best of its side's trials, and counting it as a seed
-    # flattered the noisier side (scratch 0.721 in the search, 0.694 over its reruns). ASHA had stopped the pretrained
+    # flattered the noisier side (scratch 0.721 in the search, 0.702 over seeds 1-3). ASHA had stopped the pretrained
     # winner at step 235 of 452: a part run, counted for nothing in the verdict either.
     from ptray.config import load_config
     from ptray.sweep import followup_plans, summarize
