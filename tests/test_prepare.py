@@ -365,7 +365,7 @@ def test_the_local_session_hands_its_settings_to_workers_through_their_environme
 
     import ray
 
-    from ptray.session import drop_trial_stop_race
+    from ptray.worker_setup import drop_trial_stop_race
 
     def worker_view():
         controller = logging.getLogger("ray.train.v2._internal.execution.controller.controller")
