@@ -56,6 +56,7 @@ from ptray.errors import ConfigError, DataError
 
 BUILTIN = "builtin"
 PARTITION_BYTES = 64 << 20  # raw corpus text per hash partition of the documents (one packing task each)
+DOCS_SCHEMA = pa.schema([("text", pa.string()), ("doc_hash", pa.int64()), ("split", pa.string())])
 
 
 @dataclasses.dataclass
@@ -255,19 +256,19 @@ def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> tuple[dic
     corpus_bytes = check_records(files, d.text_field, d.max_bad_fraction, max_tasks=cores,
                                  txt_document=d.txt_document)
     pieces = corpus_pieces(files, txt_document=d.txt_document)
+    # Hash-partition by content: equal documents land in the same bucket (for dedup), and every bucket is a uniform
+    # sample of the whole corpus. Sorting each bucket by a seeded key then shuffles the documents before packing, the
+    # same way on every run, so packed rows mix the corpus instead of following one file or book. The number of buckets
+    # follows the corpus size (about 64 MiB of raw text each), not the cluster, so the order is the same everywhere.
+    num_buckets = min(1024, math.ceil(corpus_bytes / PARTITION_BYTES) or 1)
     # On one machine, a task per core: each task beyond Ray's idle workers starts a process (a second of CPU).
     tasks = ray.data.TaskPoolStrategy(size=cores and min(cores, len(pieces)))  # more than inputs: Ray Data warns
     cleaned = ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(  # lazy: each use reads anew
         _read_and_clean, batch_format="numpy", batch_size=1, compute=tasks,
         fn_kwargs=dict(text_field=d.text_field, txt_document=d.txt_document, normalize_unicode=d.normalize_unicode,
                        strip_html=d.strip_html, collapse_whitespace=d.collapse_whitespace, min_chars=d.min_chars,
-                       val_fraction=d.val_fraction, seed=cfg.run.seed))
+                       val_fraction=d.val_fraction, seed=cfg.run.seed, num_buckets=num_buckets))
 
-    # Hash-partition by content: equal documents land in the same bucket (for dedup), and every bucket is a uniform
-    # sample of the whole corpus. Sorting each bucket by a seeded key then shuffles the documents before packing, the
-    # same way on every run, so packed rows mix the corpus instead of following one file or book. The number of buckets
-    # follows the corpus size (about 64 MiB of raw text each), not the cluster, so the order is the same everywhere.
-    num_buckets = min(1024, math.ceil(corpus_bytes / PARTITION_BYTES) or 1)
     near = None
     if d.dedup == "minhash":  # a pass of its own over the cleaned corpus, before the split (see ptray.data.minhash)
         near = near_duplicates(cleaned, threshold=d.minhash_threshold, shingle=d.minhash_shingle,
@@ -282,8 +283,9 @@ def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> tuple[dic
         # one task per bucket gathers them. (800k built-in documents on 2 cores: this stage took 13.4 s with Ray
         # Data's keyed repartition, which starts a pool of aggregator processes for it, and 10.7 s this way.)
         buckets_dir = storage.join(docs_dir, "_buckets")
-        cleaned.map_batches(_add_bucket, batch_format="pyarrow", batch_size=None, fn_kwargs={"num_buckets": num_buckets}
-                            ).write_parquet(buckets_dir, partition_cols=["bucket"])
+        # The same task count as the cleaning, so that Ray Data runs cleaning and writing in one task (a write
+        # operator of its own moved every document through the object store, in processes started for it).
+        cleaned.write_parquet(buckets_dir, partition_cols=["bucket"], concurrency=tasks.size)
         buckets = [{"dir": storage.join(buckets_dir, name)} for name in storage.list_dirs(buckets_dir)]
         docs = ray.data.from_items(buckets, override_num_blocks=max(len(buckets), 1)).map_batches(
             _gather_bucket, batch_format="pyarrow", batch_size=1,
@@ -295,18 +297,29 @@ def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> tuple[dic
              for split in ("train", "val")}, 0 if near is None else len(near))
 
 
-def _read_and_clean(piece: dict[str, np.ndarray], *, text_field: str, txt_document: str,
-                    **clean) -> Iterator[dict[str, np.ndarray]]:
-    """Read one corpus piece and clean its documents, in one task and in batches. (Ray Data's text reader followed by a
-    cleaning operator made a task and a copy of every document more per block: 9.6 s against 6.7 s for reading and
-    cleaning 1M built-in documents on 2 cores.)"""
+def _read_and_clean(piece: dict[str, np.ndarray], *, text_field: str, txt_document: str, num_buckets: int,
+                    **clean) -> Iterator[pa.Table]:
+    """Read one corpus piece and clean its documents, in one task, each document with its hash bucket when there are
+    several. (Ray Data's text reader followed by a cleaning operator made a task and a copy of every document more
+    per block: 9.6 s against 6.7 s for reading and cleaning 1M built-in documents on 2 cores.) Each table yielded is
+    a file per bucket for the bucket's gathering task to read, so they are large: a piece of 32 MiB is one table, and
+    a piece read whole (a compressed or Parquet file) one per PARTITION_BYTES of text."""
     path, start, end = piece["path"][0], int(piece["start"][0]), int(piece["end"][0])
     texts = piece_texts({"path": path, "start": start, "end": end}, text_field, txt_document)
-    while batch := list(itertools.islice(texts, 16384)):
-        yield clean_batch({"text": batch}, **clean)
+    tables, size = [], 0
+    for batch in iter(lambda: list(itertools.islice(texts, 16384)), []):
+        tables.append(pa.Table.from_pydict(clean_batch({"text": batch}, **clean), schema=DOCS_SCHEMA))
+        size += tables[-1]["text"].nbytes
+        if size >= PARTITION_BYTES:
+            yield _add_bucket(pa.concat_tables(tables), num_buckets=num_buckets)
+            tables, size = [], 0
+    if tables:
+        yield _add_bucket(pa.concat_tables(tables), num_buckets=num_buckets)
 
 
 def _add_bucket(docs: pa.Table, *, num_buckets: int) -> pa.Table:
+    if num_buckets == 1:  # one bucket gathers through the object store, not files: no column for it
+        return docs
     hashes = docs["doc_hash"].to_numpy().view(np.uint64)
     return docs.append_column("bucket", pa.array((hashes % np.uint64(num_buckets)).astype(np.int64)))
 
