@@ -276,6 +276,7 @@ def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> tuple[dic
         print(f"[prepare] MinHash: {len(near):,} near-duplicate documents to drop "
               f"(similarity >= {d.minhash_threshold})", flush=True)
     order = {"dedup": d.dedup != "none", "seed": cfg.run.seed, "drop": near}
+    gather_tasks = None  # how many tasks gather at once: the writing runs in them (see the cleaning's write below)
     if num_buckets == 1:  # one bucket: the documents are gathered in one block through the object store
         docs = cleaned.repartition(1).map_batches(_dedup_and_shuffle, batch_format="pyarrow", batch_size=None,
                                                   fn_kwargs=order)
@@ -287,11 +288,11 @@ def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> tuple[dic
         # operator of its own moved every document through the object store, in processes started for it).
         cleaned.write_parquet(buckets_dir, partition_cols=["bucket"], concurrency=tasks.size)
         buckets = [{"dir": storage.join(buckets_dir, name)} for name in storage.list_dirs(buckets_dir)]
+        gather_tasks = cores and min(cores, len(buckets))
         docs = ray.data.from_items(buckets, override_num_blocks=max(len(buckets), 1)).map_batches(
-            _gather_bucket, batch_format="pyarrow", batch_size=1,
-            compute=ray.data.TaskPoolStrategy(size=cores and min(cores, len(buckets))),
+            _gather_bucket, batch_format="pyarrow", batch_size=1, compute=ray.data.TaskPoolStrategy(size=gather_tasks),
             fn_kwargs=order)
-    docs.write_parquet(docs_dir, partition_cols=["split"])
+    docs.write_parquet(docs_dir, partition_cols=["split"], concurrency=gather_tasks)
     storage.delete_dir(storage.join(docs_dir, "_buckets"))
     return ({split: _num_rows(storage.list_files(storage.join(docs_dir, f"split={split}"), ".parquet"))
              for split in ("train", "val")}, 0 if near is None else len(near))
