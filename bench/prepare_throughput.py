@@ -9,6 +9,10 @@
     python bench/prepare_throughput.py                  # 200k built-in documents
     python bench/prepare_throughput.py data.builtin_docs=50000
     python bench/prepare_throughput.py data.train_files=[corpus/*.txt]
+    python bench/prepare_throughput.py --rounds 3 data.builtin_docs=1000000
+
+With --rounds N, ptray (each time in a fresh Ray session) and the bare script alternate N times and the ratios are the
+medians: on a shared 2-core machine one side's run can be 10-30% slower than the same run a minute later.
 """
 
 import contextlib
@@ -68,22 +72,32 @@ def bare_prepare(cfg, files: list[str], out_dir: str) -> int:
     return doc_tokens
 
 
-def main(overrides: list[str]) -> None:
+def main(args: list[str]) -> None:
+    rounds = 1
+    if "--rounds" in args:
+        at = args.index("--rounds")
+        rounds, args = int(args[at + 1]), args[:at] + args[at + 2:]
     run_dir = tempfile.mkdtemp(prefix="ptray-bench-")
-    cfg = load_config("tiny", [f"run.dir={run_dir}", "data.builtin_docs=200000", *overrides])
+    cfg = load_config("tiny", [f"run.dir={run_dir}", "data.builtin_docs=200000", *args])
     files = corpus_files(cfg)  # the built-in corpus is generated here, outside every timing
     # Both sides save the tokenizer with transformers; whichever runs first would pay its import (0.6 s) alone.
     from transformers import PreTrainedTokenizerFast  # noqa: F401
-    printed = io.StringIO()  # prepare's closing line gives its stage times
-    with ray_session(cfg), contextlib.redirect_stdout(printed):
+    timings = []  # (ptray whole, ptray tokenize+pack stage, bare) seconds per round
+    for round_ in range(rounds):
+        printed = io.StringIO()  # prepare's closing line gives its stage times
+        with ray_session(cfg), contextlib.redirect_stdout(printed):
+            start = time.perf_counter()
+            manifest = prepare(cfg)
+            prepare_s = time.perf_counter() - start
+        print(printed.getvalue(), end="")
+        stage_s = float(re.search(r"tokenize\+pack ([\d.]+)s", printed.getvalue()).group(1))
         start = time.perf_counter()
-        manifest = prepare(cfg)
-        prepare_s = time.perf_counter() - start
-    print(printed.getvalue(), end="")
-    stage_s = float(re.search(r"tokenize\+pack ([\d.]+)s", printed.getvalue()).group(1))
-    start = time.perf_counter()
-    bare_tokens = bare_prepare(cfg, files, os.path.join(run_dir, "bare"))
-    bare_s = time.perf_counter() - start
+        bare_tokens = bare_prepare(cfg, files, os.path.join(run_dir, f"bare{round_}"))
+        timings.append((prepare_s, stage_s, time.perf_counter() - start))
+        print(f"round {round_ + 1}: ptray {prepare_s:.1f}s, bare {timings[-1][2]:.1f}s: "
+              f"ratio {timings[-1][2] / prepare_s:.3f}", flush=True)
+    prepare_s, stage_s, bare_s = (float(np.median(column)) for column in zip(*timings))
+    ratio = float(np.median([bare / whole for whole, _, bare in timings]))
     version_dir = f"{cfg.prepared_dir}/{manifest.tokenizer_dir.split('/')[0]}"
     docs = pq.read_table(f"{version_dir}/docs", columns=["text"])["text"].to_pylist()
     tokenizer = fast_tokenizer(f"{cfg.prepared_dir}/{manifest.tokenizer_dir}")
@@ -92,13 +106,13 @@ def main(overrides: list[str]) -> None:
     ptray_rate, bare_rate = manifest.num_doc_tokens / prepare_s, bare_tokens / bare_s
     stage_rate = manifest.num_doc_tokens / stage_s
     print(f"\n{len(docs):,} documents, {manifest.num_doc_tokens:,} tokens ({bare_tokens:,} in the bare script), "
-          f"{os.cpu_count()} cores")
+          f"{os.cpu_count()} cores" + (f", medians of {rounds} rounds" if rounds > 1 else ""))
     print(f"ptray prepare, whole pipeline         : {ptray_rate:12,.0f} tokens/s  ({prepare_s:.1f}s)")
     print(f"bare single-process prepare           : {bare_rate:12,.0f} tokens/s  ({bare_s:.1f}s)")
     print(f"ptray tokenize + pack + write stage   : {stage_rate:12,.0f} tokens/s  ({stage_s:.1f}s)")
     for name, seconds in encode_s.items():
         print(f"bare tokenizers {name:<21} : {bare_tokens / seconds:12,.0f} tokens/s  ({seconds:.1f}s)")
-    print(f"ratio whole prepare / bare prepare    : {ptray_rate / bare_rate:12.3f}")
+    print(f"ratio whole prepare / bare prepare    : {ratio:12.3f}")
     for name, seconds in encode_s.items():
         print(f"ratio stage / bare {name:<18} : {stage_rate * seconds / bare_tokens:12.3f}")
 
