@@ -78,7 +78,8 @@ def ray_session(cfg: Config):
         # of 1,513 manual pages: 4.3 s -> 3.4 s without, when Ray still prestarted workers).
         inherited = {**runtime_env["env_vars"], "RAY_GCS_SERVER_PORT": str(gcs_port)}
         if not verbose():  # the setup hook by module path, as runtime_env's worker_process_setup_hook passes it on
-            inherited[WORKER_PROCESS_SETUP_HOOK_ENV_VAR] = f"{quiet_ray_process.__module__}.{quiet_ray_process.__name__}"
+            hook = quiet_ray_process
+            inherited[WORKER_PROCESS_SETUP_HOOK_ENV_VAR] = f"{hook.__module__}.{hook.__name__}"
         saved = {key: os.environ.get(key) for key in inherited}
         os.environ.update(inherited)
         # A local cluster gets token authentication (Ray 2.60's default), and Ray announces it on the console.

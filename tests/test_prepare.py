@@ -242,6 +242,27 @@ def test_several_hash_partitions_keep_the_same_documents(prepared, tmp_path, mon
     assert again.content_hash == parts.content_hash != manifest.content_hash
 
 
+def test_packing_reads_the_documents_in_files_of_at_most_docs_per_file(prepared, tmp_path, monkeypatch):
+    """Packing runs a task per documents file, each on one thread, so the documents are written in files of at most
+    DOCS_PER_FILE: a corpus of one hash partition still packs on every core. The files hold the same documents in the
+    same order, every token is packed or counted as dropped, and a second prepare gives the same shards."""
+    from ptray.data import prepare as prepare_module
+
+    cfg, manifest = prepared
+    per_file = -(-manifest.num_docs["train"] // 5)
+    monkeypatch.setattr(prepare_module, "DOCS_PER_FILE", per_file)
+    files_cfg = tiny_config(cfg.run_dir, *_overrides(cfg), f"data.prepared_dir={tmp_path}/files")
+    split = prepare(files_cfg)
+    files = sorted(pq.ParquetDataset(f"{_version_dir(files_cfg, split)}/docs/split=train").files)
+    assert len(files) == 5 and {pq.read_metadata(f).num_rows for f in files[:-1]} == {per_file}, files
+    assert _docs_of(files_cfg, "train") == _docs_of(cfg, "train")
+    assert split.num_doc_tokens == manifest.num_doc_tokens
+    packed = sum(s.num_tokens for s in split.train + split.val)
+    assert packed + split.num_dropped_tokens == split.num_doc_tokens
+    again = prepare(tiny_config(cfg.run_dir, *_overrides(cfg), f"data.prepared_dir={tmp_path}/again"))
+    assert again.content_hash == split.content_hash != manifest.content_hash
+
+
 def _overrides(cfg):
     d = cfg.data
     return [f"data.train_files=[{','.join(d.train_files)}]", f"data.text_field={d.text_field}",

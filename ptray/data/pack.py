@@ -2,13 +2,15 @@
 
 Each document is tokenized and followed by the end-of-document token; the token stream of a block of documents is cut
 into full rows. The tail of a block shorter than a row is dropped and counted (`num_dropped_tokens`), so tokens are
-accounted for: doc tokens = packed tokens + dropped tokens. Blocks are large (one hash partition of the corpus each), so
+accounted for: doc tokens = packed tokens + dropped tokens. Blocks are large (a file of up to 50,000 documents), so
 the dropped share is well under 1%. (A block too small to fill even one row yields nothing and is not counted.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -37,14 +39,17 @@ def tokenize_and_pack(block: dict[str, np.ndarray], *, tokenizer_dir: str, eos_i
                       docs_per_encode: int = 2048) -> pa.Table:
     """Ray Data batch function: a whole block of text documents -> packed rows plus the block's token accounting.
 
-    One task per block, encoding a few thousand documents per call on the tokenizer's threads: 52 tasks of 2,048
-    documents each (Ray Data's batching) took 8.3 s for 192k documents on 2 cores, 2 tasks of a block each 6.1 s.
+    One task per block, encoding a few thousand documents per call: 52 tasks of 2,048 documents each (Ray Data's
+    batching) took 8.3 s for 192k documents on 2 cores, 2 tasks of a block each 6.1 s. Each task encodes on one
+    thread: Ray runs a task per core, and each on the tokenizer's own threads (one per core) oversubscribed the cores:
+    4 blocks of 192k documents in 2 processes on 2 cores took 50.0 s so, 34.3 s on one thread each.
     The counts ride on the first row (zero on the others), so summing the columns over all shards gives exact corpus
     totals without a second pass.
     """
     tokenizer, texts = fast_tokenizer(tokenizer_dir), list(block["text"])
-    flat = np.concatenate([encode_documents(tokenizer, texts[i: i + docs_per_encode], eos_id)
-                           for i in range(0, len(texts), docs_per_encode)] or [np.empty(0, np.int32)])
+    with _one_thread():
+        flat = np.concatenate([encode_documents(tokenizer, texts[i: i + docs_per_encode], eos_id)
+                               for i in range(0, len(texts), docs_per_encode)] or [np.empty(0, np.int32)])
     rows, tail = pack_rows(flat, seq_len + 1)
     doc_tokens = np.zeros(len(rows), dtype=np.int64)
     dropped_tokens = np.zeros(len(rows), dtype=np.int64)
@@ -56,3 +61,17 @@ def tokenize_and_pack(block: dict[str, np.ndarray], *, tokenizer_dir: str, eos_i
         "num_doc_tokens": doc_tokens,
         "num_dropped_tokens": dropped_tokens,
     })
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """`tokenizers` encodes batches serially while TOKENIZERS_PARALLELISM is false (it reads it at every call)."""
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved

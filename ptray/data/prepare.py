@@ -55,7 +55,8 @@ from ptray.data.tokenizer import copy_tokenizer, end_of_document_id, load_tokeni
 from ptray.errors import ConfigError, DataError
 
 BUILTIN = "builtin"
-PARTITION_BYTES = 64 << 20  # raw corpus text per hash partition of the documents (one packing task each)
+PARTITION_BYTES = 64 << 20  # raw corpus text per hash partition of the documents (one gathering task each)
+DOCS_PER_FILE = 50_000  # cleaned documents per file: the packing tasks' unit
 DOCS_SCHEMA = pa.schema([("text", pa.string()), ("doc_hash", pa.int64()), ("split", pa.string())])
 
 
@@ -292,7 +293,9 @@ def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> tuple[dic
         docs = ray.data.from_items(buckets, override_num_blocks=max(len(buckets), 1)).map_batches(
             _gather_bucket, batch_format="pyarrow", batch_size=1, compute=ray.data.TaskPoolStrategy(size=gather_tasks),
             fn_kwargs=order)
-    docs.write_parquet(docs_dir, partition_cols=["split"], concurrency=gather_tasks)
+    # Files of at most DOCS_PER_FILE documents: packing runs a task per file on one thread (see tokenize_and_pack),
+    # so a corpus of one bucket still packs on every core.
+    docs.write_parquet(docs_dir, partition_cols=["split"], concurrency=gather_tasks, max_rows_per_file=DOCS_PER_FILE)
     storage.delete_dir(storage.join(docs_dir, "_buckets"))
     return ({split: _num_rows(storage.list_files(storage.join(docs_dir, f"split={split}"), ".parquet"))
              for split in ("train", "val")}, 0 if near is None else len(near))
@@ -360,18 +363,28 @@ def _iter_texts(docs_dir: str, max_docs: int):
                     return
 
 
+def _tokenize_file(file: dict[str, np.ndarray], **pack) -> pa.Table:
+    fs, inner = storage.filesystem_for(file["path"][0])
+    texts = pq.read_table(inner, columns=["text"], filesystem=fs)["text"].to_numpy(zero_copy_only=False)
+    return tokenize_and_pack({"text": texts}, **pack)
+
+
 def _write_packed_split(cfg: Config, out_dir: str, version: str, docs: str, packed: str, tokenizer_dir: str,
                         eos_id: int) -> tuple[list[Shard], int, int]:
     """Tokenize and pack the documents in `<version>/<docs>` into shards in `<version>/<packed>`; returns (shards,
     document tokens, tokens dropped at block ends)."""
-    files = storage.list_files(storage.join(out_dir, version, docs), ".parquet")  # one per hash partition
+    files = storage.list_files(storage.join(out_dir, version, docs), ".parquet")  # DOCS_PER_FILE documents at most
     if not files:
         return [], 0, 0
     packed_dir = storage.join(out_dir, version, packed)
-    ray.data.read_parquet(files, columns=["text"], override_num_blocks=len(files)).map_batches(
-        tokenize_and_pack, batch_format="numpy", batch_size=None,
+    # A task per file and, on one machine, as many at once as cores, each tokenizing on one thread (Ray Data's Parquet
+    # reader, not limited so, ran 4 tasks at once on 2 cores, two of them in processes started for them).
+    tasks = (cores := _cores_of_one_machine_cluster()) and min(cores, len(files))
+    ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files)).map_batches(
+        _tokenize_file, batch_format="numpy", batch_size=1, compute=ray.data.TaskPoolStrategy(size=tasks),
         fn_kwargs=dict(tokenizer_dir=tokenizer_dir, eos_id=eos_id, seq_len=cfg.data.seq_len),
-    ).write_parquet(packed_dir, max_rows_per_file=cfg.data.rows_per_shard, row_group_size=rows_per_group(cfg))
+    ).write_parquet(packed_dir, max_rows_per_file=cfg.data.rows_per_shard, row_group_size=rows_per_group(cfg),
+                    concurrency=tasks)
     shards, doc_tokens, dropped = [], 0, 0
     for path in storage.list_files(packed_dir, ".parquet"):  # sorted: the manifest fixes the shard order
         fs, inner = storage.filesystem_for(path)
