@@ -224,6 +224,9 @@ def test_packing_tasks_tokenize_on_one_thread(tmp_path, monkeypatch):
     table = pack.tokenize_and_pack({"text": np.array(texts, dtype=object)}, tokenizer_dir=str(tmp_path / "tok"),
                                    eos_id=0, seq_len=8)
     assert seen == ["false"] and os.environ["TOKENIZERS_PARALLELISM"] == "true"
+    pack.tokenize_and_pack({"text": np.array(texts, dtype=object)}, tokenizer_dir=str(tmp_path / "tok"), eos_id=0,
+                           seq_len=8, one_thread=False)  # a split's only file: the tokenizer's threads
+    assert seen == ["false", "true"]
     assert table["num_doc_tokens"][0].as_py() == len(encode(fast_tokenizer(str(tmp_path / "tok")), texts, 0))
 
 
