@@ -463,13 +463,14 @@ def test_each_label_fraction_gets_its_own_plain_verdict():
     ("val_accuracy", 0.62, 0.73, "Pretraining past step 200 still paid: val_accuracy better than from step 200 (+0.11"),
     ("val_accuracy", 0.80, 0.73, "Pretraining past step 200 cost"),
     ("val_loss", 2.5, 2.0, "Pretraining past step 200 still paid: val_loss better than from step 200 (+0.5")])
-def test_the_pretraining_steps_curve_says_whether_the_last_stretch_paid(metric, at_200, final, verdict):
+def test_the_pretraining_steps_curve_says_whether_the_last_stretch_paid(metric, at_200, final, verdict, tmp_path):
     # The check's Debian run: 0.7013 / 0.7267 / 0.7293 at steps 100 / 200 / 1500 had been called "still rising".
     from ptray.config import load_config
     from ptray.sweep import summarize
 
     mode = "max" if metric == "val_accuracy" else "min"
-    cfg = load_config("tiny", ["sweep.num_seeds=0", "sweep.label_fractions=[1.0]", "sweep.compare_scratch=false",
+    cfg = load_config("tiny", [f"run.dir={tmp_path}",  # no metrics there: the final step is pretrain.max_steps
+                               "sweep.num_seeds=0", "sweep.label_fractions=[1.0]", "sweep.compare_scratch=false",
                                "sweep.pretrained_steps=[100,200]", "pretrain.max_steps=1500", f"sweep.metric={metric}",
                                f"sweep.mode={mode}"] + (["finetune.task=sft"] if mode == "min" else []))
     sides = {"pretrained": {"winner": {"best_metric": final, "trial_id": "p", "config": {}}}}
