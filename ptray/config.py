@@ -122,7 +122,7 @@ class DataConfig:
     tokenizer_train_docs: int = 200_000
     """At most this many training documents are streamed into BPE training."""
     rows_per_shard: int = 8192
-    """Packed rows per Parquet shard (approximate; the last shard is smaller)."""
+    """Packed rows per Parquet shard (the last shard from each file of up to 50,000 documents is smaller)."""
     rows_per_group: int = 256
     """Packed rows per Parquet row group: the unit the training reader reads (resume reads one)."""
     shuffle_window_rows: int = 16384

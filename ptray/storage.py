@@ -64,16 +64,21 @@ def read_text(path: str) -> str:
 
 def write_text(path: str, text: str) -> None:
     """Write a whole file so that readers see the old content or the new, never a part."""
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a whole file so that readers see the old content or the new, never a part."""
     if not is_uri(path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
         return
     fs, inner = filesystem_for(path)
     with fs.open_output_stream(inner) as f:  # one PUT: the object appears whole or not at all
-        f.write(text.encode())
+        f.write(data)
 
 
 def list_files(directory: str, suffix: str = "") -> list[str]:

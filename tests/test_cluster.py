@@ -120,7 +120,7 @@ PREPARE_TASK_NODES = """
 import json, sys
 from ray.util.state import list_tasks
 tasks = list_tasks(address=sys.argv[1], limit=10_000, raise_on_missing_output=False)
-stages = ("_read_and_clean", "_dedup_and_shuffle", "_tokenize_file")
+stages = ("_read_and_clean", "_dedup_and_shuffle", "_pack_file")
 print(json.dumps({stage: sorted({t.node_id for t in tasks if stage in t.name}) for stage in stages}))
 """
 

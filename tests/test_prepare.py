@@ -79,6 +79,10 @@ def test_rows_are_exactly_seq_len_plus_one_with_no_padding(prepared):
     assert not (rows == manifest.pad_id).any()
     assert len(manifest.train) > 1  # rows_per_shard=100 splits the output into several shards
     assert all(s.num_tokens == s.num_rows * (SEQ_LEN + 1) for s in manifest.train)
+    # Full shards of rows_per_shard rows, but for the last of each documents file (one file here), as each file says
+    files = manifest.shard_paths(cfg.prepared_dir, "train")
+    assert [pq.read_metadata(f).num_rows for f in files] == [s.num_rows for s in manifest.train]
+    assert {s.num_rows for s in manifest.train[:-1]} == {100} and 0 < manifest.train[-1].num_rows <= 100
 
 
 def test_token_count_is_conserved(prepared):

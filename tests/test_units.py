@@ -221,13 +221,15 @@ def test_packing_tasks_tokenize_on_one_thread(tmp_path, monkeypatch):
     monkeypatch.setattr(pack, "encode_documents",
                         lambda *args: seen.append(os.environ.get("TOKENIZERS_PARALLELISM")) or encode(*args))
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
-    table = pack.tokenize_and_pack({"text": np.array(texts, dtype=object)}, tokenizer_dir=str(tmp_path / "tok"),
-                                   eos_id=0, seq_len=8)
+    rows, doc_tokens, dropped = pack.tokenize_and_pack(np.array(texts, dtype=object),
+                                                       tokenizer_dir=str(tmp_path / "tok"), eos_id=0, seq_len=8)
     assert seen == ["false"] and os.environ["TOKENIZERS_PARALLELISM"] == "true"
-    pack.tokenize_and_pack({"text": np.array(texts, dtype=object)}, tokenizer_dir=str(tmp_path / "tok"), eos_id=0,
-                           seq_len=8, one_thread=False)  # a split's only file: the tokenizer's threads
+    pack.tokenize_and_pack(np.array(texts, dtype=object), tokenizer_dir=str(tmp_path / "tok"), eos_id=0, seq_len=8,
+                           one_thread=False)  # the only file to pack: the tokenizer's threads
     assert seen == ["false", "true"]
-    assert table["num_doc_tokens"][0].as_py() == len(encode(fast_tokenizer(str(tmp_path / "tok")), texts, 0))
+    flat = encode(fast_tokenizer(str(tmp_path / "tok")), texts, 0)
+    assert doc_tokens == len(flat) and rows.shape == (len(flat) // 9, 9) and dropped == len(flat) % 9
+    assert np.array_equal(rows.ravel(), flat[: rows.size])
 
 
 def test_causal_batch_shifts_targets():

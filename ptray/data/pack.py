@@ -13,7 +13,6 @@ import itertools
 import os
 
 import numpy as np
-import pyarrow as pa
 
 from ptray.data.tokenizer import fast_tokenizer
 
@@ -35,33 +34,23 @@ def pack_rows(flat: np.ndarray, row_len: int) -> tuple[np.ndarray, np.ndarray]:
     return flat[: num_rows * row_len].reshape(num_rows, row_len), flat[num_rows * row_len:]
 
 
-def tokenize_and_pack(block: dict[str, np.ndarray], *, tokenizer_dir: str, eos_id: int, seq_len: int,
-                      docs_per_encode: int = 2048, one_thread: bool = True) -> pa.Table:
-    """Ray Data batch function: a whole block of text documents -> packed rows plus the block's token accounting.
+def tokenize_and_pack(texts, *, tokenizer_dir: str, eos_id: int, seq_len: int, docs_per_encode: int = 2048,
+                      one_thread: bool = True) -> tuple[np.ndarray, int, int]:
+    """A whole file of text documents -> (packed rows [n, seq_len + 1], document tokens, tokens dropped at the end).
 
-    One task per block, encoding a few thousand documents per call: 52 tasks of 2,048 documents each (Ray Data's
-    batching) took 8.3 s for 192k documents on 2 cores, 2 tasks of a block each 6.1 s. Each task encodes on one
-    thread: Ray runs a task per core, and each on the tokenizer's own threads (one per core) oversubscribed the cores:
-    4 blocks of 192k documents in 2 processes on 2 cores took 50.0 s so, 34.3 s on one thread each. A block that
-    is the only one (`one_thread=False`) keeps the tokenizer's threads.
-    The counts ride on the first row (zero on the others), so summing the columns over all shards gives exact corpus
-    totals without a second pass.
+    One call per file of up to 50,000 documents, encoding a few thousand documents per batch: 52 tasks of 2,048
+    documents each (Ray Data's batching) took 8.3 s for 192k documents on 2 cores, 2 tasks of a block each 6.1 s.
+    Each call encodes on one thread: Ray runs a task per core, and each on the tokenizer's own threads (one per core)
+    oversubscribed the cores: 4 blocks of 192k documents in 2 processes on 2 cores took 50.0 s so, 34.3 s on one
+    thread each. A file that is the only one (`one_thread=False`) keeps the tokenizer's threads. A file too small to
+    fill one row gives no rows, and its tokens are not counted.
     """
-    tokenizer, texts = fast_tokenizer(tokenizer_dir), list(block["text"])
+    tokenizer, texts = fast_tokenizer(tokenizer_dir), list(texts)
     with _one_thread() if one_thread else contextlib.nullcontext():
         flat = np.concatenate([encode_documents(tokenizer, texts[i: i + docs_per_encode], eos_id)
                                for i in range(0, len(texts), docs_per_encode)] or [np.empty(0, np.int32)])
     rows, tail = pack_rows(flat, seq_len + 1)
-    doc_tokens = np.zeros(len(rows), dtype=np.int64)
-    dropped_tokens = np.zeros(len(rows), dtype=np.int64)
-    if len(rows):
-        doc_tokens[0] = len(flat)
-        dropped_tokens[0] = len(tail)
-    return pa.table({
-        "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel(), type=pa.int32()), seq_len + 1),
-        "num_doc_tokens": doc_tokens,
-        "num_dropped_tokens": dropped_tokens,
-    })
+    return (rows, len(flat), len(tail)) if len(rows) else (rows, 0, 0)
 
 
 @contextlib.contextmanager

@@ -38,7 +38,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 import ray.data
@@ -136,22 +135,20 @@ def prepare(cfg: Config) -> Manifest:
             tokenizer_dir = storage.join(root, "tokenizer")
             storage.copy_dir(local_tokenizer, tokenizer_dir)  # where packing tasks on every node load it from
         stage_s["tokenizer"] = time.perf_counter() - started - sum(stage_s.values())
-        shards, doc_tokens, dropped = {"train": [], "val": []}, 0, 0
-        sources = []
+        # Every split of every source packs in one Ray Data job (a job per split started 0.3-1 s apart).
+        splits = [(storage.join(part.docs, f"split={split}"), f"{split}/{part.name}" if part.name else split)
+                  for part in parts for split in ("train", "val")]
+        packed, doc_tokens, dropped = _write_packed(cfg, out_dir, version, splits, tokenizer_dir,
+                                                    end_of_document_id(tokenizer))
+        shards, sources = {"train": [], "val": []}, []
         for part in parts:
-            first_shard = len(shards["train"])
             for split in ("train", "val"):
-                packed = f"{split}/{part.name}" if part.name else split
-                split_shards, split_doc_tokens, split_dropped = _write_packed_split(
-                    cfg, out_dir, version, storage.join(part.docs, f"split={split}"), packed, tokenizer_dir,
-                    end_of_document_id(tokenizer))
-                shards[split] += split_shards
-                doc_tokens += split_doc_tokens
-                dropped += split_dropped
-                if split == "train" and part.name:
-                    sources.append({"name": part.name, "weight": part.weight, "files": part.files,
-                                    "train_shards": [first_shard, len(shards["train"])], "num_docs": part.num_docs,
-                                    "num_train_tokens": sum(s.num_tokens for s in split_shards)})
+                shards[split] += packed[f"{split}/{part.name}" if part.name else split]
+            if part.name:
+                part_shards = packed[f"train/{part.name}"]
+                sources.append({"name": part.name, "weight": part.weight, "files": part.files,
+                                "train_shards": [len(shards["train"]) - len(part_shards), len(shards["train"])],
+                                "num_docs": part.num_docs, "num_train_tokens": sum(s.num_tokens for s in part_shards)})
         if not shards["train"] or any(first == end for first, end in (s["train_shards"] for s in sources)):
             raise DataError(f"the corpus{' (a source of it)' if sources else ''} is too small to fill one row of "
                             f"data.seq_len + 1 = {cfg.data.seq_len + 1} tokens; add text or lower data.seq_len.")
@@ -363,38 +360,52 @@ def _iter_texts(docs_dir: str, max_docs: int):
                     return
 
 
-def _tokenize_file(file: dict[str, np.ndarray], **pack) -> pa.Table:
-    """Ray Data batch function: one file of cleaned documents -> its packed rows (see tokenize_and_pack)."""
-    fs, inner = storage.filesystem_for(file["path"][0])
+def _write_packed(cfg: Config, out_dir: str, version: str, splits: list[tuple[str, str]], tokenizer_dir: str,
+                  eos_id: int) -> tuple[dict[str, list[Shard]], int, int]:
+    """Tokenize and pack the documents in `<version>/<docs>` into shards in `<version>/<packed>`, for every (docs,
+    packed) of `splits`, in one Ray Data job; returns ({packed: its shards in order}, document tokens, tokens dropped
+    at file ends)."""
+    items = []  # a task per file of cleaned documents (at most DOCS_PER_FILE)
+    for docs, packed in splits:
+        for i, path in enumerate(storage.list_files(storage.join(out_dir, version, docs), ".parquet")):
+            items.append({"docs": path, "packed": packed, "name": f"{i:05d}"})
+    # On one machine, as many tasks at once as cores, each tokenizing on one thread (Ray Data's Parquet reader, not
+    # limited so, ran 4 tasks at once on 2 cores, two of them in processes started for them). A corpus of one file
+    # is one task, on the tokenizer's threads: 1,513 manual pages pack in 1.1 s so, 1.8 s on one thread.
+    tasks = (cores := _cores_of_one_machine_cluster()) and min(cores, len(items))
+    written = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _pack_file, batch_format="numpy", batch_size=1, compute=ray.data.TaskPoolStrategy(size=tasks),
+        fn_kwargs=dict(root=storage.join(out_dir, version), tokenizer_dir=tokenizer_dir, eos_id=eos_id,
+                       seq_len=cfg.data.seq_len, rows_per_shard=cfg.data.rows_per_shard,
+                       rows_per_group=rows_per_group(cfg), one_thread=len(items) > 1)).take_all() if items else []
+    shards = {packed: [] for _, packed in splits}
+    for row in sorted(written, key=lambda row: row["path"]):  # the manifest fixes the shard order
+        shards[row["packed"]].append(Shard(path=f"{version}/{row['path']}", num_rows=int(row["num_rows"]),
+                                           num_tokens=int(row["num_rows"]) * (cfg.data.seq_len + 1),
+                                           sha256=str(row["sha256"])))
+    return (shards, sum(int(row["num_doc_tokens"]) for row in written),
+            sum(int(row["num_dropped_tokens"]) for row in written))
+
+
+def _pack_file(file: dict[str, np.ndarray], *, root: str, rows_per_shard: int, rows_per_group: int,
+               **pack) -> dict:
+    """Ray Data batch function: one file of cleaned documents -> its packed rows, which this task writes as shards of
+    at most `rows_per_shard` rows (`<root>/<packed>/<name>-000.parquet`, ...); returns a row per shard: its path under
+    `root`, rows and SHA-256, and the file's token counts (on its first shard)."""
+    fs, inner = storage.filesystem_for(file["docs"][0])
     texts = pq.read_table(inner, columns=["text"], filesystem=fs)["text"].to_numpy(zero_copy_only=False)
-    return tokenize_and_pack({"text": texts}, **pack)
-
-
-def _write_packed_split(cfg: Config, out_dir: str, version: str, docs: str, packed: str, tokenizer_dir: str,
-                        eos_id: int) -> tuple[list[Shard], int, int]:
-    """Tokenize and pack the documents in `<version>/<docs>` into shards in `<version>/<packed>`; returns (shards,
-    document tokens, tokens dropped at block ends)."""
-    files = storage.list_files(storage.join(out_dir, version, docs), ".parquet")  # DOCS_PER_FILE documents at most
-    if not files:
-        return [], 0, 0
-    packed_dir = storage.join(out_dir, version, packed)
-    # A task per file and, on one machine, as many at once as cores, each tokenizing on one thread (Ray Data's Parquet
-    # reader, not limited so, ran 4 tasks at once on 2 cores, two of them in processes started for them). A split of
-    # one file is one task, on the tokenizer's threads: 1,513 manual pages (one file) pack in 1.1 s so, 1.8 s on one.
-    tasks = (cores := _cores_of_one_machine_cluster()) and min(cores, len(files))
-    ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files)).map_batches(
-        _tokenize_file, batch_format="numpy", batch_size=1, compute=ray.data.TaskPoolStrategy(size=tasks),
-        fn_kwargs=dict(tokenizer_dir=tokenizer_dir, eos_id=eos_id, seq_len=cfg.data.seq_len, one_thread=len(files) > 1),
-    ).write_parquet(packed_dir, max_rows_per_file=cfg.data.rows_per_shard, row_group_size=rows_per_group(cfg),
-                    concurrency=tasks)
-    shards, doc_tokens, dropped = [], 0, 0
-    for path in storage.list_files(packed_dir, ".parquet"):  # sorted: the manifest fixes the shard order
-        fs, inner = storage.filesystem_for(path)
-        stats = pq.read_table(inner, columns=["num_doc_tokens", "num_dropped_tokens"], filesystem=fs)
-        doc_tokens += pc.sum(stats["num_doc_tokens"]).as_py() or 0
-        dropped += pc.sum(stats["num_dropped_tokens"]).as_py() or 0
-        if stats.num_rows:
-            relative = f"{version}/{packed}/{path.rsplit('/', 1)[1]}"
-            shards.append(Shard(path=relative, num_rows=stats.num_rows,
-                                num_tokens=stats.num_rows * (cfg.data.seq_len + 1), sha256=storage.sha256(path)))
-    return shards, doc_tokens, dropped
+    rows, doc_tokens, dropped = tokenize_and_pack(texts, **pack)
+    written = {"path": [], "packed": [], "num_rows": [], "sha256": [], "num_doc_tokens": [], "num_dropped_tokens": []}
+    for k, first in enumerate(range(0, len(rows), rows_per_shard)):
+        shard = rows[first: first + rows_per_shard]
+        buffer = pa.BufferOutputStream()
+        pq.write_table(pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(
+            pa.array(shard.ravel(), type=pa.int32()), rows.shape[1])}), buffer, row_group_size=rows_per_group)
+        data = buffer.getvalue().to_pybytes()
+        path = f"{file['packed'][0]}/{file['name'][0]}-{k:03d}.parquet"
+        storage.write_bytes(storage.join(root, path), data)
+        for key, value in (("path", path), ("packed", file["packed"][0]), ("num_rows", len(shard)),
+                           ("sha256", hashlib.sha256(data).hexdigest()), ("num_doc_tokens", doc_tokens * (k == 0)),
+                           ("num_dropped_tokens", dropped * (k == 0))):
+            written[key].append(value)
+    return written
