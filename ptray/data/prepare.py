@@ -390,7 +390,7 @@ def _write_packed(cfg: Config, out_dir: str, version: str, splits: list[tuple[st
                 one_thread=len(items) > 1)
     written = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _pack_file, batch_format="numpy", batch_size=1, compute=ray.data.TaskPoolStrategy(size=tasks),
-        fn_kwargs=pack).take_all() if items else []
+        fn_kwargs=pack).materialize().take_all() if items else []  # take_all alone stalled tasks up to 4 s
     shards = {packed: [] for _, packed in splits}
     for row in sorted(written, key=lambda row: row["path"]):  # the manifest fixes the shard order
         shards[row["packed"]].append(Shard(path=f"{version}/{row['path']}", num_rows=int(row["num_rows"]),
