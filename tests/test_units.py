@@ -232,6 +232,17 @@ def test_packing_tasks_tokenize_on_one_thread(tmp_path, monkeypatch):
     assert np.array_equal(rows.ravel(), flat[: rows.size])
 
 
+def test_a_file_that_would_set_the_pace_on_one_thread_keeps_the_tokenizers_threads():
+    from ptray.data.prepare import tokenize_on_one_thread
+
+    assert tokenize_on_one_thread([5_000], cores=2) == [False]  # the only file
+    assert tokenize_on_one_thread([97, 3], cores=2) == [False, True]  # a train file and a small validation file
+    assert tokenize_on_one_thread([50, 50], cores=2) == [True, True]  # a core each
+    assert tokenize_on_one_thread([25] * 4 + [2], cores=2) == [True] * 5
+    assert tokenize_on_one_thread([30, 30, 40], cores=16) == [False] * 3  # fewer files than cores
+    assert tokenize_on_one_thread([97, 3], cores=None) == [True, True]  # a cluster: a task per file, one thread each
+
+
 def test_causal_batch_shifts_targets():
     rows = torch.arange(10).view(2, 5)
     inputs, targets = causal_lm_batch(rows)

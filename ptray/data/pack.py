@@ -42,8 +42,8 @@ def tokenize_and_pack(texts, *, tokenizer_dir: str, eos_id: int, seq_len: int, d
     documents each (Ray Data's batching) took 8.3 s for 192k documents on 2 cores, 2 tasks of a block each 6.1 s.
     Each call encodes on one thread: Ray runs a task per core, and each on the tokenizer's own threads (one per core)
     oversubscribed the cores: 4 blocks of 192k documents in 2 processes on 2 cores took 50.0 s so, 34.3 s on one
-    thread each. A file that is the only one (`one_thread=False`) keeps the tokenizer's threads. A file too small to
-    fill one row gives no rows, and its tokens are not counted.
+    thread each. A file that would set the pace on one thread (`one_thread=False`) keeps the tokenizer's threads. A
+    file too small to fill one row gives no rows, and its tokens are not counted.
     """
     tokenizer, texts = fast_tokenizer(tokenizer_dir), list(texts)
     with _one_thread() if one_thread else contextlib.nullcontext():

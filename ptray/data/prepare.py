@@ -381,13 +381,13 @@ def _write_packed(cfg: Config, out_dir: str, version: str, splits: list[tuple[st
     for docs, packed in splits:
         for i, path in enumerate(storage.list_files(storage.join(out_dir, version, docs), ".parquet")):
             items.append({"docs": path, "packed": packed, "name": f"{i:05d}"})
-    # On one machine, as many tasks at once as cores, each tokenizing on one thread (Ray Data's Parquet reader, not
-    # limited so, ran 4 tasks at once on 2 cores, two of them in processes started for them). A corpus of one file
-    # is one task, on the tokenizer's threads: 1,513 manual pages pack in 1.1 s so, 1.8 s on one thread.
+    # On one machine, as many tasks at once as cores (Ray Data's Parquet reader, not limited so, ran 4 tasks at once on
+    # 2 cores, two of them in processes started for them).
     tasks = (cores := _cores_of_one_machine_cluster()) and min(cores, len(items))
+    for item, one_thread in zip(items, tokenize_on_one_thread([storage.total_size([i["docs"]]) for i in items], cores)):
+        item["one_thread"] = one_thread
     pack = dict(root=storage.join(out_dir, version), tokenizer_dir=tokenizer_dir, eos_id=eos_id,
-                seq_len=cfg.data.seq_len, rows_per_shard=cfg.data.rows_per_shard, rows_per_group=rows_per_group(cfg),
-                one_thread=len(items) > 1)
+                seq_len=cfg.data.seq_len, rows_per_shard=cfg.data.rows_per_shard, rows_per_group=rows_per_group(cfg))
     written = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _pack_file, batch_format="numpy", batch_size=1, compute=ray.data.TaskPoolStrategy(size=tasks),
         fn_kwargs=pack).materialize().take_all() if items else []  # take_all alone stalled tasks up to 4 s
@@ -400,6 +400,16 @@ def _write_packed(cfg: Config, out_dir: str, version: str, splits: list[tuple[st
             sum(int(row["num_dropped_tokens"]) for row in written))
 
 
+def tokenize_on_one_thread(file_bytes: list[int], cores: int | None) -> list[bool]:
+    """Which packing tasks tokenize on one thread: those of a file that holds at most a core's share of the documents.
+    Ray runs a task per core, and tasks each on the tokenizer's own threads oversubscribed the cores (see
+    tokenize_and_pack); a larger file would set the pace on one thread, and keeps the threads (the 1,513 manual pages,
+    a train file and a small validation file, pack in 1.1 s so, 1.8 s on one thread). Off one machine (`cores` None),
+    every file of several is on one thread."""
+    total = sum(file_bytes)
+    return [len(file_bytes) > 1 and size * (cores or 1) <= total for size in file_bytes]
+
+
 def _pack_file(file: dict[str, np.ndarray], *, root: str, rows_per_shard: int, rows_per_group: int,
                **pack) -> dict:
     """Ray Data batch function: one file of cleaned documents -> its packed rows, which this task writes as shards of
@@ -407,7 +417,7 @@ def _pack_file(file: dict[str, np.ndarray], *, root: str, rows_per_shard: int, r
     `root`, rows and SHA-256, and the file's token counts (on its first shard)."""
     fs, inner = storage.filesystem_for(file["docs"][0])
     texts = pq.read_table(inner, columns=["text"], filesystem=fs)["text"].to_numpy(zero_copy_only=False)
-    rows, doc_tokens, dropped = tokenize_and_pack(texts, **pack)
+    rows, doc_tokens, dropped = tokenize_and_pack(texts, one_thread=bool(file["one_thread"][0]), **pack)
     written = {"path": [], "packed": [], "num_rows": [], "sha256": [], "num_doc_tokens": [], "num_dropped_tokens": []}
     for k, first in enumerate(range(0, len(rows), rows_per_shard)):
         shard = rows[first: first + rows_per_shard]
