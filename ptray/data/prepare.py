@@ -138,16 +138,16 @@ def prepare(cfg: Config) -> Manifest:
             storage.copy_dir(local_tokenizer, tokenizer_dir)  # where packing tasks on every node load it from
         stage_s["tokenizer"] = time.perf_counter() - started - sum(stage_s.values())
         # Every split of every source packs in one Ray Data job (a job per split started 0.3-1 s apart).
-        splits = [(storage.join(part.docs, f"split={split}"), f"{split}/{part.name}" if part.name else split)
+        splits = [(storage.join(part.docs, f"split={split}"), _packed_dir(part, split))
                   for part in parts for split in ("train", "val")]
         packed, doc_tokens, dropped = _write_packed(cfg, out_dir, version, splits, tokenizer_dir,
                                                     end_of_document_id(tokenizer))
         shards, sources = {"train": [], "val": []}, []
         for part in parts:
             for split in ("train", "val"):
-                shards[split] += packed[f"{split}/{part.name}" if part.name else split]
+                shards[split] += packed[_packed_dir(part, split)]
             if part.name:
-                part_shards = packed[f"train/{part.name}"]
+                part_shards = packed[_packed_dir(part, "train")]
                 sources.append({"name": part.name, "weight": part.weight, "files": part.files,
                                 "train_shards": [len(shards["train"]) - len(part_shards), len(shards["train"])],
                                 "num_docs": part.num_docs, "num_train_tokens": sum(s.num_tokens for s in part_shards)})
@@ -182,6 +182,11 @@ def prepare(cfg: Config) -> Manifest:
           + ", ".join(f"{k} {v:.1f}s" for k, v in stage_s.items()) + ")",
           flush=True)
     return manifest
+
+
+def _packed_dir(part: CorpusPart, split: str) -> str:
+    """Where a split's packed rows go in a version: `train/`, or `train/<source>/` for a source of a mixture."""
+    return f"{split}/{part.name}" if part.name else split
 
 
 def _cores_of_one_machine_cluster() -> int | None:
