@@ -267,6 +267,28 @@ def test_packing_reads_the_documents_in_files_of_at_most_docs_per_file(prepared,
     assert again.content_hash == split.content_hash != manifest.content_hash
 
 
+def test_a_small_corpus_prepared_in_this_process_matches_the_ray_data_jobs(prepared, tmp_path, monkeypatch, capfd):
+    """A corpus of one partition on one machine is prepared in the driver (Ray Data's jobs cost more to start than its
+    work); switched off, the same corpus runs as Ray Data jobs. Both write the same documents in the same files (here
+    of 200 documents each) and the same shards."""
+    from ptray.data import prepare as prepare_module
+
+    cfg, _ = prepared
+    monkeypatch.setattr(prepare_module, "DOCS_PER_FILE", 200)
+    manifests, docs = {}, {}
+    for in_driver in (True, False):
+        monkeypatch.setattr(prepare_module, "IN_DRIVER", in_driver)
+        run_cfg = tiny_config(cfg.run_dir, *_overrides(cfg), f"data.prepared_dir={tmp_path}/{in_driver}")
+        manifests[in_driver] = prepare(run_cfg)
+        assert ("prepared in this process" in capfd.readouterr().out) == in_driver
+        files = sorted(pq.ParquetDataset(f"{_version_dir(run_cfg, manifests[in_driver])}/docs/split=train").files)
+        docs[in_driver] = [pq.read_table(f, columns=["text", "doc_hash"]).to_pydict() for f in files]
+    assert len(docs[True]) == -(-manifests[True].num_docs["train"] // 200) > 1 and docs[True] == docs[False]
+    assert manifests[True].content_hash == manifests[False].content_hash
+    assert manifests[True].num_docs == manifests[False].num_docs
+    assert manifests[True].num_dropped_tokens == manifests[False].num_dropped_tokens > 0
+
+
 def _overrides(cfg):
     d = cfg.data
     return [f"data.train_files=[{','.join(d.train_files)}]", f"data.text_field={d.text_field}",
@@ -283,10 +305,13 @@ def test_a_given_tokenizer_is_used_as_it_is(prepared, tmp_path):
     assert again.content_hash == manifest.content_hash  # the same tokenizer on the same corpus: the same rows
 
 
-def test_a_one_file_corpus_prepares_without_library_warnings(ray_local, corpus, tmp_path):
+def test_a_one_file_corpus_prepares_without_library_warnings(ray_local, corpus, tmp_path, monkeypatch):
     """One small file is one reading task: asking Ray Data for a task per core anyway makes it print a UserWarning
     on the user's console ("The maximum number of concurrent tasks ... is set to 2, but the operator only received 1
-    input(s)")."""
+    input(s)"). (A corpus this small is prepared in the driver; here it runs as Ray Data jobs.)"""
+    from ptray.data import prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "IN_DRIVER", False)
     cfg = tiny_config(tmp_path, f"data.train_files=[{corpus}/a.txt]", f"data.seq_len={SEQ_LEN}", "data.vocab_size=400",
                       "data.min_chars=10")
     with warnings.catch_warnings(record=True) as caught:

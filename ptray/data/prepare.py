@@ -4,6 +4,8 @@
     ptray prepare --config tiny data.train_files=[my/corpus/*.jsonl] data.seq_len=256
 
 Every stage is a Ray Data operator, so the corpus streams through the cluster and is never held in memory on one node.
+A corpus of at most one partition (PARTITION_BYTES of text) on a one-machine cluster is prepared in the driver by the
+same functions, with the same files and shards as a result: Ray Data's jobs would cost more to start than its work.
 Output layout (`data.prepared_dir`, default `<run.dir>/data`; a local directory or an object-store URI such as s3://):
 
     v<date>-<time>-<id>/              one version per prepare run
@@ -39,6 +41,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 import ray.data
@@ -57,6 +60,7 @@ from ptray.errors import ConfigError, DataError
 BUILTIN = "builtin"
 PARTITION_BYTES = 64 << 20  # raw corpus text per hash partition of the documents (one gathering task each)
 DOCS_PER_FILE = 50_000  # cleaned documents per file: the packing tasks' unit
+IN_DRIVER = True  # a corpus of one partition, on one machine, is prepared in this process (see prepare)
 DOCS_SCHEMA = pa.schema([("text", pa.string()), ("doc_hash", pa.int64()), ("split", pa.string())])
 
 
@@ -112,9 +116,20 @@ def prepare(cfg: Config) -> Manifest:
         execution.resource_limits = limits.copy(cpu=min(limits.cpu, cores))
         _schedule_tasks(context, "DEFAULT")
     try:
+        d = cfg.data
+        # A corpus that fits one partition on one machine is prepared in this process, by the same functions: the
+        # Ray Data jobs' fixed cost (task processes, Ray Data's own actors; about 2.5 s of 2 cores) exceeds the work.
+        scan_here = IN_DRIVER and cores is not None and storage.total_size(files) <= PARTITION_BYTES
+        corpus_bytes = [check_records(part.files, d.text_field, d.max_bad_fraction, max_tasks=cores,
+                                      txt_document=d.txt_document, in_driver=scan_here) for part in parts]
+        in_driver = scan_here and sum(corpus_bytes) <= PARTITION_BYTES and d.dedup != "minhash"
+        if in_driver:
+            print(f"[prepare] {sum(corpus_bytes) / 2**20:.1f} MiB of text: prepared in this process (Ray Data jobs "
+                  f"run a corpus over {PARTITION_BYTES >> 20} MiB, or one on several machines)", flush=True)
         num_docs, num_near = {"train": 0, "val": 0}, 0
-        for part in parts:
-            part.num_docs, near = _write_clean_docs(cfg, part.files, storage.join(root, part.docs))
+        for part, part_bytes in zip(parts, corpus_bytes):
+            part.num_docs, near = _write_clean_docs(cfg, part.files, storage.join(root, part.docs), part_bytes,
+                                                    in_driver)
             num_near += near
             num_docs = {split: num_docs[split] + part.num_docs[split] for split in num_docs}
             if part.num_docs["train"] == 0:
@@ -141,7 +156,7 @@ def prepare(cfg: Config) -> Manifest:
         splits = [(storage.join(part.docs, f"split={split}"), _packed_dir(part, split))
                   for part in parts for split in ("train", "val")]
         packed, doc_tokens, dropped = _write_packed(cfg, out_dir, version, splits, tokenizer_dir,
-                                                    end_of_document_id(tokenizer))
+                                                    end_of_document_id(tokenizer), in_driver)
         shards, sources = {"train": [], "val": []}, []
         for part in parts:
             for split in ("train", "val"):
@@ -263,26 +278,36 @@ def ensure_prepared(cfg: Config) -> Manifest:
     return prepare(cfg)
 
 
-def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> tuple[dict[str, int], int]:
-    """Clean, deduplicate and shuffle the corpus into `docs_dir`; returns (documents per split, near-duplicates
-    dropped)."""
+def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str, corpus_bytes: int,
+                      in_driver: bool) -> tuple[dict[str, int], int]:
+    """Clean, deduplicate and shuffle the corpus (`corpus_bytes` of text, checked) into `docs_dir`, in a Ray Data job
+    or `in_driver`; returns (documents per split, near-duplicates dropped)."""
     d = cfg.data
     cores = _cores_of_one_machine_cluster()
-    corpus_bytes = check_records(files, d.text_field, d.max_bad_fraction, max_tasks=cores,
-                                 txt_document=d.txt_document)
     pieces = corpus_pieces(files, txt_document=d.txt_document)
     # Hash-partition by content: equal documents land in the same bucket (for dedup), and every bucket is a uniform
     # sample of the whole corpus. Sorting each bucket by a seeded key then shuffles the documents before packing, the
     # same way on every run, so packed rows mix the corpus instead of following one file or book. The number of buckets
     # follows the corpus size (about 64 MiB of raw text each), not the cluster, so the order is the same everywhere.
     num_buckets = min(1024, math.ceil(corpus_bytes / PARTITION_BYTES) or 1)
+    clean = dict(text_field=d.text_field, txt_document=d.txt_document, normalize_unicode=d.normalize_unicode,
+                 strip_html=d.strip_html, collapse_whitespace=d.collapse_whitespace, min_chars=d.min_chars,
+                 val_fraction=d.val_fraction, seed=cfg.run.seed, num_buckets=num_buckets)
+    if in_driver:  # one partition: the Ray Data job's steps below, in the same order, with its file layout
+        assert num_buckets == 1 and d.dedup != "minhash"
+        tables = [t for piece in pieces for t in _read_and_clean({k: [v] for k, v in piece.items()}, **clean)]
+        docs = _dedup_and_shuffle(pa.concat_tables(tables) if tables else DOCS_SCHEMA.empty_table(),
+                                  dedup=d.dedup != "none", seed=cfg.run.seed)
+        for split in ("train", "val"):
+            chosen = docs.filter(pc.equal(docs["split"], split)).drop_columns("split")
+            for k, first in enumerate(range(0, chosen.num_rows, DOCS_PER_FILE)):
+                _write_parquet(storage.join(docs_dir, f"split={split}", f"{k:05d}.parquet"),
+                               chosen.slice(first, DOCS_PER_FILE))
+        return _num_docs(docs_dir), 0
     # On one machine, a task per core: each task beyond Ray's idle workers starts a process (a second of CPU).
     tasks = ray.data.TaskPoolStrategy(size=cores and min(cores, len(pieces)))  # more than inputs: Ray Data warns
     cleaned = ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(  # lazy: each use reads anew
-        _read_and_clean, batch_format="numpy", batch_size=1, compute=tasks,
-        fn_kwargs=dict(text_field=d.text_field, txt_document=d.txt_document, normalize_unicode=d.normalize_unicode,
-                       strip_html=d.strip_html, collapse_whitespace=d.collapse_whitespace, min_chars=d.min_chars,
-                       val_fraction=d.val_fraction, seed=cfg.run.seed, num_buckets=num_buckets))
+        _read_and_clean, batch_format="numpy", batch_size=1, compute=tasks, fn_kwargs=clean)
 
     near = None
     if d.dedup == "minhash":  # a pass of its own over the cleaned corpus, before the split (see ptray.data.minhash)
@@ -311,8 +336,12 @@ def _write_clean_docs(cfg: Config, files: list[str], docs_dir: str) -> tuple[dic
     # so a corpus of one bucket still packs on every core.
     docs.write_parquet(docs_dir, partition_cols=["split"], concurrency=gather_tasks, max_rows_per_file=DOCS_PER_FILE)
     storage.delete_dir(storage.join(docs_dir, "_buckets"))
-    return ({split: _num_rows(storage.list_files(storage.join(docs_dir, f"split={split}"), ".parquet"))
-             for split in ("train", "val")}, 0 if near is None else len(near))
+    return _num_docs(docs_dir), 0 if near is None else len(near)
+
+
+def _num_docs(docs_dir: str) -> dict[str, int]:
+    return {split: _num_rows(storage.list_files(storage.join(docs_dir, f"split={split}"), ".parquet"))
+            for split in ("train", "val")}
 
 
 def _read_and_clean(piece: dict[str, np.ndarray], *, text_field: str, txt_document: str, num_buckets: int,
@@ -378,10 +407,10 @@ def _iter_texts(docs_dir: str, max_docs: int):
 
 
 def _write_packed(cfg: Config, out_dir: str, version: str, splits: list[tuple[str, str]], tokenizer_dir: str,
-                  eos_id: int) -> tuple[dict[str, list[Shard]], int, int]:
+                  eos_id: int, in_driver: bool) -> tuple[dict[str, list[Shard]], int, int]:
     """Tokenize and pack the documents in `<version>/<docs>` into shards in `<version>/<packed>`, for every (docs,
-    packed) of `splits`, in one Ray Data job; returns ({packed: its shards in order}, document tokens, tokens dropped
-    at file ends)."""
+    packed) of `splits`, in one Ray Data job (or `in_driver`, a file after another on the tokenizer's threads);
+    returns ({packed: its shards in order}, document tokens, tokens dropped at file ends)."""
     items = []  # a task per file of cleaned documents (at most DOCS_PER_FILE)
     for docs, packed in splits:
         for i, path in enumerate(storage.list_files(storage.join(out_dir, version, docs), ".parquet")):
@@ -390,12 +419,16 @@ def _write_packed(cfg: Config, out_dir: str, version: str, splits: list[tuple[st
     # 2 cores, two of them in processes started for them).
     tasks = (cores := _cores_of_one_machine_cluster()) and min(cores, len(items))
     for item, one_thread in zip(items, tokenize_on_one_thread([storage.total_size([i["docs"]]) for i in items], cores)):
-        item["one_thread"] = one_thread
+        item["one_thread"] = one_thread and not in_driver
     pack = dict(root=storage.join(out_dir, version), tokenizer_dir=tokenizer_dir, eos_id=eos_id,
                 seq_len=cfg.data.seq_len, rows_per_shard=cfg.data.rows_per_shard, rows_per_group=rows_per_group(cfg))
-    written = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _pack_file, batch_format="numpy", batch_size=1, compute=ray.data.TaskPoolStrategy(size=tasks),
-        fn_kwargs=pack).materialize().take_all() if items else []  # take_all alone stalled tasks up to 4 s
+    if in_driver:  # _pack_file's columns, as the rows a Ray Data job returns
+        columns = [_pack_file({key: [value] for key, value in item.items()}, **pack) for item in items]
+        written = [dict(zip(c, row)) for c in columns for row in zip(*c.values())]
+    else:
+        written = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            _pack_file, batch_format="numpy", batch_size=1, compute=ray.data.TaskPoolStrategy(size=tasks),
+            fn_kwargs=pack).materialize().take_all() if items else []  # take_all alone stalled tasks up to 4 s
     shards = {packed: [] for _, packed in splits}
     for row in sorted(written, key=lambda row: row["path"]):  # the manifest fixes the shard order
         shards[row["packed"]].append(Shard(path=f"{version}/{row['path']}", num_rows=int(row["num_rows"]),
@@ -426,14 +459,20 @@ def _pack_file(file: dict[str, np.ndarray], *, root: str, rows_per_shard: int, r
     written = {"path": [], "packed": [], "num_rows": [], "sha256": [], "num_doc_tokens": [], "num_dropped_tokens": []}
     for k, first in enumerate(range(0, len(rows), rows_per_shard)):
         shard = rows[first: first + rows_per_shard]
-        buffer = pa.BufferOutputStream()
-        pq.write_table(pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(
-            pa.array(shard.ravel(), type=pa.int32()), rows.shape[1])}), buffer, row_group_size=rows_per_group)
-        data = buffer.getvalue().to_pybytes()
         path = f"{file['packed'][0]}/{file['name'][0]}-{k:03d}.parquet"
-        storage.write_bytes(storage.join(root, path), data)
+        data = _write_parquet(storage.join(root, path), pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(
+            pa.array(shard.ravel(), type=pa.int32()), rows.shape[1])}), row_group_size=rows_per_group)
         for key, value in (("path", path), ("packed", file["packed"][0]), ("num_rows", len(shard)),
                            ("sha256", hashlib.sha256(data).hexdigest()), ("num_doc_tokens", doc_tokens * (k == 0)),
                            ("num_dropped_tokens", dropped * (k == 0))):
             written[key].append(value)
     return written
+
+
+def _write_parquet(path: str, table: pa.Table, **options) -> bytes:
+    """Write `table` as one Parquet file at `path` (local or object store) in one piece; returns the file's bytes."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer, **options)
+    data = buffer.getvalue().to_pybytes()
+    storage.write_bytes(path, data)
+    return data

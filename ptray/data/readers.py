@@ -94,18 +94,18 @@ def _expand_uri(pattern: str) -> list[str]:
 
 
 def check_records(files: list[str], text_field: str, max_bad_fraction: float, max_tasks: int | None = None,
-                  txt_document: str = "auto") -> int:
-    """Read every record of every file once, in Ray tasks, before any work starts: a file that is not UTF-8
-    text, a JSONL line that is not JSON, a Parquet text column that is not strings is an error naming the file and
-    line; records without usable text are counted, and more than `max_bad_fraction` of them is an error. With
-    data.txt_document=auto, the .txt files read as paragraphs are named. Returns the corpus size in bytes, compressed
-    files counted decompressed (Parquet files as they are)."""
+                  txt_document: str = "auto", in_driver: bool = False) -> int:
+    """Read every record of every file once, in Ray tasks (or, `in_driver`, in this process), before any work
+    starts: a file that is not UTF-8 text, a JSONL line that is not JSON, a Parquet text column that is not strings
+    is an error naming the file and line; records without usable text are counted, and more than `max_bad_fraction`
+    of them is an error. With data.txt_document=auto, the .txt files read as paragraphs are named. Returns the corpus
+    size in bytes, compressed files counted decompressed (Parquet files as they are)."""
     # One task per file, or per group of files when `max_tasks` (a one-machine cluster's cores) is smaller: each
     # task beyond the cores starts a worker process of its own (about a second of CPU on 2 cores), for a scan of
     # tens of milliseconds.
     num_tasks = min(len(files), max_tasks or len(files))
-    scanned = ray.get([_scan_files.remote(files[i::num_tasks], text_field, txt_document)
-                       for i in range(num_tasks)])
+    scanned = ([[(path, _scan_file(path, text_field, txt_document)) for path in files]] if in_driver else
+               ray.get([_scan_files.remote(files[i::num_tasks], text_field, txt_document) for i in range(num_tasks)]))
     by_file = {path: scan for group in scanned for path, scan in group}
     scans = [by_file[f] for f in files]
     for scan in scans:
