@@ -1,7 +1,7 @@
 """Data preparation throughput, measured side by side in one run on the same documents and cores:
 
-- `ptray prepare` (Ray Data: read, clean, dedup, split, train BPE, tokenize, pack, write), whole and its
-  tokenize + pack + write stage;
+- `ptray prepare` (Ray Data: read, clean, dedup, split, train BPE, tokenize, pack, write; a corpus of at most one
+  partition, 64 MiB of text, in the driver: it says so), whole and its tokenize + pack + write stage;
 - a bare single-process script doing the same steps with the same functions (no Ray);
 - the bare `tokenizers` batch-encode rates of the same tokenizer (all cores): encode_batch, and encode_batch_fast
   (no character offsets; what ptray calls), the ceiling for tokenize + pack.
