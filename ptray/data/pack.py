@@ -46,7 +46,7 @@ def tokenize_and_pack(texts, *, tokenizer_dir: str, eos_id: int, seq_len: int, d
     file too small to fill one row gives no rows, and its tokens are not counted.
     """
     tokenizer, texts = fast_tokenizer(tokenizer_dir), list(texts)
-    with _one_thread() if one_thread else contextlib.nullcontext():
+    with single_threaded_tokenizer() if one_thread else contextlib.nullcontext():
         flat = np.concatenate([encode_documents(tokenizer, texts[i: i + docs_per_encode], eos_id)
                                for i in range(0, len(texts), docs_per_encode)] or [np.empty(0, np.int32)])
     rows, tail = pack_rows(flat, seq_len + 1)
@@ -54,7 +54,7 @@ def tokenize_and_pack(texts, *, tokenizer_dir: str, eos_id: int, seq_len: int, d
 
 
 @contextlib.contextmanager
-def _one_thread():
+def single_threaded_tokenizer():
     """`tokenizers` encodes batches serially while TOKENIZERS_PARALLELISM is false (it reads it at every call)."""
     saved = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
